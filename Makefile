@@ -1,0 +1,35 @@
+# The two commands of the README. Both work on a fresh clone: they create
+# .venv and install what they need first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@ $(VENV)/.runtime
+
+tests/node/node_modules: tests/node/package.json tests/node/package-lock.json
+	@if command -v npm >/dev/null; then npm ci --prefix tests/node --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the node EventSource tests will be skipped"; fi
+
+# The demo: SQLite in instance/, Flask's dev server on http://127.0.0.1:5000.
+run: $(VENV)/.runtime
+	FLASK_DEBUG=1 $(BIN)/flask --app app run --host 127.0.0.1 --port 5000
+
+test: $(VENV)/.dev tests/node/node_modules
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.dev
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules instance test-artifacts

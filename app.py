@@ -1,0 +1,55 @@
+"""The Flask application: realtime channels over SSE plus background jobs.
+
+`create_app()` follows the Flask tutorial's order: defaults, then the
+environment, then the caller's overrides, then each extension's `init_app`,
+then the blueprints.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from typing import Any, Mapping
+
+from flask import Flask
+
+import database
+import errors
+from realtime import Realtime, RealtimeError
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    app = Flask(__name__, instance_relative_config=True)
+    app.json.sort_keys = False  # keep envelopes in CONTRACT order
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    app.config["DATABASE_URL"] = os.environ.get(
+        "DATABASE_URL", "sqlite:///" + os.path.join(app.instance_path, "realtime.sqlite3")
+    )
+    app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY")
+    # FLASK_REALTIME_HEARTBEAT_S=1 -> REALTIME_HEARTBEAT_S = 1 (values parsed as JSON).
+    app.config.from_prefixed_env()
+    if config:
+        app.config.update(config)
+    _require_secret_key(app)
+
+    errors.init_app(app, RealtimeError)
+    realtime = Realtime(app, engine=database.engine_for(app))
+    # The demo lets anyone subscribe to any channel. A real app decides here,
+    # from its own session or API key, who may watch what.
+    realtime.authorize(lambda channel, topics: True)
+    return app
+
+
+def _require_secret_key(app: Flask) -> None:
+    if app.config.get("SECRET_KEY"):
+        return
+    if app.debug or app.testing:
+        # Tokens signed with a throwaway key die with the process; the client
+        # then asks for a new one. Good enough for `make run` and tests.
+        app.config["SECRET_KEY"] = secrets.token_hex(32)
+        log.warning("SECRET_KEY is not set; using a random key for this process only")
+        return
+    raise RuntimeError("SECRET_KEY must be set (export SECRET_KEY=...) outside debug and testing")

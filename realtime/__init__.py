@@ -1,0 +1,17 @@
+"""Durable realtime channels streamed over server-sent events.
+
+    publish() ──> store (SQL table) ──> change feed ──> dispatcher ──> streams ──> SSE clients
+                  append, in id order   NOTIFY / poll    one read,       replay, then live
+                                                          many streams
+
+Modules, one idea each: `sse` (wire format), `cursor`, `tokens`, `names`,
+`store` (the only SQL), `changes` (cross-process wake-up), `dispatch`
+(in-process fan-out), `stream` (one subscriber), `extension` (the Flask
+extension and Python API), `views` (HTTP), `cli` (`flask realtime ...`).
+"""
+from .errors import RealtimeError
+from .extension import Realtime
+from .store import Message
+from .tokens import Grant
+
+__all__ = ["Grant", "Message", "Realtime", "RealtimeError"]

@@ -1,0 +1,87 @@
+"""Change feeds: how a process learns that *some* message was appended.
+
+A feed carries no messages, only "look again": the dispatcher then reads the
+new rows itself, once for all its streams. Two implementations:
+
+- `PostgresChangeFeed`: one LISTEN connection per process. Every append sends
+  NOTIFY in its transaction, which PostgreSQL delivers at commit to every
+  listener, whichever process or machine wrote. psycopg >= 3.1.14 waits on the
+  socket cooperatively under gevent, so this costs a worker nothing while idle.
+- `PollingChangeFeed` (SQLite): SQLite cannot notify other processes, so the
+  feed wakes up every `poll_s` seconds, and at once when this process appends
+  (`poke`). One indexed read per poll per process, however many streams.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol
+
+import psycopg
+from sqlalchemy.engine import URL
+
+log = logging.getLogger(__name__)
+
+
+class ChangeFeed(Protocol):
+    def wait(self, timeout: float) -> bool:
+        """Block up to `timeout` s; True when new rows may exist, False when surely not."""
+
+    def poke(self) -> None:
+        """This process appended: wake `wait` now. Safe to call from any thread."""
+
+    def close(self) -> None: ...
+
+
+class PollingChangeFeed:
+    def __init__(self, poll_s: float) -> None:
+        self.poll_s = poll_s
+        self._poked = threading.Event()
+
+    def wait(self, timeout: float) -> bool:
+        self._poked.wait(min(timeout, self.poll_s))
+        self._poked.clear()
+        return True  # another process may have written: always look
+
+    def poke(self) -> None:
+        self._poked.set()
+
+    def close(self) -> None:
+        self._poked.set()
+
+
+class PostgresChangeFeed:
+    def __init__(self, url: URL, channel: str) -> None:
+        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._channel = channel
+        self._conn: psycopg.Connection | None = None
+
+    def wait(self, timeout: float) -> bool:
+        if self._conn is None:
+            try:
+                self._conn = psycopg.connect(self._conninfo, autocommit=True)
+                self._conn.execute(f"LISTEN {self._channel}")
+            except psycopg.Error as exc:
+                log.warning("cannot LISTEN for new messages (%s); retrying", type(exc).__name__)
+                self._conn = None
+                threading.Event().wait(min(timeout, 1.0))
+            # Notifications sent while we were not listening are lost: look.
+            return True
+        try:
+            woke = any(True for _ in self._conn.notifies(timeout=timeout, stop_after=1))
+            # Coalesce a burst: one read covers every NOTIFY already queued.
+            for _ in self._conn.notifies(timeout=0):
+                pass
+            return woke
+        except psycopg.Error as exc:
+            log.warning("LISTEN connection lost (%s); reconnecting", type(exc).__name__)
+            self.close()
+            return True
+
+    def poke(self) -> None:
+        pass  # our own NOTIFY arrives on the LISTEN connection like anyone else's
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

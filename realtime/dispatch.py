@@ -1,0 +1,176 @@
+"""Fan-out inside one process: one reader of new rows, any number of streams.
+
+A stream never queries for live messages itself. The dispatcher, one thread
+(a greenlet under gevent) per process, waits on the change feed, reads the new
+rows once, formats each frame once, and hands it to the subscriptions of that
+channel. Database reads per message are therefore the same for 1 stream and
+for 10,000, and an idle stream holds a small in-memory queue, no connection.
+
+The hand-over from history to live has no gap because of one lock: a stream
+registers its subscription under the same lock under which the dispatcher
+delivers a batch and advances `last_id`. Either the stream was registered
+before the batch (and receives it live), or the batch is at most `last_id`,
+hence already committed (store.py), hence in the history the stream reads
+after registering. Overlap is possible and removed by id in stream.py.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Iterable
+
+from .sse import format_event
+from .store import Message, MessageStore
+
+log = logging.getLogger(__name__)
+
+Frame = tuple[int, str]  # (message id, the frame's text)
+
+
+def message_frame(message: Message, epoch: str) -> str:
+    """CONTRACT §4: `id:` the cursor, `event:` the topic, `data:` the envelope."""
+    return format_event(
+        id=f"{epoch}-{message.id}", event=message.topic, data=message.envelope_json()
+    )
+
+
+class Subscription:
+    """A bounded queue of frames for one stream, filled by the dispatcher."""
+
+    __slots__ = ("channel", "topics", "closed_reason", "_limit", "_pending", "_ready")
+
+    def __init__(self, channel: str, topics: Iterable[str] | None, limit: int) -> None:
+        self.channel = channel
+        self.topics = frozenset(topics) if topics is not None else None
+        self.closed_reason: str | None = None
+        self._limit = limit
+        self._pending: deque[Frame] = deque()
+        self._ready = threading.Event()
+
+    def offer(self, message: Message, frame: str) -> None:
+        if self.closed_reason is not None:
+            return
+        if self.topics is not None and message.topic not in self.topics:
+            return
+        if len(self._pending) >= self._limit:
+            # A client that stops reading must not grow the server: end its
+            # stream; it resumes from the store with its cursor.
+            self.close("overflow")
+            return
+        self._pending.append((message.id, frame))
+        self._ready.set()
+
+    def take(self, timeout: float) -> list[Frame]:
+        """Frames queued so far, waiting up to `timeout` s for one; [] on timeout or once closed."""
+        if not self._pending and self.closed_reason is None:
+            self._ready.wait(timeout)
+        self._ready.clear()  # clear before draining, so an offer after this is not missed
+        frames = []
+        while self._pending:
+            frames.append(self._pending.popleft())
+        return frames
+
+    def close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        self._pending.clear()
+        self._ready.set()
+
+
+class Dispatcher:
+    batch_size = 500
+
+    def __init__(self, store: MessageStore, *, poll_s: float = 0.25, buffer_size: int = 1000) -> None:
+        self.store = store
+        self.buffer_size = buffer_size
+        self.delivered = 0  # frames handed to subscriptions, for stats
+        self._feed = store.change_feed(poll_s)
+        self._lock = threading.Lock()
+        self._by_channel: dict[str, set[Subscription]] = {}
+        self._last_id = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def stream_count(self) -> int:
+        return sum(len(subs) for subs in self._by_channel.values())
+
+    def start(self) -> None:
+        """Start the reader thread once (lazily: never at import, always after a fork)."""
+        with self._lock:
+            if self._thread is not None or self._stopping:
+                return
+            self._last_id = self.store.last_id()
+            self._thread = threading.Thread(target=self._run, name="realtime-dispatcher", daemon=True)
+            self._thread.start()
+
+    def subscribe(self, channel: str, topics: Iterable[str] | None) -> Subscription:
+        self.start()
+        subscription = Subscription(channel, topics, self.buffer_size)
+        with self._lock:
+            if self._stopping:
+                subscription.close("shutdown")
+            else:
+                self._by_channel.setdefault(channel, set()).add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            subs = self._by_channel.get(subscription.channel)
+            if subs is not None:
+                subs.discard(subscription)
+                if not subs:
+                    del self._by_channel[subscription.channel]
+
+    def notify_appended(self) -> None:
+        """This process committed a message: look now rather than at the next poll."""
+        self._feed.poke()
+
+    def stop(self) -> None:
+        """End every stream now (their clients reconnect elsewhere) and stop reading."""
+        with self._lock:
+            self._stopping = True
+            subscriptions = [s for subs in self._by_channel.values() for s in subs]
+            self._by_channel.clear()
+        for subscription in subscriptions:
+            subscription.close("shutdown")
+        self._feed.poke()
+
+    def dispatch_new(self) -> int:
+        """Read every row after `last_id` once and deliver it; return how many rows."""
+        total = 0
+        while True:
+            rows = self.store.read_new(self._last_id, self.batch_size)
+            if rows:
+                self._deliver(rows)
+                total += len(rows)
+            if len(rows) < self.batch_size:
+                return total
+
+    def _deliver(self, rows: list[Message]) -> None:
+        epoch = self.store.epoch
+        with self._lock:
+            for message in rows:
+                if message.id <= self._last_id:
+                    continue
+                subs = self._by_channel.get(message.channel)
+                if subs:
+                    frame = message_frame(message, epoch)
+                    for subscription in subs:
+                        subscription.offer(message, frame)
+                    self.delivered += len(subs)
+                self._last_id = message.id
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            try:
+                if self._feed.wait(timeout=1.0) and not self._stopping:
+                    self.dispatch_new()
+                backoff = 0.1
+            except Exception:
+                log.exception("realtime dispatcher failed; retrying in %.1f s", backoff)
+                threading.Event().wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self._feed.close()

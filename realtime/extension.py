@@ -1,0 +1,203 @@
+"""`Realtime`, the Flask extension: the Python API and the glue between the parts.
+
+    realtime = Realtime(app)            # or Realtime() then init_app(app, engine=...)
+    realtime.publish("run.42", "status", {"percent": 10})
+    grant = realtime.create_token("run.42", ["status", "log"])
+
+One instance per app, kept in `app.extensions["realtime"]`. It reads the
+`REALTIME_*` keys once in `init_app` and passes plain values to the store,
+dispatcher and token issuer, which never look at Flask.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Sequence
+
+from flask import Flask
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session
+
+import database
+
+from .cursor import Cursor
+from .dispatch import Dispatcher
+from .errors import Forbidden, InvalidRequest, MessageTooLarge
+from .names import check_channel, check_topic
+from .store import Message, MessageStore
+from .stream import event_stream, resolve_cursor
+from .tokens import Grant, TokenIssuer
+
+log = logging.getLogger(__name__)
+
+Policy = Callable[[str, Sequence[str]], bool]
+
+DEFAULTS = {
+    "REALTIME_TOKEN_TTL_S": 60,
+    "REALTIME_HEARTBEAT_S": 15,
+    "REALTIME_RETRY_MS": 2000,
+    "REALTIME_RETENTION_S": 86400,
+    "REALTIME_MAX_MESSAGE_BYTES": 524288,
+    "REALTIME_PUBLISH_KEY": None,
+    # Beyond the contract: tuning knobs with safe defaults.
+    "REALTIME_POLL_S": 0.25,  # SQLite only: how often other processes' appends are looked for
+    "REALTIME_STREAM_BUFFER": 1000,  # frames queued for a slow client before its stream ends
+    "REALTIME_PRUNE_INTERVAL_S": 300,
+}
+
+
+class Realtime:
+    def __init__(self, app: Flask | None = None, *, engine: Engine | None = None) -> None:
+        self._policy: Policy | None = None
+        if app is not None:
+            self.init_app(app, engine=engine)
+
+    def init_app(self, app: Flask, *, engine: Engine | None = None) -> None:
+        for key, value in DEFAULTS.items():
+            app.config.setdefault(key, value)
+        config = app.config
+        self.max_message_bytes = int(config["REALTIME_MAX_MESSAGE_BYTES"])
+        self.heartbeat_s = float(config["REALTIME_HEARTBEAT_S"])
+        self.retry_ms = int(config["REALTIME_RETRY_MS"])
+        self.retention = timedelta(seconds=float(config["REALTIME_RETENTION_S"]))
+        self.publish_key: str | None = config["REALTIME_PUBLISH_KEY"] or None
+        # A body is the data plus a little JSON around it; refuse more before reading it.
+        config.setdefault("MAX_CONTENT_LENGTH", self.max_message_bytes + 64 * 1024)
+
+        self.store = MessageStore(engine or database.engine_for(app))
+        self.store.create_schema()
+        self.dispatcher = Dispatcher(
+            self.store,
+            poll_s=float(config["REALTIME_POLL_S"]),
+            buffer_size=int(config["REALTIME_STREAM_BUFFER"]),
+        )
+        self.tokens = TokenIssuer(config["SECRET_KEY"], ttl_s=float(config["REALTIME_TOKEN_TTL_S"]))
+        self._prune_interval_s = float(config["REALTIME_PRUNE_INTERVAL_S"])
+        self._pruner: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+        app.extensions["realtime"] = self
+        from . import cli, views
+
+        app.register_blueprint(views.blueprint)
+        app.cli.add_command(cli.realtime_cli)
+        # Background work starts with the first request, i.e. in the serving
+        # process after gunicorn forked, never at import or in `flask` commands.
+        app.before_request(self.start)
+
+    # -- publishing -------------------------------------------------------
+
+    def publish(
+        self,
+        channel: str,
+        topic: str,
+        data: Any,
+        *,
+        run_id: str | None = None,
+        session: Session | None = None,
+    ) -> Message:
+        """Store a message and wake every stream of its channel.
+
+        With `session`, the message is part of the caller's transaction: it
+        is stored, and streamed, only if that transaction commits.
+        """
+        check_channel(channel)
+        check_topic(topic)
+        if run_id is not None and (not isinstance(run_id, str) or not 0 < len(run_id) <= 64):
+            raise InvalidRequest("'run_id' must be a string of 1-64 characters", code="invalid_run_id")
+        try:
+            data_json = json.dumps(data, ensure_ascii=False, allow_nan=False)
+            size = len(data_json.encode())  # also refuses lone surrogates, which are not UTF-8
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidRequest(f"'data' must be JSON-serializable: {exc}", code="invalid_data") from None
+        if size > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"'data' is {size} bytes of JSON; the limit is {self.max_message_bytes} "
+                "(REALTIME_MAX_MESSAGE_BYTES). Publish a link to large content instead."
+            )
+        message = self.store.append(channel, topic, data_json, run_id=run_id, session=session)
+        if session is None:
+            self.dispatcher.notify_appended()
+        else:
+            event.listen(session, "after_commit", lambda _s: self.dispatcher.notify_appended(), once=True)
+        return message
+
+    # -- subscribing ------------------------------------------------------
+
+    def authorize(self, policy: Policy) -> Policy:
+        """Register who may get a token: `policy(channel, topics) -> bool`, called in the request.
+
+        With no policy registered every token request is refused: exposing a
+        channel is a decision the app must make.
+        """
+        self._policy = policy
+        return policy
+
+    def create_token(self, channel: str, topics: Sequence[str], ttl: float | None = None) -> Grant:
+        return self.tokens.issue(channel, list(topics), ttl)
+
+    def grant_for_request(self, channel: str, topics: Sequence[str]) -> Grant:
+        """A token for a client's request, if the app's policy allows it."""
+        if self._policy is None or not self._policy(channel, topics):
+            raise Forbidden(f"this client may not subscribe to channel {channel!r} with these topics")
+        return self.create_token(channel, topics)
+
+    def stream(self, channel: str, topics: Sequence[str] | None, cursor: str | None) -> Iterator[str]:
+        """The frames of one subscriber, from `cursor` (a `Last-Event-ID`) on; never ends by itself.
+
+        A malformed cursor raises `InvalidCursor` here, before any frame.
+        """
+        parsed = Cursor.parse(cursor) if cursor else None
+        return event_stream(
+            self.dispatcher,
+            channel,
+            topics,
+            parsed,
+            retry_ms=self.retry_ms,
+            heartbeat_s=self.heartbeat_s,
+        )
+
+    def history(
+        self, channel: str, topics: Sequence[str] | None, after: str | None, limit: int
+    ) -> tuple[list[Message], str, dict | None]:
+        """Up to `limit` messages after `after`: (messages, the cursor to continue from, reset or None)."""
+        after_id, reset = resolve_cursor(self.store, channel, Cursor.parse(after) if after else None)
+        found = self.store.read_after(channel, topics, after_id, limit)
+        last_id = found[-1].id if found else after_id
+        return found, str(Cursor(self.store.epoch, last_id)), reset
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the dispatcher and the pruning schedule (idempotent)."""
+        if self._pruner is None and not self._stopped.is_set():
+            self._pruner = threading.Thread(target=self._prune_forever, name="realtime-pruner", daemon=True)
+            self._pruner.start()
+            self.dispatcher.start()
+
+    def prune(self) -> int:
+        """Delete messages older than REALTIME_RETENTION_S now; return how many."""
+        return self.store.prune(self.retention)
+
+    def shutdown(self) -> None:
+        """End all open streams now, so clients resume on another process (gunicorn.conf.py)."""
+        self._stopped.set()
+        self.dispatcher.stop()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "streams": self.dispatcher.stream_count,
+            "delivered": self.dispatcher.delivered,
+            "store_reads": self.store.reads,
+        }
+
+    def _prune_forever(self) -> None:
+        while not self._stopped.wait(self._prune_interval_s):
+            try:
+                removed = self.prune()
+                if removed:
+                    log.info("pruned %d messages older than %s", removed, self.retention)
+            except Exception:
+                log.exception("pruning failed; will retry")

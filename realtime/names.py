@@ -1,0 +1,43 @@
+"""Channel and topic names (CONTRACT §3).
+
+The patterns admit no whitespace, so no CR or LF from a client can ever reach
+an `event:` line or break a frame.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import InvalidRequest
+
+CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+MAX_TOPICS = 50
+
+
+def check_channel(value: Any) -> str:
+    if not isinstance(value, str) or not CHANNEL_PATTERN.fullmatch(value):
+        raise InvalidRequest(
+            "'channel' must be a string of 1-200 characters from A-Z a-z 0-9 _ . : -",
+            code="invalid_channel",
+        )
+    return value
+
+
+def check_topic(value: Any) -> str:
+    if not isinstance(value, str) or not TOPIC_PATTERN.fullmatch(value):
+        raise InvalidRequest(
+            "a topic must be a string of 1-100 characters from A-Z a-z 0-9 _ . : -",
+            code="invalid_topic",
+        )
+    return value
+
+
+def check_topics(value: Any) -> tuple[str, ...]:
+    """A non-empty list of distinct topic names, returned in the given order."""
+    if not isinstance(value, list) or not value or len(value) > MAX_TOPICS:
+        raise InvalidRequest(
+            f"'topics' must be a list of 1-{MAX_TOPICS} topic names", code="invalid_topic"
+        )
+    topics = tuple(check_topic(topic) for topic in value)
+    return tuple(dict.fromkeys(topics))

@@ -1,0 +1,61 @@
+"""The text/event-stream wire format, as pure functions.
+
+WHATWG HTML §9.2.6 "Interpreting an event stream": lines end with CRLF, LF or
+CR; a line starting with ":" is a comment; `data:` lines are joined with LF;
+a blank line dispatches the event. So a value is safe in a field only when it
+holds no CR or LF: `data` is split on every line ending (the client joins the
+pieces back with LF), while `id` and `event` must be single lines, and a
+violation is a bug in the caller, never something to repair silently.
+
+No Flask, no I/O: these functions build strings and are tested as tables of
+exact expected bytes (tests/test_sse.py).
+"""
+from __future__ import annotations
+
+import re
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _single_line(name: str, value: str) -> str:
+    if _LINE_BREAK.search(value):
+        raise ValueError(f"SSE field {name!r} must not contain CR or LF: {value!r}")
+    return value
+
+
+def format_event(
+    *,
+    data: str | None = None,
+    event: str | None = None,
+    id: str | None = None,
+    retry: int | None = None,
+    comment: str | None = None,
+) -> str:
+    """One frame: its field lines in a fixed order, then the blank line.
+
+    >>> format_event(id="7", event="status", data='{"percent": 10}')
+    'id: 7\\nevent: status\\ndata: {"percent": 10}\\n\\n'
+    """
+    lines: list[str] = []
+    if comment is not None:
+        lines.extend(": " + part if part else ":" for part in _LINE_BREAK.split(comment))
+    if retry is not None:
+        if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+            raise ValueError(f"SSE retry must be a non-negative integer, not {retry!r}")
+        lines.append(f"retry: {retry}")
+    if id is not None:
+        # The spec ignores an id that contains NULL, which would silently
+        # break resume: refuse it here instead.
+        if "\0" in id:
+            raise ValueError("SSE field 'id' must not contain NULL")
+        lines.append("id: " + _single_line("id", id))
+    if event is not None:
+        lines.append("event: " + _single_line("event", event))
+    if data is not None:
+        lines.extend("data: " + part for part in _LINE_BREAK.split(data))
+    if not lines:
+        raise ValueError("an SSE frame needs at least one field")
+    return "\n".join(lines) + "\n\n"
+
+
+KEEP_ALIVE = format_event(comment="keep-alive")

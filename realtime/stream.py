@@ -1,0 +1,97 @@
+"""One subscriber's event stream: `retry:`, replay from the store, then live.
+
+A plain generator of frames (strings), so the same code serves the HTTP
+endpoint and `flask realtime tail`. Its four phases, in order:
+
+1. `retry:` first, which also makes the WSGI server send the headers at once.
+2. Subscribe to live messages *before* reading history (dispatch.py says why
+   that leaves no gap).
+3. Replay: every retained message after the cursor, page by page, oldest
+   first; `reset` first if the cursor cannot be honoured exactly.
+4. Live: frames from the dispatcher, skipping ids already replayed; a
+   `: keep-alive` comment whenever nothing arrived for `heartbeat_s`.
+
+It ends when the process shuts down (the client reconnects elsewhere with its
+cursor) or when the client stopped reading and its buffer overflowed.
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterator, Sequence
+
+from .cursor import Cursor
+from .dispatch import Dispatcher, message_frame
+from .sse import KEEP_ALIVE, format_event
+from .store import MessageStore
+
+REPLAY_PAGE = 500
+
+
+def resolve_cursor(store: MessageStore, channel: str, cursor: Cursor | None) -> tuple[int, dict | None]:
+    """Where to continue: (read after this id, the reset to report or None).
+
+    A cursor from another database, or older than the channel's pruned
+    history, cannot be honoured exactly: continue from the oldest retained
+    message and say so (CONTRACT §4).
+    """
+    if cursor is None:
+        return 0, None
+    if cursor.epoch == store.epoch:
+        through = store.pruned_through(channel)
+        if cursor.message_id >= through:
+            return cursor.message_id, None
+        reason = "history_truncated"
+    else:
+        reason = "unknown_cursor"
+        through = store.pruned_through(channel)
+    return through, {"reason": reason, "cursor": str(Cursor(store.epoch, through))}
+
+
+def reset_frame(reset: dict) -> str:
+    # The reset carries the position it continues from as its id, so a
+    # client that drops right after it resumes from there, not from the
+    # cursor that could not be honoured.
+    return format_event(id=reset["cursor"], event="reset", data=json.dumps(reset))
+
+
+def event_stream(
+    dispatcher: Dispatcher,
+    channel: str,
+    topics: Sequence[str] | None,
+    cursor: Cursor | None,
+    *,
+    retry_ms: int,
+    heartbeat_s: float,
+) -> Iterator[str]:
+    store = dispatcher.store
+    yield format_event(retry=retry_ms)
+    subscription = dispatcher.subscribe(channel, topics)
+    try:
+        last_id, reset = resolve_cursor(store, channel, cursor)
+        if reset is not None:
+            yield reset_frame(reset)
+
+        epoch = store.epoch
+        while True:
+            page = store.read_after(channel, topics, last_id, REPLAY_PAGE)
+            for message in page:
+                yield message_frame(message, epoch)
+                last_id = message.id
+            if len(page) < REPLAY_PAGE:
+                break
+
+        while subscription.closed_reason is None:
+            frames = subscription.take(heartbeat_s)
+            if not frames:
+                if subscription.closed_reason is None:
+                    yield KEEP_ALIVE
+                continue
+            for message_id, frame in frames:
+                if message_id > last_id:  # already sent during replay otherwise
+                    yield frame
+                    last_id = message_id
+
+        if subscription.closed_reason == "shutdown":
+            yield format_event(comment="server shutting down; reconnect with Last-Event-ID")
+    finally:
+        dispatcher.unsubscribe(subscription)

@@ -1,0 +1,148 @@
+"""HTTP endpoints of CONTRACT §3: translate requests to `Realtime` calls.
+
+Everything a client sends is checked here or in the calls below *before* any
+write or any streamed byte; failures raise `RealtimeError`s, which errors.py
+turns into JSON. Nothing in this module touches the database.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+from .errors import Forbidden, InvalidRequest, InvalidToken, NotFound
+from .extension import Realtime
+from .names import check_channel, check_topics
+from .tokens import Grant
+
+blueprint = Blueprint("realtime", __name__, url_prefix="/api/realtime")
+
+MAX_HISTORY_LIMIT = 1000
+
+
+def _realtime() -> Realtime:
+    return current_app.extensions["realtime"]
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object: strict UTF-8, no NaN/Infinity, any Content-Type."""
+    try:
+        text = request.get_data(cache=False).decode("utf-8")
+        body = json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidRequest(
+            "the body must be a JSON object encoded as UTF-8", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def bearer_token() -> str | None:
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def _granted_scope() -> tuple[Grant, tuple[str, ...]]:
+    """The verified token of this request, and the topics to read (optionally narrowed by `?topic=`)."""
+    token = bearer_token() or request.args.get("token")
+    if not token:
+        raise InvalidToken(
+            "a subscription token is required: ?token=... or 'Authorization: Bearer ...'; "
+            "get one from POST /api/realtime/token"
+        )
+    grant = _realtime().tokens.verify(token)
+    channel = request.args.get("channel")
+    if channel is not None and channel != grant.channel:
+        raise Forbidden(f"this token is for channel {grant.channel!r}, not {channel!r}")
+    topics = request.args.getlist("topic")
+    if not topics:
+        return grant, grant.topics
+    outside = sorted(set(topics) - set(grant.topics))
+    if outside:
+        raise Forbidden(f"this token does not cover topics {outside}")
+    return grant, tuple(t for t in grant.topics if t in topics)
+
+
+@blueprint.post("/token")
+def create_token() -> dict[str, Any]:
+    body = json_body()
+    channel = check_channel(body.get("channel"))
+    topics = check_topics(body.get("topics"))
+    grant = _realtime().grant_for_request(channel, topics)
+    return {
+        "token": grant.token,
+        "channel": grant.channel,
+        "topics": list(grant.topics),
+        "expires_at": _iso(grant.expires_at),
+    }
+
+
+@blueprint.post("/publish")
+def publish() -> tuple[dict[str, Any], int]:
+    realtime = _realtime()
+    if not realtime.publish_key:
+        raise NotFound("publishing over HTTP is off; the server sets REALTIME_PUBLISH_KEY to enable it")
+    given = bearer_token()
+    if given is None or not hmac.compare_digest(given.encode(), realtime.publish_key.encode()):
+        raise InvalidToken(
+            "publishing needs 'Authorization: Bearer <REALTIME_PUBLISH_KEY>'", code="invalid_publish_key"
+        )
+    body = json_body()
+    if "data" not in body:
+        raise InvalidRequest("'data' is required (any JSON value)", code="invalid_data")
+    message = realtime.publish(
+        body.get("channel"), body.get("topic"), body["data"], run_id=body.get("run_id")
+    )
+    return message.envelope(), 201
+
+
+@blueprint.get("/messages")
+def history() -> dict[str, Any]:
+    grant, topics = _granted_scope()
+    raw_limit = request.args.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_HISTORY_LIMIT:
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_HISTORY_LIMIT}", code="invalid_limit")
+    found, cursor, reset = _realtime().history(
+        grant.channel, topics, request.args.get("after") or None, int(raw_limit)
+    )
+    body: dict[str, Any] = {"messages": [m.envelope() for m in found], "cursor": cursor}
+    if reset is not None:
+        body["reset"] = reset
+    return body
+
+
+@blueprint.get("/subscribe")
+def subscribe() -> Response:
+    grant, topics = _granted_scope()
+    # The header (sent by EventSource on reconnect) wins over the query
+    # parameter (used for the first connection of a resuming client).
+    cursor = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
+    frames = _realtime().stream(grant.channel, topics, cursor)
+    return Response(
+        frames,
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+        },
+    )
+
+
+@blueprint.get("/stats")
+def stats() -> dict[str, int]:
+    """Counters for operators and bench/: open streams, frames delivered, store reads."""
+    return _realtime().stats()

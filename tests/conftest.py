@@ -1,0 +1,225 @@
+"""Shared fixtures: a Flask app and client, a fresh PostgreSQL database, a live gunicorn.
+
+`LiveServer` follows Werkzeug's test `DevServerClient`: start the real
+server on a free port, wait until it answers, stop it by its pid.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PUBLISH_KEY = "test-publish-key"
+IN_CI = bool(os.environ.get("CI"))
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 15.0, interval: float = 0.02, what: str = "") -> object:
+    """Poll `condition` until it returns something truthy; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def skip_or_fail(reason: str) -> None:
+    """Missing infrastructure skips locally, but fails in CI where it must exist."""
+    if IN_CI:
+        pytest.fail(f"{reason} (required in CI)")
+    pytest.skip(reason)
+
+
+# -- in-process app ---------------------------------------------------------------
+
+
+@pytest.fixture
+def app(tmp_path):
+    from app import create_app
+
+    app = create_app(
+        {
+            "TESTING": True,
+            "SECRET_KEY": "test-secret",
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'test.sqlite3'}",
+            "REALTIME_PUBLISH_KEY": PUBLISH_KEY,
+        }
+    )
+    yield app
+    app.extensions["realtime"].shutdown()
+    app.extensions["database"].dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+# -- databases ----------------------------------------------------------------------
+
+
+def _create_pg_database() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
+            name = "rt_test_" + secrets.token_hex(4)
+            conn.execute(f"CREATE DATABASE {name}")
+            return name
+    except Exception:
+        return None
+
+
+def _drop_pg_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    name = _create_pg_database()
+    if name is None:
+        skip_or_fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    _drop_pg_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """Run the test once on SQLite and once on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'live.sqlite3'}"
+    return request.getfixturevalue("postgres_url")
+
+
+# -- live gunicorn --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """`gunicorn -c gunicorn.conf.py "app:create_app()"` with gevent workers on a free port."""
+
+    def __init__(self, log_path: Path, database_url: str, workers: int = 2, **config: object) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.database_url = database_url
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "SECRET_KEY": "live-test-secret",
+            "WEB_CONCURRENCY": str(workers),
+            "FLASK_REALTIME_PUBLISH_KEY": PUBLISH_KEY,
+            "FLASK_REALTIME_HEARTBEAT_S": "1",
+            "FLASK_REALTIME_RETRY_MS": "200",
+            "FLASK_REALTIME_POLL_S": "0.05",
+        }
+        self.env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "LiveServer":
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()",
+             "--bind", f"127.0.0.1:{self.port}"],
+            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(self._answers, timeout=30, what=f"gunicorn on port {self.port} (log: {self.log_path})")
+        wait_until(lambda: len(self.worker_pids()) == int(self.env["WEB_CONCURRENCY"]), what="workers")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
+        try:
+            return httpx.get(self.url + "/api/realtime/stats", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.process.pid, signum)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._log.close()
+
+    # conveniences for tests
+
+    def publish(self, channel: str, topic: str, data: object, **extra: object) -> dict:
+        response = httpx.post(
+            self.url + "/api/realtime/publish",
+            json={"channel": channel, "topic": topic, "data": data, **extra},
+            headers={"Authorization": f"Bearer {PUBLISH_KEY}"},
+            timeout=10,
+        )
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def token(self, channel: str, topics: list[str]) -> str:
+        response = httpx.post(self.url + "/api/realtime/token", json={"channel": channel, "topics": topics}, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()["token"]
+
+
+@pytest.fixture
+def start_server(tmp_path) -> Iterator[Callable[..., LiveServer]]:
+    """Start as many live servers as a test needs; all are stopped after it."""
+    servers: list[LiveServer] = []
+
+    def start(database_url: str, **kwargs: object) -> LiveServer:
+        server = LiveServer(tmp_path / f"gunicorn-{len(servers)}.log", database_url, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def live_server(start_server, database_url) -> LiveServer:
+    """A 2-worker gevent gunicorn on SQLite, then on PostgreSQL."""
+    return start_server(database_url)
