@@ -136,7 +136,7 @@ class Realtime:
         return policy
 
     def create_token(self, channel: str, topics: Sequence[str], ttl: float | None = None) -> Grant:
-        return self.tokens.issue(channel, list(topics), ttl)
+        return self.tokens.issue(channel, topics, ttl)
 
     def grant_for_request(self, channel: str, topics: Sequence[str]) -> Grant:
         """A token for a client's request, if the app's policy allows it."""

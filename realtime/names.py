@@ -35,7 +35,7 @@ def check_topic(value: Any) -> str:
 
 def check_topics(value: Any) -> tuple[str, ...]:
     """A non-empty list of distinct topic names, returned in the given order."""
-    if not isinstance(value, list) or not value or len(value) > MAX_TOPICS:
+    if not isinstance(value, (list, tuple)) or not value or len(value) > MAX_TOPICS:
         raise InvalidRequest(
             f"'topics' must be a list of 1-{MAX_TOPICS} topic names", code="invalid_topic"
         )

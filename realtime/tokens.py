@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
@@ -41,9 +41,9 @@ class TokenIssuer:
         self.ttl_s = ttl_s
         self._now = now
 
-    def issue(self, channel: str, topics: list[str], ttl_s: float | None = None) -> Grant:
+    def issue(self, channel: str, topics: Sequence[str], ttl_s: float | None = None) -> Grant:
         channel = check_channel(channel)
-        topics_ = check_topics(list(topics))
+        topics_ = check_topics(topics)
         expires_at = self._now() + (self.ttl_s if ttl_s is None else ttl_s)
         token = self._serializer.dumps({"c": channel, "t": list(topics_), "e": expires_at})
         return Grant(token, channel, topics_, expires_at)

@@ -1,0 +1,138 @@
+"""The message store on SQLite and on a fresh PostgreSQL database."""
+from __future__ import annotations
+
+import multiprocessing
+import random
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy.orm import Session
+
+from database import make_engine
+from realtime.store import MessageStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 28, 6, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(database_url, clock):
+    engine = make_engine(database_url)
+    store = MessageStore(engine, now=clock)
+    store.create_schema()
+    yield store
+    engine.dispose()
+
+
+def test_append_then_read_after_in_id_order(store):
+    first = store.append("run.1", "status", '{"p": 1}')
+    store.append("run.2", "status", '{"p": 9}')
+    second = store.append("run.1", "log", '"line"', run_id="r1")
+    found = store.read_after("run.1", None, 0, 100)
+    assert [m.id for m in found] == [first.id, second.id]
+    assert found[1].data == "line" and found[1].run_id == "r1"
+    assert [m.id for m in store.read_after("run.1", ["log"], 0, 100)] == [second.id]
+    assert store.read_after("run.1", None, second.id, 100) == []
+    assert [m.id for m in store.read_after("run.1", None, 0, 1)] == [first.id]
+    assert store.last_id() == second.id
+
+
+def test_envelope_is_contract_json(store):
+    message = store.append("run.42", "status", '{"stage": "fetching", "percent": 10}', run_id="abc")
+    assert message.envelope_json() == (
+        f'{{"id": {message.id}, "channel": "run.42", "topic": "status", '
+        '"data": {"stage": "fetching", "percent": 10}, "run_id": "abc", '
+        '"created_at": "2026-11-28T06:00:00.000000+00:00"}'
+    )
+    assert store.read_after("run.42", None, 0, 1)[0].envelope() == message.envelope()
+
+
+def test_schema_creation_is_idempotent_and_keeps_the_epoch(store, database_url):
+    again = MessageStore(store.engine)
+    again.create_schema()
+    assert again.epoch == store.epoch
+    assert len(store.epoch) == 8
+
+
+def test_prune_deletes_old_messages_and_remembers_where_per_channel(store, clock):
+    old_a = store.append("a", "t", "1")
+    old_b = store.append("b", "t", "2")
+    clock.now += timedelta(hours=2)
+    kept = store.append("a", "t", "3")
+    assert store.prune(timedelta(hours=1)) == 2
+    assert [m.id for m in store.read_after("a", None, 0, 10)] == [kept.id]
+    assert store.pruned_through("a") == old_a.id
+    assert store.pruned_through("b") == old_b.id
+    assert store.pruned_through("never-pruned") == 0
+    assert store.prune(timedelta(hours=1)) == 0
+
+
+def test_ids_are_never_reused_after_pruning_everything(store, clock):
+    last = store.append("a", "t", "1")
+    clock.now += timedelta(days=2)
+    store.prune(timedelta(days=1))
+    assert store.append("a", "t", "2").id > last.id
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_append_in_callers_transaction_exists_only_if_it_commits(store, commit):
+    with Session(store.engine) as session:
+        message = store.append("run.1", "status", "1", session=session)
+        assert message.id > 0
+        session.commit() if commit else session.rollback()
+    assert [m.id for m in store.read_after("run.1", None, 0, 10)] == ([message.id] if commit else [])
+
+
+# -- cursor safety under concurrency ----------------------------------------------------
+#
+# Writers in several processes hold their transaction open for a random moment
+# after drawing an id. Without the append lock, PostgreSQL would commit id 11
+# before id 10 and the tailing reader below would step over 10 forever.
+
+
+def _slow_writer(database_url: str, writer: int, count: int) -> None:
+    engine = make_engine(database_url)
+    store = MessageStore(engine)
+    rng = random.Random(writer)
+    for n in range(count):
+        with Session(engine) as session:
+            store.append("race", "t", str(n), session=session)
+            time.sleep(rng.random() * 0.003)
+            session.commit()
+    engine.dispose()
+
+
+def test_a_tailing_reader_never_skips_a_late_commit(store):
+    writers, per_writer = 4, 40
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_slow_writer, args=(store.engine.url.render_as_string(hide_password=False), w, per_writer))
+        for w in range(writers)
+    ]
+    for process in processes:
+        process.start()
+    seen: list[int] = []
+    cursor = 0
+    writing = True
+    while writing:
+        writing = any(process.is_alive() for process in processes)
+        for message in store.read_new(cursor, 1000):  # one last read after all writers ended
+            seen.append(message.id)
+            cursor = message.id
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    stored = [m.id for m in store.read_after("race", None, 0, 10_000)]
+    assert len(stored) == writers * per_writer
+    assert seen == stored  # every committed id, each once, in order
