@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Protocol
 
 import psycopg
@@ -37,11 +38,16 @@ class PollingChangeFeed:
     def __init__(self, poll_s: float) -> None:
         self.poll_s = poll_s
         self._poked = threading.Event()
+        self._next_poll = time.monotonic()
 
     def wait(self, timeout: float) -> bool:
-        self._poked.wait(min(timeout, self.poll_s))
+        poked = self._poked.wait(max(0.0, min(timeout, self._next_poll - time.monotonic())))
         self._poked.clear()
-        return True  # another process may have written: always look
+        if poked or time.monotonic() >= self._next_poll:
+            # Another process may have written since the last look.
+            self._next_poll = time.monotonic() + self.poll_s
+            return True
+        return False
 
     def poke(self) -> None:
         self._poked.set()
