@@ -74,7 +74,7 @@ class PostgresChangeFeed:
             # Notifications sent while we were not listening are lost: look.
             return True
         try:
-            woke = any(True for _ in self._conn.notifies(timeout=timeout, stop_after=1))
+            woke = bool(list(self._conn.notifies(timeout=timeout, stop_after=1)))
             # Coalesce a burst: one read covers every NOTIFY already queued.
             for _ in self._conn.notifies(timeout=0):
                 pass

@@ -76,6 +76,7 @@ class Realtime:
         self.tokens = TokenIssuer(config["SECRET_KEY"], ttl_s=float(config["REALTIME_TOKEN_TTL_S"]))
         self._prune_interval_s = float(config["REALTIME_PRUNE_INTERVAL_S"])
         self._pruner: threading.Thread | None = None
+        self._starting = threading.Lock()
         self._stopped = threading.Event()
 
         app.extensions["realtime"] = self
@@ -172,7 +173,11 @@ class Realtime:
 
     def start(self) -> None:
         """Start the dispatcher and the pruning schedule (idempotent)."""
-        if self._pruner is None and not self._stopped.is_set():
+        if self._pruner is not None:
+            return
+        with self._starting:
+            if self._pruner is not None or self._stopped.is_set():
+                return
             self._pruner = threading.Thread(target=self._prune_forever, name="realtime-pruner", daemon=True)
             self._pruner.start()
             self.dispatcher.start()
