@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from typing import Any, Mapping
 
@@ -41,6 +42,25 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # from its own session or API key, who may watch what.
     realtime.authorize(lambda channel, topics: True)
     return app
+
+
+class RedactTokens(logging.Filter):
+    """Blank `token=...` in log lines: EventSource can only send its token in the URL.
+
+    gunicorn.conf.py logs paths without query strings; this covers the request
+    log of `flask run` (Werkzeug's logger) and anything else that logs a URL.
+    """
+
+    _TOKEN = re.compile(r"(token=)[^&\s\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = self._TOKEN.sub(r"\1[redacted]", message), ()
+        return True
+
+
+logging.getLogger("werkzeug").addFilter(RedactTokens())
 
 
 def _require_secret_key(app: Flask) -> None:
