@@ -1,0 +1,54 @@
+"""Errors of the jobs package.
+
+`JobError` is the root of what a client can get wrong (a bad event, an unknown
+run, ...): like `RealtimeError`, each subclass carries its HTTP `status` and
+snake_case `code` as class attributes and a `message` for the person who has to
+fix the request; errors.py turns them into CONTRACT §3 JSON.
+
+`NonRetriableError` is different: job code raises it to say "retrying cannot
+help", and the run fails at once instead of after its retries.
+"""
+from __future__ import annotations
+
+
+class JobError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidEvent(JobError):
+    """An event body, name or data the contract does not allow (400)."""
+
+    code = "invalid_event"
+
+
+class InvalidEventKey(JobError):
+    status = 401
+    code = "invalid_event_key"
+
+
+class RunNotFound(JobError):
+    status = 404
+    code = "run_not_found"
+
+
+class RunFinished(JobError):
+    """The run already ended: there is nothing left to cancel (409)."""
+
+    status = 409
+    code = "run_finished"
+
+
+class ReportNotFound(JobError):
+    status = 404
+    code = "report_not_found"
+
+
+class NonRetriableError(Exception):
+    """Raise from a job function or step to fail the run now, without retries."""

@@ -1,0 +1,177 @@
+"""`Jobs`, the Flask extension: the Python API and the glue between the parts.
+
+    jobs = Jobs(app, engine=engine, realtime=realtime)   # or Jobs() then init_app(...)
+
+    @jobs.function(id="generate-report", trigger="report.requested", retries=3)
+    def generate_report(ctx): ...
+
+    jobs.send("report.requested", {"title": "Q3"})   # -> {"ids": [...], "runs": [...]}
+
+One instance per app, in `app.extensions["jobs"]`. It reads the `JOBS_*`
+keys once in `init_app` and hands plain values to the store, runner and
+worker, which never look at Flask.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Sequence
+
+from flask import Flask
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+import database
+
+from .errors import InvalidEvent
+from .registry import EVENT_NAME_PATTERN, Handler, JobFunction, Registry, function
+from .runner import Runner
+from .store import COMPLETED, FAILED, JobStore, NewEvent, Run, StoredFile
+from .worker import Worker
+
+DEFAULTS = {
+    "JOBS_EMBEDDED": True,
+    "JOBS_THREADS": 4,
+    "JOBS_EVENT_KEY": None,
+    # Beyond the contract: tuning knobs with safe defaults.
+    "JOBS_LEASE_S": 30,  # a killed worker's runs resume this long after its last renewal
+    "JOBS_POLL_S": 0.5,  # how often a worker looks for runs queued by other processes
+    "JOBS_RETRY_BASE_S": 1.0,  # first retry after 1 s, then 2, 4, ...
+    "JOBS_RETRY_MAX_S": 600,
+    "JOBS_REPORT_STEP_S": 1.0,  # how long each stage of the demo report takes
+}
+
+MAX_EVENTS_PER_REQUEST = 100
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):  # FLASK_JOBS_EAGER=False arrives as a string
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(value)
+
+
+def check_event(name: Any, data: Any) -> None:
+    if not isinstance(name, str) or not EVENT_NAME_PATTERN.fullmatch(name):
+        raise InvalidEvent(
+            "an event 'name' must be 1-200 characters from A-Z a-z 0-9 _ . : / -, "
+            "starting with a letter or digit (like 'report.requested')",
+            code="invalid_event_name",
+        )
+    if not isinstance(data, dict):
+        raise InvalidEvent("an event's 'data' must be a JSON object", code="invalid_event_data")
+
+
+class Jobs:
+    def __init__(self, app: Flask | None = None, **kwargs: Any) -> None:
+        self.registry = Registry()
+        if app is not None:
+            self.init_app(app, **kwargs)
+
+    def init_app(self, app: Flask, *, engine: Engine | None = None, realtime: Any = None) -> None:
+        for key, value in DEFAULTS.items():
+            app.config.setdefault(key, value)
+        # Eager mode runs each run inline when it is sent; the default in tests.
+        app.config.setdefault("JOBS_EAGER", app.testing)
+        config = app.config
+        self.embedded = _flag(config["JOBS_EMBEDDED"])
+        self.eager = _flag(config["JOBS_EAGER"])
+        self.event_key: str | None = config["JOBS_EVENT_KEY"] or None
+        self.lease_s = float(config["JOBS_LEASE_S"])
+        self.poll_s = float(config["JOBS_POLL_S"])
+        self.realtime = realtime or app.extensions["realtime"]
+
+        self.store = JobStore(engine or database.engine_for(app), on_status=self._announce)
+        self.store.create_schema()
+        self.runner = Runner(
+            self.store,
+            self.registry,
+            self.realtime.publish,
+            retry_base_s=float(config["JOBS_RETRY_BASE_S"]),
+            retry_max_s=float(config["JOBS_RETRY_MAX_S"]),
+            context=app.app_context,  # job code may use current_app, like a request
+        )
+        self.worker = self.new_worker(int(config["JOBS_THREADS"]))
+
+        app.extensions["jobs"] = self
+        from . import cli
+
+        app.cli.add_command(cli.jobs_cli)
+        if self.embedded and not self.eager:
+            # In the serving process, after gunicorn forked; never at import
+            # or in `flask` commands (the worker command starts its own).
+            app.before_request(self.worker.start)
+
+    def new_worker(self, threads: int) -> Worker:
+        return Worker(self.store, self.runner, threads=threads, lease_s=self.lease_s, poll_s=self.poll_s)
+
+    # -- functions ------------------------------------------------------------------
+
+    def register(self, job_function: JobFunction) -> JobFunction:
+        return self.registry.add(job_function)
+
+    def function(
+        self, *, id: str, trigger: str, retries: int = 3, concurrency: int | None = None
+    ) -> Callable[[Handler], JobFunction]:
+        """Decorator: describe a job function and register it here."""
+        describe = function(id=id, trigger=trigger, retries=retries, concurrency=concurrency)
+        return lambda handler: self.register(describe(handler))
+
+    # -- events and runs ----------------------------------------------------------
+
+    def send(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Send one event; the body of CONTRACT §3's `POST /api/events` 202."""
+        return self.send_many([(name, data)])
+
+    def send_many(self, items: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
+        """Send events; each starts one run per function it triggers. All or nothing."""
+        if not 1 <= len(items) <= MAX_EVENTS_PER_REQUEST:
+            raise InvalidEvent(f"send 1 to {MAX_EVENTS_PER_REQUEST} events at a time", code="invalid_events")
+        new_events = []
+        for name, data in items:
+            check_event(name, data)
+            try:
+                data_json = json.dumps(data, ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise InvalidEvent(f"an event's 'data' must be JSON: {exc}", code="invalid_event_data") from None
+            new_events.append(NewEvent(name, data_json, [f.id for f in self.registry.triggered_by(name)]))
+        created = self.store.add_events(new_events)
+        if self.eager:
+            self.worker.drain()
+        else:
+            self.worker.wake()
+        return {
+            "ids": [event.id for event, _ in created],
+            "runs": [
+                {"id": run.id, "function": run.function_id, "event_id": event.id}
+                for event, event_runs in created
+                for run in event_runs
+            ],
+        }
+
+    def run(self, run_id: str) -> Run | None:
+        return self.store.run(run_id)
+
+    def cancel(self, run_id: str) -> None:
+        """Cancel a queued or running run (RunNotFound, RunFinished otherwise)."""
+        self.store.cancel(run_id)
+
+    def file(self, run_id: str, name: str) -> StoredFile | None:
+        return self.store.load_file(run_id, name)
+
+    def drain(self) -> int:
+        """Eager mode: execute every due run now, inline (e.g. after advancing a test clock)."""
+        return self.worker.drain()
+
+    def shutdown(self) -> None:
+        """Stop the embedded pool (gunicorn.conf.py calls this on SIGTERM)."""
+        self.worker.shutdown()
+
+    # -- lifecycle messages ---------------------------------------------------------
+
+    def _announce(self, session: Session, run: Run) -> None:
+        """Publish the run's new status on `run.<id>`, topic `run`, in the transaction that set it."""
+        data: dict[str, Any] = {"status": run.status}
+        if run.status == COMPLETED:
+            data["output"] = run.output
+        elif run.status == FAILED:
+            data["error"] = run.error
+        self.realtime.publish(run.channel, "run", data, run_id=run.id, session=session)

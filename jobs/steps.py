@@ -1,0 +1,180 @@
+"""What a job function sees: `ctx`, with durable steps and exactly-once publishing.
+
+    def generate_report(ctx):
+        ctx.publish(ctx.channel, "status", {"stage": "fetching", "percent": 10})
+        rows = ctx.step.run("fetch", fetch_rows, ctx.event.data)
+        ctx.step.sleep("cool-down", 5)
+
+A function runs again from the top after a failure or a crash; what makes that
+safe is memoization (Inngest's model):
+
+- `step.run(id, fn, *args)` runs `fn` once and stores its JSON result; later
+  executions of the run return the stored result without calling `fn`.
+- `step.sleep(id, seconds)` records a wake-up time and hands the run back;
+  no thread waits, and the run resumes there once the time has come.
+- `ctx.publish(...)` outside a step is a step of its own (`publish:1`,
+  `publish:2`, ... in call order), written in the same transaction as its
+  message: resumed runs never repeat a message. A function must therefore make
+  the same calls in the same order each time, which memoized steps ensure.
+
+Each step is also a boundary where a cancelled run, or a stopping worker,
+stops (CONTRACT §3: "the run stops before its next step").
+"""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta
+from typing import Any, Callable, Protocol
+
+from sqlalchemy.orm import Session
+
+from .errors import NonRetriableError
+from .store import COMPLETED, Claim, Event, JobStore, Step
+from .types import JSON
+
+STEP_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+class Publisher(Protocol):
+    """`Realtime.publish`: the only way jobs write messages (never the table itself)."""
+
+    def __call__(self, channel: str, topic: str, data: Any, *, run_id: str | None = ..., session: Session | None = ...) -> Any: ...
+
+
+class Interrupt(BaseException):
+    """A step boundary telling the runner to stop executing the function.
+
+    BaseException so that job code's `except Exception:` cannot swallow it.
+    """
+
+
+class CancelRequested(Interrupt):
+    pass
+
+
+class Suspended(Interrupt):
+    """A sleep handed the run back; it becomes due again at `until`."""
+
+    def __init__(self, until: datetime) -> None:
+        super().__init__(until)
+        self.until = until
+
+
+class WorkerStopping(Interrupt):
+    pass
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def to_json(value: JSON, what: str) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        # The same value comes back on every retry: retrying cannot help.
+        raise NonRetriableError(f"{what} must be JSON-serializable: {exc}") from None
+
+
+class Steps:
+    def __init__(
+        self,
+        store: JobStore,
+        claim: Claim,
+        done: dict[str, Step],
+        stopping: Callable[[], bool],
+    ) -> None:
+        self._store = store
+        self._claim = claim
+        self._done = done
+        self._stopping = stopping
+        self._used: set[str] = set()
+
+    def run(self, step_id: str, fn: Callable[..., JSON], *args: Any, **kwargs: Any) -> JSON:
+        """Run `fn(*args, **kwargs)` once per run; return its (stored) JSON result."""
+        self._use(step_id)
+        done = self._done.get(step_id)
+        if done is not None and done.status == COMPLETED:
+            return done.output
+        self._boundary()
+        if not self._store.start_step(self._claim, step_id):
+            raise CancelRequested()
+        try:
+            output_json = to_json(fn(*args, **kwargs), f"the result of step {step_id!r}")
+        except Exception as exc:
+            self._store.fail_step(self._claim, step_id, describe(exc))
+            raise
+        self._store.complete_step(self._claim, step_id, output_json)
+        # What a replay would return, so both paths give the function equal values.
+        return json.loads(output_json)
+
+    def sleep(self, step_id: str, seconds: float) -> None:
+        """Pause the run durably for `seconds`; the thread is free meanwhile."""
+        self._use(step_id)
+        done = self._done.get(step_id)
+        if done is not None and done.status == COMPLETED:
+            return
+        now = self._store.now()
+        if done is None:
+            self._boundary()
+            until = now + timedelta(seconds=seconds)
+            if not self._store.sleep_step(self._claim, step_id, until):
+                raise CancelRequested()
+            raise Suspended(until)
+        until = datetime.fromisoformat(done.output["until"])
+        if now < until:  # claimed early, e.g. by a worker whose clock runs ahead
+            self._store.release(self._claim, at=until)
+            raise Suspended(until)
+        self._store.complete_step(self._claim, step_id, json.dumps(done.output))
+
+    def effect(self, step_id: str, effect: Callable[[Session], JSON]) -> None:
+        """Do `effect(session)` once per run, in the transaction that records it as done."""
+        if step_id in self._done:
+            return
+        self._boundary()
+        if not self._store.record_effect(self._claim, step_id, effect):
+            raise CancelRequested()
+
+    def _use(self, step_id: str) -> None:
+        if not isinstance(step_id, str) or not STEP_ID_PATTERN.fullmatch(step_id):
+            raise NonRetriableError(f"step id {step_id!r} must match {STEP_ID_PATTERN.pattern}")
+        if step_id in self._used:
+            raise NonRetriableError(f"step id {step_id!r} is used twice in one run; step ids must be unique")
+        self._used.add(step_id)
+
+    def _boundary(self) -> None:
+        if self._stopping():
+            raise WorkerStopping()
+
+
+class Context:
+    """The argument of every job function."""
+
+    def __init__(self, store: JobStore, claim: Claim, event: Event, publisher: Publisher, step: Steps) -> None:
+        self.run_id = claim.run.id
+        self.attempt = claim.run.attempt
+        self.event = event
+        self.step = step
+        self._store = store
+        self._publisher = publisher
+        self._published = 0
+
+    @property
+    def channel(self) -> str:
+        """`run.<run_id>`, where the run's lifecycle is published too."""
+        return f"run.{self.run_id}"
+
+    def publish(self, channel: str, topic: str, data: JSON) -> None:
+        """Publish a realtime message once per run, however often the function is resumed."""
+        self._published += 1
+
+        def publish_now(session: Session) -> JSON:
+            message = self._publisher(channel, topic, data, run_id=self.run_id, session=session)
+            return {"message_id": message.id}
+
+        self.step.effect(f"publish:{self._published}", publish_now)
+
+    def save_file(self, name: str, content: bytes, content_type: str) -> None:
+        """Keep a file this run produced (e.g. its report) in the database; saving again replaces it."""
+        self._store.save_file(self.run_id, name, content_type, content)

@@ -1,0 +1,86 @@
+"""HTTP endpoints of CONTRACT §3 "Events and runs": translate requests to `Jobs` calls.
+
+Every input is checked before anything is written; failures raise `JobError`s,
+which errors.py turns into JSON. Nothing here touches the database.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, current_app, request
+
+from realtime.views import bearer_token
+
+from .errors import InvalidEvent, InvalidEventKey, RunNotFound
+from .extension import Jobs
+from .store import Run
+
+blueprint = Blueprint("jobs", __name__, url_prefix="/api")
+
+
+def _jobs() -> Jobs:
+    return current_app.extensions["jobs"]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="microseconds")
+
+
+def run_json(run: Run) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "function": run.function_id,
+        "status": run.status,
+        "output": run.output,
+        "error": run.error,
+        "attempt": run.attempt,
+        "steps": [{"id": s.id, "status": s.status, "attempts": s.attempts} for s in run.steps],
+        "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
+        "ended_at": _iso(run.ended_at),
+    }
+
+
+def _json_value() -> Any:
+    """The request body as JSON: strict UTF-8, no NaN/Infinity, any Content-Type."""
+    def reject(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        return json.loads(request.get_data(cache=False).decode("utf-8"), parse_constant=reject)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidEvent("the body must be JSON encoded as UTF-8", code="invalid_json") from None
+
+
+@blueprint.post("/events")
+def send_events() -> tuple[dict[str, Any], int]:
+    jobs = _jobs()
+    if jobs.event_key:
+        given = bearer_token()
+        if given is None or not hmac.compare_digest(given.encode(), jobs.event_key.encode()):
+            raise InvalidEventKey("sending events needs 'Authorization: Bearer <JOBS_EVENT_KEY>'")
+    body = _json_value()
+    items = body if isinstance(body, list) else [body]
+    if not all(isinstance(item, dict) for item in items):
+        raise InvalidEvent(
+            'the body must be an event {"name": ..., "data": {...}} or a list of them', code="invalid_json"
+        )
+    return jobs.send_many([(item.get("name"), item.get("data", {})) for item in items]), 202
+
+
+@blueprint.get("/runs/<run_id>")
+def get_run(run_id: str) -> dict[str, Any]:
+    run = _jobs().run(run_id)
+    if run is None:
+        raise RunNotFound(f"there is no run {run_id!r}; run ids come from POST /api/events")
+    return run_json(run)
+
+
+@blueprint.post("/runs/<run_id>/cancel")
+def cancel_run(run_id: str) -> tuple[dict[str, Any], int]:
+    jobs = _jobs()
+    jobs.cancel(run_id)
+    return run_json(jobs.run(run_id)), 202

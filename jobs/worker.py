@@ -1,0 +1,161 @@
+"""A worker: claims due runs, executes them on a pool of threads, renews their leases.
+
+One loop per process does the bookkeeping (claim while a thread is free,
+renew leases every third of a lease, sleep until woken or `poll_s` passed);
+the pool's threads only execute runs. The same class serves the embedded pool
+of each web process (`JOBS_EMBEDDED`), `flask --app app jobs worker`, and,
+through `drain()`, eager mode, where runs execute inline and tests need no
+threads at all.
+
+gevent (gunicorn's workers): monkey-patching turns `threading.Thread`, and so
+the threads of a stdlib `ThreadPoolExecutor`, into greenlets, and a greenlet
+that computes for 2 s freezes every stream of its process for 2 s. Runs
+therefore execute on gevent's own `ThreadPoolExecutor`, whose threads are real
+OS threads: the hub keeps serving streams while a step computes, sharing the
+GIL at Python's switch interval (bench/cpu_step.py measures the delay). The
+loop itself stays a greenlet. gevent runs a future's done-callbacks in the
+hub's thread, so waking the loop from them is safe; a native thread never
+touches a gevent primitive directly (realtime/changes.py's `poke` hands over
+with `run_callback_threadsafe` for the same reason).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Executor, Future
+
+from .runner import Runner
+from .store import Claim, JobStore
+
+log = logging.getLogger(__name__)
+
+
+def gevent_is_patched() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("threading")
+
+
+def make_executor(threads: int) -> Executor:
+    """A pool of `threads` real OS threads, under gevent too."""
+    if gevent_is_patched():
+        from gevent.threadpool import ThreadPoolExecutor as NativeThreadPoolExecutor
+
+        return NativeThreadPoolExecutor(max_workers=threads)
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jobs")
+
+
+class Worker:
+    def __init__(
+        self,
+        store: JobStore,
+        runner: Runner,
+        *,
+        threads: int = 4,
+        lease_s: float = 30.0,
+        poll_s: float = 0.5,
+        name: str | None = None,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.threads = threads
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.name = name or f"{socket.gethostname()[:40]}:{os.getpid()}"
+        self._held: dict[str, Future] = {}  # claim token -> its execution
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._loop_thread: threading.Thread | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # -- eager mode ---------------------------------------------------------------
+
+    def drain(self) -> int:
+        """Execute every due run inline, in this thread, until none is due; return how many executions."""
+        executed = 0
+        while not self._stopping and (claim := self._claim()) is not None:
+            self.runner.execute(claim, lambda: self._stopping)
+            executed += 1
+        return executed
+
+    # -- the pool -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop in the background once (lazily: after gunicorn forked, never at import)."""
+        with self._lock:
+            if self._loop_thread is not None or self._stopping:
+                return
+            self._loop_thread = threading.Thread(target=self.run, name="jobs-worker", daemon=True)
+            self._loop_thread.start()
+
+    def wake(self) -> None:
+        """Runs were queued in this process: look now rather than at the next poll."""
+        self._wake.set()
+
+    def run(self) -> None:
+        """The worker loop, in the calling thread, until `shutdown()`; then wait for running executions."""
+        executor = make_executor(self.threads)
+        log.info("jobs worker %s: %d threads", self.name, self.threads)
+        renew_every = self.lease_s / 3
+        next_renewal = time.monotonic() + renew_every
+        try:
+            while not self._stopping:
+                try:
+                    self._fill(executor)
+                    if time.monotonic() >= next_renewal:
+                        self._renew()
+                        next_renewal = time.monotonic() + renew_every
+                except Exception:
+                    log.exception("jobs worker loop failed; retrying")
+                timeout = min(self.poll_s, max(0.0, next_renewal - time.monotonic()))
+                self._wake.wait(timeout)
+                self._wake.clear()
+        finally:
+            # Executions stop at their next step boundary and hand their run back.
+            executor.shutdown(wait=True)
+
+    def shutdown(self) -> None:
+        """Stop claiming; running executions release their runs at their next step."""
+        self._stopping = True
+        self._wake.set()
+
+    def _fill(self, executor: Executor) -> None:
+        while len(self._held) < self.threads and not self._stopping:
+            claim = self._claim()
+            if claim is None:
+                return
+            with self._lock:
+                future = executor.submit(self.runner.execute, claim, lambda: self._stopping)
+                self._held[claim.token] = future
+            future.add_done_callback(lambda done, token=claim.token: self._finished(token, done))
+
+    def _finished(self, token: str, future: Future) -> None:
+        with self._lock:
+            self._held.pop(token, None)
+        exc = future.exception()
+        if exc is not None:
+            # A store failure mid-run: the lease lapses and the run resumes elsewhere.
+            log.error("run execution crashed", exc_info=exc)
+        self._wake.set()
+
+    def _renew(self) -> None:
+        with self._lock:
+            tokens = list(self._held)
+        self.store.renew(tokens, self.lease_s)
+
+    def _claim(self) -> Claim | None:
+        registry = self.runner.registry
+        return self.store.claim(
+            registry.ids, registry.concurrency_limits, owner=self.name, lease_s=self.lease_s
+        )
