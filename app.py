@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from flask import Flask
 
 import database
+import demo
 import errors
 from realtime import Realtime, RealtimeError
 
@@ -41,6 +42,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # The demo lets anyone subscribe to any channel. A real app decides here,
     # from its own session or API key, who may watch what.
     realtime.authorize(lambda channel, topics: True)
+
+    app.register_blueprint(demo.blueprint)
     return app
 
 

@@ -1,0 +1,74 @@
+"""The demo page: start a report, then watch its run's channel live (issue 4).
+
+    GET  /              the page (templates/index.html); `/?run=<id>` picks runs up again
+    POST /demo/reports  send `report.requested`, answer the run and a subscription token
+    POST /demo/token    a fresh token for a run's channel (the client's token refresh)
+
+The browser gets tokens, never the SECRET_KEY that signs them. Like the app's
+authorization policy (app.py), the demo lets anyone watch any run; a real app
+would check here that the run belongs to the signed-in user.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, current_app, render_template
+from flask.typing import ResponseReturnValue
+
+from errors import error_response
+from realtime import Grant
+from realtime.views import json_body
+
+blueprint = Blueprint("demo", __name__)
+
+# A report run publishes on channel `run.<run_id>`: progress, log lines and its status.
+REPORT_TOPICS = ("status", "log", "run")
+
+
+def _grant_json(run_id: str, grant: Grant) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "channel": grant.channel,
+        "topics": list(grant.topics),
+        "token": grant.token,
+        # The same form as POST /api/realtime/token (CONTRACT §3).
+        "expires_at": datetime.fromtimestamp(grant.expires_at, timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _token_for(run_id: str) -> Grant:
+    return current_app.extensions["realtime"].create_token(f"run.{run_id}", REPORT_TOPICS)
+
+
+@blueprint.get("/")
+def index() -> str:
+    return render_template("index.html", jobs_available="jobs" in current_app.extensions)
+
+
+@blueprint.post("/demo/reports")
+def start_report() -> ResponseReturnValue:
+    jobs = current_app.extensions.get("jobs")
+    if jobs is None:
+        return error_response(
+            503, "jobs_unavailable",
+            "the job runner is not installed in this app, so no report can start; "
+            "runs already started can still be watched with /?run=<id>",
+        )
+    sent = jobs.send("report.requested", {"title": "Sales report"})
+    runs = sent.get("runs") or []
+    if not runs:
+        return error_response(
+            503, "no_report_function", "no job function is registered for the event 'report.requested'"
+        )
+    run_id = runs[0]["id"]
+    return _grant_json(run_id, _token_for(run_id)), 201
+
+
+@blueprint.post("/demo/token")
+def refresh_token() -> ResponseReturnValue:
+    run_id = json_body().get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        return error_response(400, "invalid_run_id", "the body must be {\"run_id\": \"<id of a report run>\"}")
+    # create_token checks the channel name: an id with other characters is a 400.
+    return _grant_json(run_id, _token_for(run_id))

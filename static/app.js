@@ -1,0 +1,338 @@
+// The demo page: start reports, watch each run's channel with realtime.js, and (in the
+// Workshop panel) show the raw bytes of the streams. The URL keeps `?run=<id>` for every
+// report on the page, so a reload picks them all up again with their whole history.
+import { subscribe, TERMINAL_RUN_STATUSES } from "./realtime.js";
+
+const STAGES = {
+  fetching: "Fetching data",
+  processing: "Processing",
+  generating: "Generating the PDF",
+  done: "Done",
+};
+const RUN_STATUSES = {
+  queued: "Queued",
+  running: "Running",
+  completed: "Completed",
+  failed: "Failed",
+  cancelled: "Cancelled",
+};
+const MAX_FRAME_BLOCKS = 400;
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const reports = new Map(); // run_id -> {sub, card}
+const params = new URLSearchParams(location.search);
+let workshopOn = params.get("workshop") === "1";
+
+// -- talking to the server -----------------------------------------------------------------
+
+async function postJSON(url, body) {
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const json = await response.json().catch(() => null);
+  if (!response.ok) {
+    throw new Error(json?.error?.message ?? `the server answered ${response.status}`);
+  }
+  return json;
+}
+
+async function startReport() {
+  const button = $("#generate");
+  button.disabled = true;
+  say("Starting a report…");
+  try {
+    const grant = await postJSON("/demo/reports", {});
+    watch(grant);
+    say("Report started.");
+  } catch (err) {
+    say(`Could not start a report: ${err.message}`, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function resume(runId) {
+  if (reports.has(runId)) return;
+  try {
+    watch(await postJSON("/demo/token", { run_id: runId }));
+  } catch (err) {
+    say(`Could not resume report ${runId}: ${err.message}`, true);
+  }
+}
+
+// -- one report ---------------------------------------------------------------------------------
+
+function watch(grant) {
+  const runId = grant.run_id;
+  if (reports.has(runId)) return;
+  const card = createCard(runId);
+  let first = grant; // the grant that came with the report; later ones are fetched
+  const sub = subscribe({
+    channel: grant.channel,
+    topics: grant.topics,
+    token: async () => {
+      const ready = first;
+      first = null;
+      return ready ?? postJSON("/demo/token", { run_id: runId });
+    },
+    historyLimit: 1000,
+    closeOnRunEnd: true,
+    transport: workshopOn ? "fetch" : "eventsource",
+    onRaw: (text) => showRaw(runId, text),
+    onChange: (change, sub) => render(runId, card, change, sub),
+  });
+  reports.set(runId, { card, sub });
+  syncURL();
+  renderStreams();
+}
+
+function createCard(runId) {
+  const item = $("#report-template").content.firstElementChild.cloneNode(true);
+  const short = runId.length > 12 ? runId.slice(0, 8) : runId;
+  item.dataset.runId = runId;
+  const title = $(".report-title", item);
+  title.id = `report-${cssSafe(runId)}`;
+  $(".report-card", item).setAttribute("aria-labelledby", title.id);
+  $(".run-id", item).textContent = short;
+  $(".run-id", item).title = runId;
+  const progress = $(".progress", item);
+  progress.setAttribute("aria-label", `Progress of report ${short}`);
+  $(".log", item).setAttribute("aria-label", `Log of report ${short}`);
+  const dismiss = $(".dismiss", item);
+  dismiss.setAttribute("aria-label", `Remove report ${short} from this page`);
+  dismiss.addEventListener("click", () => forget(runId));
+  $("#reports").prepend(item);
+  $("#empty").hidden = true;
+  return item;
+}
+
+function forget(runId) {
+  const report = reports.get(runId);
+  if (!report) return;
+  report.sub.close();
+  report.card.remove();
+  reports.delete(runId);
+  $("#empty").hidden = reports.size > 0;
+  syncURL();
+  renderStreams();
+  $("#generate").focus();
+}
+
+function render(runId, card, change, sub) {
+  if (change.type === "message") renderMessage(card, change.message);
+  if (change.type === "reset" || change.type === "cleared") clearCard(card, change.reset);
+  if (change.type === "state") {
+    renderConnection(card, sub);
+    if (workshopOn) noteConnection(runId, sub);
+  }
+  $(".cursor-value", card).textContent = sub.lastEventId ?? "none yet";
+  if (workshopOn) renderStreams();
+}
+
+function renderMessage(card, { id, topic, data, created_at: createdAt }) {
+  if (topic === "status") {
+    const percent = Math.max(0, Math.min(100, Number(data.percent) || 0));
+    $(".progress", card).value = percent;
+    $(".percent", card).textContent = `${percent}%`;
+    $(".stage", card).textContent = `${STAGES[data.stage] ?? data.stage} · ${percent}%`;
+    if (data.url) {
+      const link = $(".download", card);
+      link.href = data.url;
+      link.hidden = false;
+    }
+  } else if (topic === "log") {
+    const item = document.createElement("li");
+    item.dataset.id = id;
+    item.className = `log-line level-${cssSafe(data.level ?? "info")}`;
+    const time = document.createElement("time");
+    time.dateTime = createdAt;
+    time.textContent = new Date(createdAt).toLocaleTimeString([], { hour12: false });
+    const text = document.createElement("span");
+    text.className = "log-message";
+    text.textContent = data.message ?? JSON.stringify(data);
+    item.append(time, text);
+    const log = $(".log", card);
+    log.append(item);
+    log.scrollTop = log.scrollHeight;
+    $(".log-count", card).textContent = log.children.length;
+  } else if (topic === "run" && RUN_STATUSES[data.status]) {
+    card.dataset.runStatus = data.status;
+    const badge = $(".run-status", card);
+    badge.textContent = RUN_STATUSES[data.status];
+    if (data.status === "failed" || data.status === "cancelled") {
+      const reason = typeof data.error === "string" ? data.error : data.error?.message;
+      note(card, `The report ${data.status === "failed" ? "failed" : "was cancelled"}${reason ? `: ${reason}` : "."}`);
+      $(".stage", card).textContent = RUN_STATUSES[data.status];
+    }
+  }
+}
+
+function clearCard(card, reset) {
+  $(".log", card).replaceChildren();
+  $(".log-count", card).textContent = "0";
+  $(".progress", card).value = 0;
+  $(".percent", card).textContent = "0%";
+  $(".download", card).hidden = true;
+  if (reset) {
+    const why = reset.reason === "history_truncated" ? "older messages were pruned" : "the cursor was not recognised";
+    note(card, `The server could not resume exactly (${why}); showing what it still has.`);
+  }
+}
+
+function note(card, text) {
+  const el = $(".report-note", card);
+  el.textContent = text;
+  el.hidden = false;
+}
+
+function renderConnection(card, sub) {
+  card.dataset.connection = sub.state;
+  $(".connection-label", card).textContent = connectionLabel(sub);
+  $(".connection", card).title = sub.error?.message ?? "";
+}
+
+function connectionLabel(sub) {
+  switch (sub.state) {
+    case "open":
+      return "Live";
+    case "connecting":
+      return sub.lastEventId ? "Reconnecting…" : "Connecting…";
+    case "paused":
+      return "Paused";
+    case "closed":
+      return TERMINAL_RUN_STATUSES.includes(sub.runStatus) ? "Finished" : "Closed";
+    default:
+      return `Error: ${sub.error?.message ?? "disconnected"}`;
+  }
+}
+
+// -- workshop ---------------------------------------------------------------------------------
+
+function setWorkshop(on) {
+  workshopOn = on;
+  $("#workshop").hidden = !on;
+  $("#workshop-toggle").setAttribute("aria-pressed", String(on));
+  document.body.classList.toggle("workshop-on", on);
+  // Switch every live stream to the transport that can show raw bytes (or back), from its cursor.
+  for (const { sub } of reports.values()) sub.reconnect({ transport: on ? "fetch" : "eventsource" });
+  syncURL();
+  renderStreams();
+}
+
+function showRaw(runId, text) {
+  if (!workshopOn) return;
+  const block = document.createElement("div");
+  block.className = "chunk";
+  const label = document.createElement("span");
+  label.className = "chunk-label";
+  label.textContent = `${shortId(runId)} · ${clock()} · ${new TextEncoder().encode(text).length} bytes`;
+  block.append(label);
+  const lines = text.split(/\r\n|\r|\n/);
+  if (lines.at(-1) === "") lines.pop(); // the end of the last line, not a line of its own
+  for (const line of lines) {
+    const el = document.createElement("span");
+    el.className = `line ${lineKind(line)}`;
+    el.textContent = line;
+    block.append(el);
+  }
+  appendFrames(block);
+}
+
+function lineKind(line) {
+  if (line === "") return "line-blank";
+  if (line.startsWith(":")) return "line-comment";
+  const field = line.split(":", 1)[0];
+  return ["id", "event", "data", "retry"].includes(field) ? `line-${field}` : "line-other";
+}
+
+function noteConnection(runId, sub) {
+  let text;
+  if (sub.state === "open") {
+    text = sub.lastEventId ? `connected, resuming after ${sub.lastEventId}` : "connected, replaying from the start";
+  } else if (sub.state === "connecting" && sub.retryAt) {
+    const seconds = Math.max(0, (sub.retryAt - Date.now()) / 1000).toFixed(1);
+    text = `${sub.error?.message ?? "disconnected"}; reconnecting in ${seconds} s with last_event_id=${sub.lastEventId ?? "(none)"}`;
+  } else if (sub.state === "closed" || sub.state === "paused" || sub.state === "error") {
+    text = `stream ${sub.state}${sub.error ? `: ${sub.error.message}` : ""}`;
+  } else {
+    return;
+  }
+  const block = document.createElement("div");
+  block.className = "chunk chunk-note";
+  block.textContent = `${shortId(runId)} · ${clock()} · ${text}`;
+  appendFrames(block);
+}
+
+function appendFrames(block) {
+  const frames = $("#frames");
+  const atBottom = frames.scrollHeight - frames.scrollTop - frames.clientHeight < 40;
+  frames.append(block);
+  while (frames.childElementCount > MAX_FRAME_BLOCKS) frames.firstElementChild.remove();
+  if (atBottom) frames.scrollTop = frames.scrollHeight;
+}
+
+function renderStreams() {
+  const rows = [];
+  for (const [runId, { sub }] of reports) {
+    const row = document.createElement("tr");
+    row.dataset.runId = runId;
+    for (const value of [shortId(runId), connectionLabel(sub), sub.lastEventId ?? "none yet"]) {
+      const cell = document.createElement("td");
+      cell.textContent = value;
+      row.append(cell);
+    }
+    row.lastElementChild.className = "last-event-id";
+    rows.push(row);
+  }
+  if (rows.length === 0) {
+    const row = document.createElement("tr");
+    row.className = "streams-empty";
+    row.innerHTML = '<td colspan="3">No streams open.</td>';
+    rows.push(row);
+  }
+  $("#streams").replaceChildren(...rows);
+  const live = [...reports.values()].some(({ sub }) => sub.state === "open" || sub.state === "connecting");
+  $("#drop").disabled = !live;
+}
+
+function dropConnections() {
+  for (const { sub } of reports.values()) sub.drop();
+}
+
+// -- page ---------------------------------------------------------------------------------
+
+function say(text, isError = false) {
+  const notice = $("#notice");
+  notice.textContent = text;
+  notice.classList.toggle("notice-error", isError);
+}
+
+function syncURL() {
+  const query = new URLSearchParams();
+  for (const runId of reports.keys()) query.append("run", runId); // oldest first
+  if (workshopOn) query.set("workshop", "1");
+  const search = query.toString();
+  history.replaceState(null, "", search ? `?${search}` : location.pathname);
+}
+
+function shortId(runId) {
+  return runId.length > 12 ? runId.slice(0, 8) : runId;
+}
+
+function cssSafe(text) {
+  return String(text).replace(/[^A-Za-z0-9_-]/g, "_");
+}
+
+function clock() {
+  return new Date().toLocaleTimeString([], { hour12: false }) + "." + String(Date.now() % 1000).padStart(3, "0");
+}
+
+$("#generate").addEventListener("click", startReport);
+$("#workshop-toggle").addEventListener("click", () => setWorkshop(!workshopOn));
+$("#drop").addEventListener("click", dropConnections);
+$("#clear-frames").addEventListener("click", () => $("#frames").replaceChildren());
+if (workshopOn) setWorkshop(true);
+// Oldest first, so the newest ends up on top as when they were started.
+for (const runId of new Set(params.getAll("run"))) await resume(runId);

@@ -1,0 +1,574 @@
+/**
+ * realtime.js: a dependency-free browser client for this app's event stream (CONTRACT §3-4).
+ *
+ *     import { subscribe } from "/static/realtime.js";
+ *
+ *     const sub = subscribe({
+ *       channel: "run.42",
+ *       topics: ["status", "log", "run"],
+ *       // A string, or an async function that returns a fresh token (or the whole
+ *       // grant `{token, expires_at}`, which lets the client refresh before expiry).
+ *       token: () => fetch("/api/realtime/token", {
+ *         method: "POST",
+ *         body: JSON.stringify({ channel: "run.42", topics: ["status", "log", "run"] }),
+ *       }).then((response) => response.json()),
+ *       closeOnRunEnd: true,
+ *     });
+ *
+ *     sub.onChange((change, sub) => {
+ *       if (change.type === "message") console.log(change.message.topic, change.message.data);
+ *       render(sub.state, sub.latestByTopic.status?.data, sub.runStatus);
+ *     });
+ *     // later: sub.close();
+ *
+ * What it keeps, replaced (never mutated) on every change, so `sub.snapshot`
+ * works with React's useSyncExternalStore(sub.onChange, () => sub.snapshot):
+ *
+ *   state          "connecting" | "open" | "paused" (tab hidden) | "closed" | "error" (gave up)
+ *   error          null, or {status, code, message} of the last failure
+ *   lastEventId    the cursor: the last `id:` received; every reconnect sends it back
+ *   latest         the newest envelope {id, channel, topic, data, run_id, created_at}
+ *   latestByTopic  {topic: newest envelope of that topic}
+ *   messages       the last `historyLimit` envelopes, oldest first
+ *   runStatus      data.status of the newest message on topic "run", e.g. "running"
+ *   lastReset      null, or the server's reset {reason, cursor} (history was cut; data restarted)
+ *   retryAt        when the next reconnect attempt is due (ms since epoch), or null
+ *
+ * How it resumes, with its cursor, on any disconnect (the server replays what was missed):
+ *   - the browser's own EventSource reconnect sends `Last-Event-ID` by itself;
+ *   - when the EventSource gives up (readyState CLOSED), it cannot tell why: the client then
+ *     GETs the same URL with fetch to read the status: 401 means the token was refused (asks
+ *     the token function for a new one, reopens at once), other 4xx are fatal (state "error"),
+ *     anything else is a network or server failure: retry with jittered exponential backoff;
+ *   - while the tab is hidden the connection is closed ("paused"); it reopens when visible;
+ *   - with the "fetch" transport (which also hands the raw bytes to `onRaw`, for workshops)
+ *     the status is read directly and a stream the server ends is resumed after its `retry:`.
+ * Each reopen passes `last_event_id=<cursor>`. Messages are also de-duplicated by envelope id.
+ *
+ * This file is an ES module. From a plain script, expose it once:
+ *     <script type="module">import * as Realtime from "/static/realtime.js"; window.Realtime = Realtime;</script>
+ */
+
+export const TERMINAL_RUN_STATUSES = Object.freeze(["completed", "failed", "cancelled"]);
+
+const DEFAULTS = {
+  url: "/api/realtime/subscribe",
+  lastEventId: null,
+  historyLimit: 100,
+  closeOnRunEnd: false,
+  pauseWhenHidden: true,
+  transport: "eventsource",
+  backoff: { initialMs: 1000, maxMs: 30000 },
+  // Refresh a token this long before its known expiry instead of letting a reconnect fail.
+  tokenMarginMs: 1000,
+  // After this many 401s in a row, even with fresh tokens, stop: the server refuses us.
+  maxAuthFailures: 3,
+};
+
+const EVENTSOURCE_CLOSED = 2;
+
+/** Open a subscription; see the comment at the top of this file. */
+export function subscribe(options) {
+  return new Subscription(options);
+}
+
+export class Subscription {
+  constructor(options) {
+    const o = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...options?.backoff } };
+    if (!o.channel || typeof o.channel !== "string") throw new TypeError("subscribe: 'channel' is required");
+    if (!Array.isArray(o.topics) || o.topics.length === 0) {
+      // EventSource only delivers named events to listeners registered by name.
+      throw new TypeError("subscribe: 'topics' must be a non-empty array");
+    }
+    if (typeof o.token !== "string" && typeof o.token !== "function") {
+      throw new TypeError("subscribe: 'token' must be a string or a function returning one");
+    }
+    if (o.transport !== "eventsource" && o.transport !== "fetch") {
+      throw new TypeError("subscribe: 'transport' must be \"eventsource\" or \"fetch\"");
+    }
+    this.channel = o.channel;
+    this.topics = Object.freeze([...o.topics]);
+    this.transport = o.transport;
+    this._options = o;
+    this._env = hostEnvironment(o.env);
+    this._listeners = new Set();
+    if (o.onChange) this._listeners.add(o.onChange);
+
+    this.state = "connecting";
+    this.error = null;
+    this.lastEventId = o.lastEventId || null;
+    this.retryAt = null;
+    this.lastReset = null;
+    this._clearData();
+
+    this._conn = null; // the current connection attempt: {close()}; identity marks stale callbacks
+    this._timer = null;
+    this._attempt = 0;
+    this._authFailures = 0;
+    this._serverRetryMs = null;
+    this._grant = typeof o.token === "string" ? { token: o.token, expiresAt: null } : null;
+    this._needFreshToken = false;
+
+    this.onChange = this.onChange.bind(this);
+    this._onVisibilityChange = this._onVisibilityChange.bind(this);
+    this._onOnline = this._onOnline.bind(this);
+    const { document, window } = this._env;
+    if (o.pauseWhenHidden && document) document.addEventListener("visibilitychange", this._onVisibilityChange);
+    if (window) window.addEventListener("online", this._onOnline);
+
+    this._snapshot();
+    if (o.pauseWhenHidden && document?.hidden) this.state = "paused";
+    else this._open();
+  }
+
+  /** Call `listener(change, subscription)` after every change; returns a function that stops it. */
+  onChange(listener) {
+    this._listeners.add(listener);
+    return () => this._listeners.delete(listener);
+  }
+
+  /** Stop for good: close the connection and forget the listeners' interest. */
+  close() {
+    if (this.state === "closed") return;
+    this._disconnect();
+    this._removeHostListeners();
+    this._set({ state: "closed", retryAt: null }, { type: "state" });
+  }
+
+  /**
+   * Forget the messages received so far. With `{replay: true}` also forget the cursor and
+   * reconnect, so the server replays every retained message from the oldest.
+   */
+  reset({ replay = false } = {}) {
+    this._clearData();
+    if (replay) this.lastEventId = null;
+    this._notify({ type: "cleared" });
+    if (replay && this._isActive()) this.reconnect();
+  }
+
+  /** Close the current connection and open a new one now, from the cursor (optionally switching transport). */
+  reconnect({ transport } = {}) {
+    if (transport) this.transport = transport;
+    if (!this._isActive()) return;
+    this._disconnect();
+    this._open();
+  }
+
+  /** Drop the connection as a network failure would: the usual resume path follows. For workshops and tests. */
+  drop() {
+    if (!this._isActive()) return;
+    this._disconnect();
+    this._retryLater({ status: 0, code: "dropped", message: "the connection was dropped on purpose" });
+  }
+
+  // -- connecting -----------------------------------------------------------------------
+
+  async _open() {
+    const conn = { close() {} };
+    this._conn = conn;
+    this._set({ state: "connecting", retryAt: null }, { type: "state" });
+    let token;
+    try {
+      token = await this._token();
+    } catch (err) {
+      if (this._conn !== conn) return;
+      this._conn = null;
+      const message = `could not get a subscription token: ${err?.message ?? err}`;
+      this._retryLater({ status: 0, code: "token_unavailable", message });
+      return;
+    }
+    if (this._conn !== conn) return; // closed, paused or reconnected meanwhile
+    const url = this._url(token);
+    if (this.transport === "fetch") this._openFetch(url);
+    else this._openEventSource(url);
+  }
+
+  async _token() {
+    const source = this._options.token;
+    if (typeof source === "string") return source;
+    const grant = this._grant;
+    const fresh = grant && !this._needFreshToken && !this._tokenExpiresSoon();
+    if (fresh) return grant.token;
+    const got = await source({ channel: this.channel, topics: this.topics });
+    this._grant = normalizeGrant(got);
+    this._needFreshToken = false;
+    return this._grant.token;
+  }
+
+  _tokenExpiresSoon() {
+    const expiresAt = this._grant?.expiresAt;
+    return expiresAt != null && this._env.now() + this._options.tokenMarginMs >= expiresAt;
+  }
+
+  _url(token) {
+    const params = new URLSearchParams({ token });
+    if (this.lastEventId) params.set("last_event_id", this.lastEventId);
+    const base = this._options.url;
+    return base + (base.includes("?") ? "&" : "?") + params;
+  }
+
+  _openEventSource(url) {
+    const es = new this._env.EventSource(url);
+    const conn = { close: () => es.close() };
+    this._conn = conn;
+    const live = () => this._conn === conn;
+    es.onopen = () => live() && this._opened();
+    // Only events with data are frames; a topic may even be called "error" or "open".
+    const onFrame = (event) => {
+      if (live() && typeof event.data === "string") this._receive(event.type, event.data, event.lastEventId);
+    };
+    for (const name of new Set([...this.topics, "reset"])) es.addEventListener(name, onFrame);
+    es.addEventListener("error", (event) => {
+      if (!live() || typeof event.data === "string") return;
+      if (es.readyState !== EVENTSOURCE_CLOSED) {
+        // The browser reconnects by itself and sends Last-Event-ID, unless we know that
+        // attempt would be refused for an expired token: then reopen with a fresh one.
+        if (typeof this._options.token === "function" && this._tokenExpiresSoon()) {
+          es.close();
+          this._open();
+        } else {
+          const error = { status: 0, code: "disconnected", message: "the stream was interrupted; the browser is reconnecting" };
+          this._set({ state: "connecting", error }, { type: "state" });
+        }
+        return;
+      }
+      // The browser gave up. EventSource hides the status code, so ask for it.
+      es.close();
+      this._diagnose(url);
+    });
+  }
+
+  /** Why did the EventSource fail? GET the same URL, read only the status and the JSON error. */
+  async _diagnose(url) {
+    const controller = new AbortController();
+    const conn = { close: () => controller.abort() };
+    this._conn = conn;
+    this._set({ state: "connecting" }, { type: "state" });
+    let status = 0;
+    let body = null;
+    try {
+      const response = await this._env.fetch(url, { signal: controller.signal, cache: "no-store" });
+      status = response.status;
+      if (response.ok) controller.abort(); // a working stream: do not read it
+      else body = await response.json().catch(() => null);
+    } catch {
+      status = 0; // the network, not the server
+    }
+    if (this._conn !== conn) return;
+    this._conn = null;
+    this._failed(status, body?.error);
+  }
+
+  async _openFetch(url) {
+    const controller = new AbortController();
+    const conn = { close: () => controller.abort() };
+    this._conn = conn;
+    let response;
+    try {
+      response = await this._env.fetch(url, {
+        signal: controller.signal,
+        cache: "no-store",
+        headers: { Accept: "text/event-stream" },
+      });
+    } catch {
+      if (this._conn !== conn) return;
+      this._conn = null;
+      this._failed(0, null);
+      return;
+    }
+    if (this._conn !== conn) return;
+    if (!response.ok || !response.body) {
+      const body = await response.json().catch(() => null);
+      if (this._conn !== conn) return;
+      this._conn = null;
+      this._failed(response.status, body?.error);
+      return;
+    }
+    this._opened();
+    const parser = createParser();
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done || this._conn !== conn) break;
+        const text = decoder.decode(value, { stream: true });
+        this._options.onRaw?.(text, this);
+        for (const item of parser.push(text)) {
+          if (item.kind === "retry") this._serverRetryMs = item.ms;
+          else if (item.kind === "event") this._receive(item.event, item.data, item.lastEventId);
+          if (this._conn !== conn) break; // e.g. closed by the run's terminal status
+        }
+      }
+    } catch {
+      // The network dropped the stream: resumed below like a stream the server ended.
+    }
+    if (this._conn !== conn) return;
+    this._conn = null;
+    this._retryLater({ status: 0, code: "disconnected", message: "the stream ended; resuming from the cursor" });
+  }
+
+  _opened() {
+    this._attempt = 0;
+    this._authFailures = 0;
+    this._set({ state: "open", error: null, retryAt: null }, { type: "state" });
+  }
+
+  /** A connection failed before streaming: decide between refresh, retry and giving up. */
+  _failed(status, serverError) {
+    const error = {
+      status,
+      code: serverError?.code ?? (status ? `http_${status}` : "network_error"),
+      message: serverError?.message ?? (status ? `the server answered ${status}` : "the server could not be reached"),
+    };
+    const canRefresh = typeof this._options.token === "function";
+    if (status === 401 && canRefresh && this._authFailures < this._options.maxAuthFailures) {
+      // token_expired is routine (a token is only checked when a stream opens; CONTRACT §3),
+      // and invalid_token follows a server restart with a new key: both mean "ask again".
+      this._authFailures += 1;
+      this._needFreshToken = true;
+      this._retryLater(error, this._authFailures === 1 ? 0 : undefined);
+    } else if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
+      this._disconnect();
+      this._removeHostListeners();
+      this._set({ state: "error", error, retryAt: null }, { type: "state" });
+    } else {
+      this._retryLater(error);
+    }
+  }
+
+  _retryLater(error, delayMs) {
+    if (delayMs === undefined) {
+      // After a stream that was open, the server's `retry:` (as EventSource does); then backoff.
+      delayMs = this._attempt === 0 && this._serverRetryMs != null ? this._serverRetryMs : this._backoffMs();
+      this._attempt += 1;
+    }
+    this._set({ state: "connecting", error, retryAt: this._env.now() + delayMs }, { type: "state" });
+    this._timer = this._env.setTimeout(() => {
+      this._timer = null;
+      this._open();
+    }, delayMs);
+  }
+
+  /** Exponential backoff with "equal jitter": half fixed, half random, so clients spread out. */
+  _backoffMs() {
+    const { initialMs, maxMs } = this._options.backoff;
+    const ceiling = Math.min(maxMs, initialMs * 2 ** this._attempt);
+    return Math.round(ceiling / 2 + (this._env.random() * ceiling) / 2);
+  }
+
+  _disconnect() {
+    const conn = this._conn;
+    this._conn = null;
+    conn?.close();
+    if (this._timer !== null) this._env.clearTimeout(this._timer);
+    this._timer = null;
+  }
+
+  _isActive() {
+    return this.state !== "closed" && this.state !== "error";
+  }
+
+  _onVisibilityChange() {
+    if (!this._isActive()) return;
+    if (this._env.document.hidden) {
+      this._disconnect();
+      this._set({ state: "paused", retryAt: null }, { type: "state" });
+    } else if (this.state === "paused") {
+      this._open();
+    }
+  }
+
+  _onOnline() {
+    // Back online: do not sit out the rest of a long backoff.
+    if (this._timer === null || !this._isActive()) return;
+    this._disconnect();
+    this._open();
+  }
+
+  _removeHostListeners() {
+    this._env.document?.removeEventListener("visibilitychange", this._onVisibilityChange);
+    this._env.window?.removeEventListener("online", this._onOnline);
+  }
+
+  // -- receiving ------------------------------------------------------------------------
+
+  _receive(topic, data, id) {
+    if (id) this.lastEventId = id;
+    if (topic === "reset") {
+      const reset = parseJSON(data) ?? { reason: "unknown", cursor: id };
+      // The server could not resume exactly (history pruned, or another database): it
+      // starts again from the oldest message it has, so drop what we had (CONTRACT §4).
+      this._clearData();
+      this.lastReset = reset;
+      this._notify({ type: "reset", reset });
+      return;
+    }
+    const envelope = parseJSON(data);
+    if (!envelope || typeof envelope !== "object" || envelope.channel !== this.channel) return;
+    if (!this.topics.includes(envelope.topic)) return; // the token may cover more topics
+    // Defensive: the server promises each message once, in id order.
+    if (typeof envelope.id === "number") {
+      if (envelope.id <= this._highestId) return;
+      this._highestId = envelope.id;
+    }
+    const limit = this._options.historyLimit;
+    const messages = this.messages.length >= limit ? this.messages.slice(this.messages.length - limit + 1) : this.messages.slice();
+    if (limit > 0) messages.push(envelope);
+    this.messages = messages;
+    this.latest = envelope;
+    this.latestByTopic = { ...this.latestByTopic, [envelope.topic]: envelope };
+    if (envelope.topic === "run" && typeof envelope.data?.status === "string") this.runStatus = envelope.data.status;
+    this._options.onMessage?.(envelope, this);
+    this._notify({ type: "message", message: envelope });
+    if (this._options.closeOnRunEnd && TERMINAL_RUN_STATUSES.includes(this.runStatus)) this.close();
+  }
+
+  _clearData() {
+    this.messages = [];
+    this.latest = null;
+    this.latestByTopic = {};
+    this.runStatus = null;
+    this._highestId = 0;
+  }
+
+  // -- notifying ------------------------------------------------------------------------
+
+  _set(fields, change) {
+    Object.assign(this, fields);
+    this._notify(change);
+  }
+
+  _snapshot() {
+    this.snapshot = Object.freeze({
+      state: this.state,
+      error: this.error,
+      lastEventId: this.lastEventId,
+      latest: this.latest,
+      latestByTopic: this.latestByTopic,
+      messages: this.messages,
+      runStatus: this.runStatus,
+      lastReset: this.lastReset,
+      retryAt: this.retryAt,
+    });
+  }
+
+  _notify(change) {
+    this._snapshot();
+    for (const listener of [...this._listeners]) {
+      try {
+        listener(change, this);
+      } catch (err) {
+        // A listener's bug must not break the stream; still show it in the console.
+        this._env.setTimeout(() => {
+          throw err;
+        }, 0);
+      }
+    }
+  }
+}
+
+// -- helpers, exported for tests ---------------------------------------------------------
+
+function hostEnvironment(overrides = {}) {
+  const g = globalThis;
+  return {
+    EventSource: g.EventSource,
+    fetch: g.fetch?.bind(g),
+    document: g.document,
+    window: g.window,
+    setTimeout: g.setTimeout.bind(g),
+    clearTimeout: g.clearTimeout.bind(g),
+    now: Date.now,
+    random: Math.random,
+    ...overrides,
+  };
+}
+
+/** A token function may return the token, or a grant `{token, expires_at}` (ISO string or Unix seconds). */
+export function normalizeGrant(got) {
+  if (typeof got === "string" && got) return { token: got, expiresAt: null };
+  if (got && typeof got.token === "string" && got.token) {
+    const raw = got.expires_at ?? got.expiresAt;
+    let expiresAt = null;
+    if (typeof raw === "number") expiresAt = raw * 1000;
+    else if (typeof raw === "string" && !Number.isNaN(Date.parse(raw))) expiresAt = Date.parse(raw);
+    return { token: got.token, expiresAt };
+  }
+  throw new TypeError("the token function must return a token string or {token, expires_at}");
+}
+
+function parseJSON(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * An incremental text/event-stream parser (WHATWG HTML §9.2.6): `push(text)` returns what
+ * the text completed, in order: {kind: "event", event, data, lastEventId},
+ * {kind: "comment", text} and {kind: "retry", ms}. Chunks may split lines anywhere.
+ */
+export function createParser() {
+  let buffer = "";
+  let first = true;
+  let skipLF = false; // a chunk ended on CR: a following LF belongs to the same line ending
+  let data = "";
+  let hasData = false;
+  let eventType = "";
+  let lastEventId = "";
+
+  function line(text, out) {
+    if (text === "") {
+      // Blank line: dispatch. The id sticks even for an event without data.
+      if (hasData) out.push({ kind: "event", event: eventType || "message", data: data.slice(0, -1), lastEventId });
+      data = "";
+      hasData = false;
+      eventType = "";
+      return;
+    }
+    if (text.startsWith(":")) {
+      out.push({ kind: "comment", text: text.slice(1).replace(/^ /, "") });
+      return;
+    }
+    const colon = text.indexOf(":");
+    const field = colon === -1 ? text : text.slice(0, colon);
+    const value = colon === -1 ? "" : text.slice(colon + 1).replace(/^ /, "");
+    if (field === "data") {
+      data += value + "\n";
+      hasData = true;
+    } else if (field === "event") {
+      eventType = value;
+    } else if (field === "id") {
+      if (!value.includes("\0")) lastEventId = value;
+    } else if (field === "retry") {
+      if (/^[0-9]+$/.test(value)) out.push({ kind: "retry", ms: Number(value) });
+    }
+  }
+
+  return {
+    push(text) {
+      const out = [];
+      if (skipLF && text.startsWith("\n")) text = text.slice(1);
+      skipLF = false;
+      buffer += text;
+      if (first && buffer.length > 0) {
+        if (buffer.charCodeAt(0) === 0xfeff) buffer = buffer.slice(1);
+        first = false;
+      }
+      const ending = /\r\n|\r|\n/g;
+      let start = 0;
+      let match;
+      while ((match = ending.exec(buffer)) !== null) {
+        // A CR at the very end may be half of a CRLF split across chunks.
+        if (match[0] === "\r" && match.index === buffer.length - 1) skipLF = true;
+        line(buffer.slice(start, match.index), out);
+        start = ending.lastIndex;
+      }
+      buffer = buffer.slice(start);
+      return out;
+    },
+  };
+}
