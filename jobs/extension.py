@@ -35,6 +35,7 @@ DEFAULTS = {
     # Beyond the contract: tuning knobs with safe defaults.
     "JOBS_LEASE_S": 30,  # a killed worker's runs resume this long after its last renewal
     "JOBS_POLL_S": 0.5,  # how often a worker looks for runs queued by other processes
+    "JOBS_SWITCH_INTERVAL_S": 0.001,  # under gevent: the GIL switch interval (jobs/worker.py says why)
     "JOBS_RETRY_BASE_S": 1.0,  # first retry after 1 s, then 2, 4, ...
     "JOBS_RETRY_MAX_S": 600,
     "JOBS_REPORT_STEP_S": 1.0,  # how long each stage of the demo report takes
@@ -77,6 +78,7 @@ class Jobs:
         self.event_key: str | None = config["JOBS_EVENT_KEY"] or None
         self.lease_s = float(config["JOBS_LEASE_S"])
         self.poll_s = float(config["JOBS_POLL_S"])
+        self.switch_interval_s = float(config["JOBS_SWITCH_INTERVAL_S"])
         self.realtime = realtime or app.extensions["realtime"]
 
         self.store = JobStore(engine or database.engine_for(app), on_status=self._announce)
@@ -101,7 +103,10 @@ class Jobs:
             app.before_request(self.worker.start)
 
     def new_worker(self, threads: int) -> Worker:
-        return Worker(self.store, self.runner, threads=threads, lease_s=self.lease_s, poll_s=self.poll_s)
+        return Worker(
+            self.store, self.runner, threads=threads, lease_s=self.lease_s, poll_s=self.poll_s,
+            switch_interval_s=self.switch_interval_s,
+        )
 
     # -- functions ------------------------------------------------------------------
 
@@ -161,9 +166,9 @@ class Jobs:
         """Eager mode: execute every due run now, inline (e.g. after advancing a test clock)."""
         return self.worker.drain()
 
-    def shutdown(self) -> None:
-        """Stop the embedded pool (gunicorn.conf.py calls this on SIGTERM)."""
-        self.worker.shutdown()
+    def shutdown(self, wait: bool = False) -> None:
+        """Stop the embedded pool (gunicorn.conf.py calls this on SIGTERM); see `Worker.shutdown`."""
+        self.worker.shutdown(wait)
 
     # -- lifecycle messages ---------------------------------------------------------
 

@@ -11,9 +11,12 @@ gevent (gunicorn's workers): monkey-patching turns `threading.Thread`, and so
 the threads of a stdlib `ThreadPoolExecutor`, into greenlets, and a greenlet
 that computes for 2 s freezes every stream of its process for 2 s. Runs
 therefore execute on gevent's own `ThreadPoolExecutor`, whose threads are real
-OS threads: the hub keeps serving streams while a step computes, sharing the
-GIL at Python's switch interval (bench/cpu_step.py measures the delay). The
-loop itself stays a greenlet. gevent runs a future's done-callbacks in the
+OS threads: the hub keeps serving streams while a step computes. They still
+share the GIL, and each time the hub releases it (every socket or SQLite
+call) it may wait a whole switch interval to get it back; serving one message
+takes dozens of such calls, so the worker lowers the interval from 5 ms to
+`switch_interval_s` (bench/cpu_step.py measures the effect). The interval
+only matters while threads compete for the GIL. The loop stays a greenlet. gevent runs a future's done-callbacks in the
 hub's thread, so waking the loop from them is safe; a native thread never
 touches a gevent primitive directly (realtime/changes.py's `poke` hands over
 with `run_callback_threadsafe` for the same reason).
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import Executor, Future
@@ -61,6 +65,7 @@ class Worker:
         threads: int = 4,
         lease_s: float = 30.0,
         poll_s: float = 0.5,
+        switch_interval_s: float = 0.001,
         name: str | None = None,
     ) -> None:
         self.store = store
@@ -68,6 +73,7 @@ class Worker:
         self.threads = threads
         self.lease_s = lease_s
         self.poll_s = poll_s
+        self.switch_interval_s = switch_interval_s
         self.name = name or f"{socket.gethostname()[:40]}:{os.getpid()}"
         self._held: dict[str, Future] = {}  # claim token -> its execution
         self._lock = threading.Lock()
@@ -106,9 +112,12 @@ class Worker:
     def run(self) -> None:
         """The worker loop, in the calling thread, until `shutdown()`; then wait for running executions."""
         executor = make_executor(self.threads)
+        if gevent_is_patched():
+            sys.setswitchinterval(self.switch_interval_s)  # see the module docstring
         log.info("jobs worker %s: %d threads", self.name, self.threads)
         renew_every = self.lease_s / 3
         next_renewal = time.monotonic() + renew_every
+        backoff = 0.0
         try:
             while not self._stopping:
                 try:
@@ -116,19 +125,27 @@ class Worker:
                     if time.monotonic() >= next_renewal:
                         self._renew()
                         next_renewal = time.monotonic() + renew_every
+                    backoff = 0.0
                 except Exception:
-                    log.exception("jobs worker loop failed; retrying")
-                timeout = min(self.poll_s, max(0.0, next_renewal - time.monotonic()))
+                    # The database is away: say so, then look again less and less often.
+                    backoff = min(max(backoff * 2, self.poll_s), 5.0)
+                    log.exception("jobs worker loop failed; retrying in %.1f s", backoff)
+                timeout = max(backoff, min(self.poll_s, max(0.0, next_renewal - time.monotonic())))
                 self._wake.wait(timeout)
                 self._wake.clear()
         finally:
             # Executions stop at their next step boundary and hand their run back.
             executor.shutdown(wait=True)
 
-    def shutdown(self) -> None:
-        """Stop claiming; running executions release their runs at their next step."""
+    def shutdown(self, wait: bool = False) -> None:
+        """Stop claiming; running executions release their runs at their next step.
+
+        With `wait`, return only once they did and the loop has ended.
+        """
         self._stopping = True
         self._wake.set()
+        if wait and self._loop_thread is not None:
+            self._loop_thread.join()
 
     def _fill(self, executor: Executor) -> None:
         while len(self._held) < self.threads and not self._stopping:

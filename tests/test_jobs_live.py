@@ -1,0 +1,189 @@
+"""The real thing: gunicorn with gevent workers, standalone `flask jobs worker` processes,
+kill -9, reconnecting subscribers; each test on SQLite and on PostgreSQL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from conftest import ROOT, LiveServer, wait_until
+
+pytestmark = pytest.mark.integration
+
+FINISHED = {"completed", "failed", "cancelled"}
+
+
+def expected_for(server: LiveServer, run_id: str) -> list[tuple[str, dict]]:
+    """Everything a subscriber of run.<id> sees for a successful 5-day report, in order."""
+    url = f"/reports/{run_id}"
+    size = get_run(server, run_id)["output"]["bytes"]
+    return [
+        ("run", {"status": "queued"}),
+        ("run", {"status": "running"}),
+        ("status", {"stage": "fetching", "percent": 10}),
+        ("log", {"level": "info", "message": "Fetching 5 days of orders"}),
+        ("status", {"stage": "processing", "percent": 40}),
+        ("log", {"level": "info", "message": "Summarizing 20 order rows"}),
+        ("status", {"stage": "generating", "percent": 70}),
+        ("log", {"level": "info", "message": "Rendering the PDF"}),
+        ("log", {"level": "info", "message": f"Report ready: 1 page(s), {size} bytes"}),
+        ("status", {"stage": "done", "percent": 100, "url": url}),
+        ("run", {"status": "completed", "output": {"url": url, "pages": 1, "bytes": size}}),
+    ]
+
+
+def send_report(server: LiveServer, count: int = 1) -> list[str]:
+    response = httpx.post(
+        server.url + "/api/events",
+        json=[{"name": "report.requested", "data": {"days": 5}}] * count,
+        timeout=10,
+    )
+    assert response.status_code == 202, response.text
+    return [run["id"] for run in response.json()["runs"]]
+
+
+def get_run(server: LiveServer, run_id: str) -> dict:
+    response = httpx.get(f"{server.url}/api/runs/{run_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def subscribe(server: LiveServer, run_id: str, until, last_event_id: str | None = None) -> tuple[list[dict], str]:
+    """Read run.<id>'s events until `until(envelope)`; return the envelopes and the last cursor."""
+    token = server.token(f"run.{run_id}", ["run", "status", "log"])
+    params = {"token": token}
+    if last_event_id:
+        params["last_event_id"] = last_event_id
+    seen, cursor = [], last_event_id
+    with httpx.Client(timeout=httpx.Timeout(10, read=20)) as client:
+        with connect_sse(client, "GET", server.url + "/api/realtime/subscribe", params=params) as source:
+            for sse in source.iter_sse():
+                if not sse.data:  # the `retry:` frame (httpx-sse yields it as an empty event)
+                    continue
+                envelope = json.loads(sse.data)
+                seen.append(envelope)
+                cursor = sse.id
+                if until(envelope):
+                    break
+    return seen, cursor
+
+
+def run_finished(envelope: dict) -> bool:
+    return envelope["topic"] == "run" and envelope["data"]["status"] in FINISHED
+
+
+class Worker:
+    """`flask --app app jobs worker`, stopped by its pid."""
+
+    def __init__(self, log_path: Path, database_url: str, **config: object) -> None:
+        env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": "live-test-secret"}
+        env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "app", "jobs", "worker"],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signum)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    workers: list[Worker] = []
+
+    def start(database_url: str, **config: object) -> Worker:
+        worker = Worker(tmp_path / f"worker-{len(workers)}.log", database_url, **config)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+WORKER_CONFIG = {"JOBS_POLL_S": 0.05, "JOBS_LEASE_S": 2, "JOBS_THREADS": 2}
+
+
+def test_embedded_pool_runs_a_report_and_streams_its_progress(database_url, start_server):
+    server = start_server(database_url, JOBS_REPORT_STEP_S=0.1, JOBS_POLL_S=0.05)
+    [run_id] = send_report(server)
+    seen, _ = subscribe(server, run_id, until=run_finished)
+    assert [(e["topic"], e["data"]) for e in seen] == expected_for(server, run_id)
+    assert all(e["run_id"] == run_id for e in seen)
+
+    pdf = httpx.get(f"{server.url}/reports/{run_id}", timeout=10)
+    assert pdf.status_code == 200
+    assert pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF-")
+
+
+def test_bad_requests_get_json_errors(database_url, start_server):
+    server = start_server(database_url, JOBS_EMBEDDED="false")
+    for method, path, body, status, code in [
+        ("post", "/api/events", {"name": "no spaces", "data": {}}, 400, "invalid_event_name"),
+        ("post", "/api/events", {"name": "a.b", "data": 3}, 400, "invalid_event_data"),
+        ("get", "/api/runs/missing", None, 404, "run_not_found"),
+        ("post", "/api/runs/missing/cancel", None, 404, "run_not_found"),
+        ("get", "/reports/missing", None, 404, "report_not_found"),
+    ]:
+        response = httpx.request(method, server.url + path, json=body, timeout=10)
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+
+
+def test_kill_9_of_a_worker_mid_run_loses_nothing_and_repeats_nothing(database_url, start_server, start_worker):
+    server = start_server(database_url, JOBS_EMBEDDED="false")
+    first = start_worker(database_url, JOBS_REPORT_STEP_S=1.5, **WORKER_CONFIG)
+    [run_id] = send_report(server)
+
+    # A subscriber reads until the first step is done, then drops its connection.
+    before, cursor = subscribe(
+        server, run_id, until=lambda e: e["data"] == {"stage": "processing", "percent": 40}
+    )
+    wait_until(lambda: {"id": "process", "status": "running", "attempts": 1} in get_run(server, run_id)["steps"],
+               what="the second step to start")
+    first.kill(signal.SIGKILL)
+
+    second = start_worker(database_url, JOBS_REPORT_STEP_S=0.1, **WORKER_CONFIG)
+    after, _ = subscribe(server, run_id, until=run_finished, last_event_id=cursor)
+
+    ids = [e["id"] for e in before + after]
+    assert ids == sorted(set(ids)), "every message exactly once, in order"
+    assert [(e["topic"], e["data"]) for e in before + after] == expected_for(server, run_id)
+    steps = {s["id"]: (s["status"], s["attempts"]) for s in get_run(server, run_id)["steps"]}
+    assert steps["fetch"] == ("completed", 1), "completed before the kill: not run again"
+    assert steps["process"] == ("completed", 2), "interrupted by the kill: run again"
+    assert steps["generate"] == ("completed", 1)
+    second.stop()
+    assert second.process.returncode == 0
+
+
+def test_two_workers_never_run_the_same_run(database_url, start_server, start_worker):
+    server = start_server(database_url, JOBS_EMBEDDED="false")
+    for _ in range(2):
+        start_worker(database_url, JOBS_REPORT_STEP_S=0.02, **WORKER_CONFIG)
+    run_ids = send_report(server, count=12)
+    for run_id in run_ids:
+        wait_until(lambda: get_run(server, run_id)["status"] in FINISHED, timeout=60, what=f"run {run_id}")
+    for run_id in run_ids:
+        run = get_run(server, run_id)
+        assert run["status"] == "completed"
+        assert all(step["attempts"] == 1 for step in run["steps"]), run["steps"]
+        token = server.token(f"run.{run_id}", ["run", "status", "log"])
+        history = httpx.get(server.url + "/api/realtime/messages", params={"token": token}, timeout=10).json()
+        assert [(m["topic"], m["data"]) for m in history["messages"]] == expected_for(server, run_id)

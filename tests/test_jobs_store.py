@@ -1,0 +1,145 @@
+"""The job store's guarantees, on SQLite and on PostgreSQL: atomic claims, leases, fencing, limits.
+
+Also the thread pool in-process (plain OS threads, no gevent) as the store's first real client.
+"""
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from conftest import wait_until
+from jobs.store import LeaseLost
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 28, 6, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def app(database_url):
+    from app import create_app
+
+    app = create_app({
+        "TESTING": True,
+        "SECRET_KEY": "test-secret",
+        "DATABASE_URL": database_url,
+        "JOBS_EAGER": False,  # these tests claim by hand or start the pool themselves
+        "JOBS_REPORT_STEP_S": 0,
+    })
+    yield app
+    app.extensions["jobs"].shutdown(wait=True)
+    app.extensions["realtime"].shutdown()
+    app.extensions["database"].dispose()
+
+
+@pytest.fixture
+def jobs(app):
+    jobs = app.extensions["jobs"]
+
+    @jobs.function(id="noop", trigger="test.noop")
+    def noop(ctx):
+        return "ok"
+
+    return jobs
+
+
+def claim(jobs, owner: str = "w1", lease_s: float = 10.0):
+    registry = jobs.registry
+    return jobs.store.claim(registry.ids, registry.concurrency_limits, owner=owner, lease_s=lease_s)
+
+
+def test_concurrent_claims_take_each_run_exactly_once(jobs):
+    sent = jobs.send_many([("test.noop", {"i": i}) for i in range(40)])
+    expected = sorted(r["id"] for r in sent["runs"])
+    claimed: list[str] = []
+    start = threading.Barrier(6)
+
+    def claimer(name: str) -> None:
+        start.wait()
+        while (got := claim(jobs, owner=name)) is not None:
+            claimed.append(got.run.id)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == expected
+
+
+def test_a_lapsed_lease_is_reclaimed_and_the_old_holder_is_fenced_off(jobs):
+    clock = FakeClock()
+    jobs.store.now = clock
+    jobs.send("test.noop", {})
+    first = claim(jobs, owner="first", lease_s=10)
+    assert claim(jobs, owner="second") is None
+
+    clock.advance(5)
+    assert jobs.store.renew([first.token], 10) == 1
+    clock.advance(9)
+    assert claim(jobs, owner="second") is None, "renewed: still held"
+
+    clock.advance(2)
+    second = claim(jobs, owner="second", lease_s=10)
+    assert second.run.id == first.run.id and second.token != first.token
+    with pytest.raises(LeaseLost):
+        jobs.store.start_step(first, "step")
+    with pytest.raises(LeaseLost):
+        jobs.store.finish(first, "completed", output_json="1")
+    assert jobs.store.renew([first.token], 10) == 0
+    jobs.store.finish(second, "completed", output_json="2")
+    assert jobs.run(first.run.id).output == 2
+
+
+def test_concurrency_limit_holds_across_workers(jobs):
+    @jobs.function(id="single", trigger="test.single", concurrency=1)
+    def single(ctx):
+        return None
+
+    jobs.send_many([("test.single", {}), ("test.single", {})])
+    first = claim(jobs, owner="a")
+    assert first.run.function_id == "single"
+    assert claim(jobs, owner="b") is None
+    jobs.store.finish(first, "completed")
+    second = claim(jobs, owner="b")
+    assert second is not None and second.run.id != first.run.id
+
+
+def test_concurrency_limit_under_racing_claimers(jobs):
+    @jobs.function(id="pair", trigger="test.pair", concurrency=2)
+    def pair(ctx):
+        return None
+
+    jobs.send_many([("test.pair", {})] * 12)
+    start = threading.Barrier(6)
+    claimed = []
+
+    def claimer(name: str) -> None:
+        start.wait()
+        got = claim(jobs, owner=name)
+        if got is not None:
+            claimed.append(got)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claimed) == 2
+
+
+def test_the_thread_pool_executes_runs(app, jobs):
+    sent = jobs.send_many([("report.requested", {"days": 2})] * 5)
+    jobs.worker.start()
+    for run in sent["runs"]:
+        wait_until(lambda: jobs.run(run["id"]).status == "completed", what=f"run {run['id']}")
+    assert app.extensions["jobs"].file(sent["runs"][0]["id"], "report.pdf").content.startswith(b"%PDF")
