@@ -17,6 +17,9 @@ from flask import Flask
 import database
 import demo
 import errors
+from jobs import JobError, Jobs
+from jobs import report as report_job
+from jobs import views as job_views
 from realtime import Realtime, RealtimeError
 
 log = logging.getLogger(__name__)
@@ -37,12 +40,16 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config.update(config)
     _require_secret_key(app)
 
-    errors.init_app(app, RealtimeError)
+    errors.init_app(app, RealtimeError, JobError)
     realtime = Realtime(app, engine=database.engine_for(app))
     # The demo lets anyone subscribe to any channel. A real app decides here,
     # from its own session or API key, who may watch what.
     realtime.authorize(lambda channel, topics: True)
+    jobs = Jobs(app, engine=database.engine_for(app), realtime=realtime)
+    jobs.register(report_job.generate_report)
 
+    app.register_blueprint(job_views.blueprint)
+    app.register_blueprint(report_job.blueprint)
     app.register_blueprint(demo.blueprint)
     return app
 

@@ -38,6 +38,7 @@ class PollingChangeFeed:
     def __init__(self, poll_s: float) -> None:
         self.poll_s = poll_s
         self._poked = threading.Event()
+        self._hub = _gevent_hub()
         self._next_poll = time.monotonic()
 
     def wait(self, timeout: float) -> bool:
@@ -50,10 +51,31 @@ class PollingChangeFeed:
         return False
 
     def poke(self) -> None:
-        self._poked.set()
+        hub = self._hub
+        if hub is not None and hub.thread_ident != _native_thread_ident():
+            # Under gevent this Event belongs to the hub's thread; a job on a
+            # native thread (jobs/worker.py) must hand the set() over to it.
+            hub.loop.run_callback_threadsafe(self._poked.set)
+        else:
+            self._poked.set()
 
     def close(self) -> None:
         self._poked.set()
+
+
+def _gevent_hub():  # noqa: ANN202
+    """The gevent hub of this thread when threading is monkey-patched, else None."""
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:
+        return None
+    return get_hub() if monkey.is_module_patched("threading") else None
+
+
+def _native_thread_ident() -> int:
+    from gevent import monkey
+
+    return monkey.get_original("_thread", "get_ident")()
 
 
 class PostgresChangeFeed:
