@@ -28,6 +28,11 @@ class InvalidEvent(JobError):
     code = "invalid_event"
 
 
+class EventTooLarge(JobError):
+    status = 413
+    code = "event_too_large"
+
+
 class InvalidEventKey(JobError):
     status = 401
     code = "invalid_event_key"

@@ -22,16 +22,17 @@ from sqlalchemy.orm import Session
 
 import database
 
-from .errors import InvalidEvent
+from .errors import EventTooLarge, InvalidEvent, RunNotFound
 from .registry import EVENT_NAME_PATTERN, Handler, JobFunction, Registry, function
 from .runner import Runner
-from .store import COMPLETED, FAILED, JobStore, NewEvent, Run, StoredFile
+from .store import COMPLETED, FAILED, JobStore, NewEvent, Run, StoredFile, is_id
 from .worker import Worker
 
 DEFAULTS = {
     "JOBS_EMBEDDED": True,
     "JOBS_THREADS": 4,
     "JOBS_EVENT_KEY": None,
+    "JOBS_MAX_EVENT_BYTES": 524288,  # a larger event `data` is refused (413)
     # Beyond the contract: tuning knobs with safe defaults.
     "JOBS_LEASE_S": 30,  # a killed worker's runs resume this long after its last renewal
     "JOBS_POLL_S": 0.5,  # how often a worker looks for runs queued by other processes
@@ -76,6 +77,7 @@ class Jobs:
         self.embedded = _flag(config["JOBS_EMBEDDED"])
         self.eager = _flag(config["JOBS_EAGER"])
         self.event_key: str | None = config["JOBS_EVENT_KEY"] or None
+        self.max_event_bytes = int(config["JOBS_MAX_EVENT_BYTES"])
         self.lease_s = float(config["JOBS_LEASE_S"])
         self.poll_s = float(config["JOBS_POLL_S"])
         self.switch_interval_s = float(config["JOBS_SWITCH_INTERVAL_S"])
@@ -135,8 +137,14 @@ class Jobs:
             check_event(name, data)
             try:
                 data_json = json.dumps(data, ensure_ascii=False, allow_nan=False)
+                size = len(data_json.encode())  # also refuses lone surrogates, which are not UTF-8
             except (TypeError, ValueError, RecursionError) as exc:
                 raise InvalidEvent(f"an event's 'data' must be JSON: {exc}", code="invalid_event_data") from None
+            if size > self.max_event_bytes:
+                raise EventTooLarge(
+                    f"an event's 'data' is {size} bytes of JSON; the limit is {self.max_event_bytes} "
+                    "(JOBS_MAX_EVENT_BYTES). Send a reference to large input instead."
+                )
             new_events.append(NewEvent(name, data_json, [f.id for f in self.registry.triggered_by(name)]))
         created = self.store.add_events(new_events)
         if self.eager:
@@ -153,14 +161,16 @@ class Jobs:
         }
 
     def run(self, run_id: str) -> Run | None:
-        return self.store.run(run_id)
+        return self.store.run(run_id) if is_id(run_id) else None
 
     def cancel(self, run_id: str) -> None:
         """Cancel a queued or running run (RunNotFound, RunFinished otherwise)."""
+        if not is_id(run_id):
+            raise RunNotFound(f"there is no run {run_id!r}; run ids come from POST /api/events")
         self.store.cancel(run_id)
 
     def file(self, run_id: str, name: str) -> StoredFile | None:
-        return self.store.load_file(run_id, name)
+        return self.store.load_file(run_id, name) if is_id(run_id) else None
 
     def drain(self) -> int:
         """Eager mode: execute every due run now, inline (e.g. after advancing a test clock)."""

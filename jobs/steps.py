@@ -71,7 +71,9 @@ def describe(exc: BaseException) -> str:
 
 def to_json(value: JSON, what: str) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        text.encode()  # a lone surrogate is not UTF-8, and no database would store it
+        return text
     except (TypeError, ValueError, RecursionError) as exc:
         # The same value comes back on every retry: retrying cannot help.
         raise NonRetriableError(f"{what} must be JSON-serializable: {exc}") from None

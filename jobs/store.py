@@ -25,6 +25,7 @@ never ORM rows, and it is the single place where the durability rules live:
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ files = Table(
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "running", "completed", "failed", "cancelled"
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
+ID_PATTERN = re.compile(r"[0-9a-f]{16}")
+
 # Arbitrary constants naming this package's advisory locks on PostgreSQL.
 _SCHEMA_LOCK = 0x70B5_0001
 _LIMITED_CLAIM_LOCK = 0x70B5_0002
@@ -123,6 +126,13 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return secrets.token_hex(8)
+
+
+def is_id(text: str) -> bool:
+    """Shaped like an id we issue. Checked before any lookup by a client's id,
+    so a NUL or an unencodable character never reaches a query (PostgreSQL
+    refuses NUL in text with an error, not with "no such row")."""
+    return isinstance(text, str) and ID_PATTERN.fullmatch(text) is not None
 
 
 def _aware(value: datetime | None) -> datetime | None:

@@ -139,6 +139,20 @@ def test_malformed_bodies_are_400(client, jobs, raw):
     assert response.get_json()["error"]["code"] == "invalid_json"
 
 
+def test_data_that_is_not_storable_text_is_400(client, jobs):
+    raw = b'{"name": "report.requested", "data": {"title": "\\udc80"}}'  # a lone surrogate
+    response = client.post("/api/events", data=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "invalid_event_data"
+
+
+def test_oversize_event_data_is_413(app, client, jobs):
+    jobs.max_event_bytes = 1000
+    response = client.post("/api/events", json={"name": "report.requested", "data": {"title": "x" * 1000}})
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "event_too_large"
+
+
 def test_event_key_is_required_when_set(client, jobs):
     jobs.event_key = "sekrit"
     event = {"name": "nobody.listens", "data": {}}
@@ -152,8 +166,12 @@ def test_event_key_is_required_when_set(client, jobs):
 def test_unknown_runs_and_reports_are_404(client, jobs):
     for method, url, code in [
         ("get", "/api/runs/nope", "run_not_found"),
+        ("get", "/api/runs/0123456789abcdef", "run_not_found"),
+        ("get", "/api/runs/%00", "run_not_found"),
         ("post", "/api/runs/nope/cancel", "run_not_found"),
+        ("post", "/api/runs/%00%ff/cancel", "run_not_found"),
         ("get", "/reports/nope", "report_not_found"),
+        ("get", "/reports/%00", "report_not_found"),
     ]:
         response = getattr(client, method)(url)
         assert response.status_code == 404
@@ -262,6 +280,7 @@ def test_non_retriable_error_fails_at_once(jobs, calls):
     [
         (lambda ctx: ctx.step.run("bad", lambda: object()), "the result of step 'bad' must be JSON-serializable"),
         (lambda ctx: {1, 2}, "the return value of 'odd' must be JSON-serializable"),
+        (lambda ctx: "\udc80", "the return value of 'odd' must be JSON-serializable"),
         (lambda ctx: [ctx.step.run("twice", int), ctx.step.run("twice", int)], "step id 'twice' is used twice"),
         (lambda ctx: ctx.step.run("no spaces please", int), "step id 'no spaces please' must match"),
     ],

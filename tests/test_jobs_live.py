@@ -139,6 +139,8 @@ def test_bad_requests_get_json_errors(database_url, start_server):
         ("post", "/api/events", {"name": "no spaces", "data": {}}, 400, "invalid_event_name"),
         ("post", "/api/events", {"name": "a.b", "data": 3}, 400, "invalid_event_data"),
         ("get", "/api/runs/missing", None, 404, "run_not_found"),
+        ("get", "/api/runs/%00", None, 404, "run_not_found"),  # PostgreSQL refuses NUL in text
+        ("post", "/api/events", [{"name": "a.b", "data": {"x": "\udc80"}}], 400, "invalid_event_data"),
         ("post", "/api/runs/missing/cancel", None, 404, "run_not_found"),
         ("get", "/reports/missing", None, 404, "report_not_found"),
     ]:

@@ -5,23 +5,12 @@ Also the thread pool in-process (plain OS threads, no gevent) as the store's fir
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from conftest import wait_until
 from jobs.store import LeaseLost
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 28, 6, 0, tzinfo=timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+from test_jobs import FakeClock
 
 
 @pytest.fixture
