@@ -60,6 +60,11 @@ RESULTS = HERE / "results"
 TOPIC = "tick"
 
 
+# Sizes of the full run (the issue's) and of --quick; any of them can be given as an option.
+FULL = {"subscribers": 1000, "idle_streams": 5000, "seconds": 30.0, "burst_seconds": 10.0, "drain_timeout": 60.0}
+QUICK = {"subscribers": 100, "idle_streams": 500, "seconds": 3.0, "burst_seconds": 2.0, "drain_timeout": 20.0}
+
+
 class BenchTimeout(Exception):
     pass
 
@@ -322,17 +327,44 @@ class Publisher:
         self._conn.close()
 
 
-def publish_paced(server: BenchServer, channel: str, rate: float, seconds: float) -> list[tuple]:
-    """`rate` messages per second on a fixed schedule (a late one goes out at once)."""
-    publisher = Publisher(server, channel)
-    sends = []
+def publish_paced(server: BenchServer, channel: str, rate: float, seconds: float, connections: int = 4) -> list[tuple]:
+    """`rate` messages per second on a fixed schedule, open loop.
+
+    Message k is due at start + k/rate. Several connections take turns, so one
+    slow answer does not delay the messages due after it (no coordinated
+    omission); only when all of them are busy does a message go out late.
+    """
+    count = max(1, round(rate * seconds))
     start = time.monotonic() + 0.05
-    for k in range(max(1, round(rate * seconds))):
-        delay = start + k / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        sends.append(publisher.publish())
-    publisher.close()
+    due = iter(range(count))
+    lock = threading.Lock()
+    sends: list[tuple] = []
+    failures: list[BaseException] = []
+
+    def loop() -> None:
+        publisher = Publisher(server, channel)
+        try:
+            while True:
+                with lock:
+                    k = next(due, None)
+                if k is None:
+                    return
+                delay = start + k / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                sends.append(publisher.publish())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failures.append(exc)
+        finally:
+            publisher.close()
+
+    threads = [threading.Thread(target=loop) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    if failures:
+        raise failures[0]
     return sends
 
 
@@ -432,7 +464,7 @@ def publishing_phase(
 
 
 def run_publishing_phases(args, database: Database, log_path: Path, clients: ClientPool) -> list[dict]:
-    server = BenchServer(database.url, log_path, open_files=args.open_files).start()
+    server = BenchServer(database.url, log_path, open_files=args.open_files, app_dir=args.app_dir).start()
     print(f"  server {server.url}, worker pid {server.worker_pid}", flush=True)
     results = []
     try:
@@ -477,7 +509,7 @@ def run_publishing_phases(args, database: Database, log_path: Path, clients: Cli
 
 def run_memory_phase(args, database: Database, log_path: Path, clients: ClientPool) -> dict:
     """RSS of a fresh worker before and after `--idle-streams` idle streams."""
-    server = BenchServer(database.url, log_path, open_files=args.open_files).start()
+    server = BenchServer(database.url, log_path, open_files=args.open_files, app_dir=args.app_dir).start()
     try:
         pid = server.worker_pid
         # Warm up what all streams share (imports, the dispatcher, its LISTEN
@@ -595,22 +627,24 @@ def loadavg() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
-    parser.add_argument("--subscribers", type=int, default=1000)
-    parser.add_argument("--idle-streams", type=int, default=5000, help="0 skips the memory phase")
-    parser.add_argument("--seconds", type=float, default=30.0, help="publishing time of reads/1 and fanout")
+    parser.add_argument("--subscribers", type=int)
+    parser.add_argument("--idle-streams", type=int, help="0 skips the memory phase")
+    parser.add_argument("--seconds", type=float, help="publishing time of reads/1 and fanout")
     parser.add_argument("--rate", type=float, default=20.0, help="messages per second")
-    parser.add_argument("--burst-seconds", type=float, default=10.0, help="0 skips the burst")
+    parser.add_argument("--burst-seconds", type=float, help="0 skips the burst")
     parser.add_argument("--burst-publishers", type=int, default=4)
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--no-reads-one", dest="reads_one", action="store_false", help="skip the 1-subscriber phase")
-    parser.add_argument("--drain-timeout", type=float, default=60.0, help="max seconds to wait for the last message")
+    parser.add_argument("--drain-timeout", type=float, help="max seconds to wait for the last message")
+    parser.add_argument("--app-dir", type=Path, default=ROOT,
+                        help="serve the app from another checkout (to compare a change); default: this one")
     parser.add_argument("--profile", action="store_true",
                         help="sample the worker with py-spy during fanout and burst (pip install py-spy first)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 100 subscribers, 500 idle streams, 3 s phases")
+    parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = parser.parse_args(argv)
-    if args.quick:
-        args.subscribers, args.idle_streams, args.seconds, args.burst_seconds = 100, 500, 3.0, 2.0
-        args.drain_timeout = 20.0
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:  # what is given on the command line wins
+            setattr(args, key, value)
 
     # Each stream is a socket in the client and one in the server, plus slack.
     args.open_files = max(args.subscribers, args.idle_streams) + 1024
@@ -651,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     report["loadavg_end"] = loadavg()
     report["targets"] = targets(report)
     out = RESULTS / f"bench-{args.database}-{stamp}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print()
     print(table(report))
     print(f"\nJSON: {out.relative_to(ROOT)}   server log: {log_path.relative_to(ROOT)}")

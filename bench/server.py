@@ -112,7 +112,10 @@ class Database:
 class BenchServer:
     """One gunicorn master with ONE gevent worker on a free localhost port."""
 
-    def __init__(self, database_url: str, log_path: Path, *, open_files: int, **config: object) -> None:
+    def __init__(
+        self, database_url: str, log_path: Path, *, open_files: int, app_dir: Path = ROOT, **config: object
+    ) -> None:
+        self.app_dir = app_dir
         self.is_postgres = database_url.startswith("postgresql")
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -145,7 +148,7 @@ class BenchServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()",
              "--bind", f"{self.host}:{self.port}"],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.app_dir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=in_child,
         )
         deadline = time.monotonic() + timeout
