@@ -65,6 +65,7 @@ const DEFAULTS = {
   maxAuthFailures: 3,
 };
 
+const EVENTSOURCE_OPEN = 1;
 const EVENTSOURCE_CLOSED = 2;
 
 /** Open a subscription; see the comment at the top of this file. */
@@ -106,7 +107,7 @@ export class Subscription {
     this._attempt = 0;
     this._authFailures = 0;
     this._serverRetryMs = null;
-    this._grant = typeof o.token === "string" ? { token: o.token, expiresAt: null } : null;
+    this._grant = null; // from the token function: {token, expiresAt}
     this._needFreshToken = false;
 
     this.onChange = this.onChange.bind(this);
@@ -163,41 +164,52 @@ export class Subscription {
 
   // -- connecting -----------------------------------------------------------------------
 
-  async _open() {
+  _open() {
     const conn = { close() {} };
     this._conn = conn;
     this._set({ state: "connecting", retryAt: null }, { type: "state" });
-    let token;
-    try {
-      token = await this._token();
-    } catch (err) {
-      if (this._conn !== conn) return;
-      this._conn = null;
-      const message = `could not get a subscription token: ${err?.message ?? err}`;
-      this._retryLater({ status: 0, code: "token_unavailable", message });
+    const token = this._currentToken();
+    if (token !== null) {
+      this._connect(token);
       return;
     }
-    if (this._conn !== conn) return; // closed, paused or reconnected meanwhile
+    this._fetchToken().then(
+      (fresh) => this._conn === conn && this._connect(fresh), // unless closed, paused or reconnected meanwhile
+      (err) => {
+        if (this._conn !== conn) return;
+        this._conn = null;
+        const message = `could not get a subscription token: ${err?.message ?? err}`;
+        this._retryLater({ status: 0, code: "token_unavailable", message });
+      },
+    );
+  }
+
+  _connect(token) {
     const url = this._url(token);
     if (this.transport === "fetch") this._openFetch(url);
     else this._openEventSource(url);
   }
 
-  async _token() {
+  /** The token to use now, or null when one must be fetched first. */
+  _currentToken() {
     const source = this._options.token;
     if (typeof source === "string") return source;
-    const grant = this._grant;
-    const fresh = grant && !this._needFreshToken && !this._tokenExpiresSoon();
-    if (fresh) return grant.token;
-    const got = await source({ channel: this.channel, topics: this.topics });
+    if (this._grant && !this._needFreshToken && this._msUntilTokenRefresh() > 0) return this._grant.token;
+    return null;
+  }
+
+  async _fetchToken() {
+    const got = await this._options.token({ channel: this.channel, topics: this.topics });
     this._grant = normalizeGrant(got);
     this._needFreshToken = false;
     return this._grant.token;
   }
 
-  _tokenExpiresSoon() {
+  /** How long the current token may still open a stream (Infinity: unknown, or a fixed token). */
+  _msUntilTokenRefresh() {
     const expiresAt = this._grant?.expiresAt;
-    return expiresAt != null && this._env.now() + this._options.tokenMarginMs >= expiresAt;
+    if (expiresAt == null || typeof this._options.token !== "function") return Infinity;
+    return expiresAt - this._options.tokenMarginMs - this._env.now();
   }
 
   _url(token) {
@@ -212,7 +224,12 @@ export class Subscription {
     const conn = { close: () => es.close() };
     this._conn = conn;
     const live = () => this._conn === conn;
-    es.onopen = () => live() && this._opened();
+    es.onopen = () => {
+      if (!live()) return;
+      this._env.clearTimeout(this._timer); // a pending takeover (below) is no longer needed
+      this._timer = null;
+      this._opened();
+    };
     // Only events with data are frames; a topic may even be called "error" or "open".
     const onFrame = (event) => {
       if (live() && typeof event.data === "string") this._receive(event.type, event.data, event.lastEventId);
@@ -221,14 +238,27 @@ export class Subscription {
     es.addEventListener("error", (event) => {
       if (!live() || typeof event.data === "string") return;
       if (es.readyState !== EVENTSOURCE_CLOSED) {
-        // The browser reconnects by itself and sends Last-Event-ID, unless we know that
-        // attempt would be refused for an expired token: then reopen with a fresh one.
-        if (typeof this._options.token === "function" && this._tokenExpiresSoon()) {
+        // The browser reconnects by itself and sends Last-Event-ID. But an attempt made
+        // after our token expires would be refused (a 401 in the console, then the probe):
+        // if the browser has not reconnected by then, take over with a fresh token.
+        const takeOver = () => {
+          if (!live() || es.readyState === EVENTSOURCE_OPEN || es.readyState === EVENTSOURCE_CLOSED) return;
           es.close();
           this._open();
-        } else {
-          const error = { status: 0, code: "disconnected", message: "the stream was interrupted; the browser is reconnecting" };
-          this._set({ state: "connecting", error }, { type: "state" });
+        };
+        const untilRefresh = this._msUntilTokenRefresh();
+        if (untilRefresh <= 0) {
+          takeOver();
+          return;
+        }
+        const error = { status: 0, code: "disconnected", message: "the stream was interrupted; the browser is reconnecting" };
+        this._set({ state: "connecting", error }, { type: "state" });
+        if (untilRefresh !== Infinity) {
+          this._env.clearTimeout(this._timer);
+          this._timer = this._env.setTimeout(() => {
+            this._timer = null;
+            takeOver();
+          }, untilRefresh);
         }
         return;
       }
