@@ -1,0 +1,431 @@
+"""The demo page and static/realtime.js in a real browser (issue 4).
+
+Debian's chromium, driven by Playwright for Python against a live gunicorn
+(`start_server`). Most tests play the report job themselves: they publish what
+it publishes on channel `run.<id>` through the publish API, so they control
+exactly when each message exists relative to the browser's connection. One
+test runs the real job end to end and downloads its PDF.
+
+Screenshots land in test-artifacts/ (gitignored).
+"""
+from __future__ import annotations
+
+import re
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from conftest import ROOT, LiveServer, skip_or_fail, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+SUBSCRIBE_URL = re.compile(r"/api/realtime/subscribe\?")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        skip_or_fail(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    expect.set_options(timeout=15_000)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Console:
+    """Everything the page said on its console at level warning or error, and its uncaught errors."""
+
+    def __init__(self, page) -> None:
+        self.page = page
+        self.problems: list[str] = []
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda error: self.problems.append(f"uncaught: {error}"))
+
+    def _on_console(self, message) -> None:
+        if message.type in ("error", "warning"):
+            self.problems.append(f"console.{message.type}: {message.text}")
+
+    def assert_clean(self, allowed: re.Pattern[str] | None = None) -> None:
+        self.page.evaluate("0")  # a round trip, so events sent before now have been dispatched
+        left = [p for p in self.problems if not (allowed and allowed.search(p))]
+        assert left == [], "the page logged problems:\n" + "\n".join(left)
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def console(page) -> Console:
+    return Console(page)
+
+
+@pytest.fixture
+def server(start_server, tmp_path) -> LiveServer:
+    return start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}")
+
+
+class FakeReport:
+    """Publishes what the report job publishes on `run.<id>`, when the test says so."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.server = server
+        self.run_id = uuid.uuid4().hex
+        self.channel = f"run.{self.run_id}"
+
+    def status(self, stage: str, percent: int, **extra: object) -> dict:
+        return self._publish("status", {"stage": stage, "percent": percent, **extra})
+
+    def log(self, message: str, level: str = "info") -> dict:
+        return self._publish("log", {"level": level, "message": message})
+
+    def run(self, status: str, **extra: object) -> dict:
+        return self._publish("run", {"status": status, **extra})
+
+    def _publish(self, topic: str, data: dict) -> dict:
+        return self.server.publish(self.channel, topic, data, run_id=self.run_id)
+
+    def stored_log_ids(self) -> list[int]:
+        token = self.server.token(self.channel, ["log"])
+        response = httpx.get(
+            self.server.url + "/api/realtime/messages", params={"token": token, "limit": 1000}, timeout=10
+        )
+        assert response.status_code == 200, response.text
+        return [m["id"] for m in response.json()["messages"]]
+
+
+def card_of(page, run_id: str):
+    return page.locator(f'.report[data-run-id="{run_id}"]')
+
+
+def shown_log_ids(card) -> list[int]:
+    return [int(i) for i in card.locator(".log li").evaluate_all("items => items.map(li => li.dataset.id)")]
+
+
+def screenshot(page, name: str, **options: object) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), **options)
+
+
+def pump_until(page, condition, timeout: float = 15.0, what: str = "") -> None:
+    """Like conftest.wait_until, for conditions set by Playwright callbacks.
+
+    The sync API dispatches route, request and console callbacks only while a
+    Playwright call runs, so the wait itself must be one.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        page.wait_for_timeout(20)
+
+
+class HeldReconnects:
+    """Hold the page's next stream requests until `release()`, to publish while it is disconnected."""
+
+    def __init__(self, page) -> None:
+        self.page = page
+        self.held: list = []
+        self.urls: list[str] = []
+        page.route(SUBSCRIBE_URL, self._hold)
+
+    def _hold(self, route) -> None:
+        self.held.append(route)
+        self.urls.append(route.request.url)
+
+    def wait(self, what: str) -> None:
+        pump_until(self.page, lambda: self.held, what=what)
+
+    def release(self) -> None:
+        for route in self.held:
+            route.continue_()
+        self.page.unroute(SUBSCRIBE_URL, self._hold)
+
+
+# -- the real job ---------------------------------------------------------------------------------
+
+
+def test_reports_run_to_completion_side_by_side_and_serve_their_pdf(start_server, tmp_path, page, console):
+    # Needs the jobs package (issue 3). Short steps keep the test quick, long enough to watch.
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", JOBS_REPORT_STEP_S=0.5)
+    page.goto(server.url + "/")
+    generate = page.get_by_role("button", name="Generate report")
+    generate.click()
+    expect(page.locator(".report")).to_have_count(1)
+    generate.click()
+    expect(page.locator(".report")).to_have_count(2)
+
+    for card in page.locator(".report").all():
+        expect(card).to_have_attribute("data-run-status", "completed", timeout=60_000)
+        expect(card.locator("progress")).to_have_js_property("value", 100)
+        expect(card.locator(".stage")).to_contain_text("Done")
+        expect(card.locator(".connection-label")).to_have_text("Finished")
+        link = card.get_by_role("link", name="Download PDF")
+        expect(link).to_be_visible()
+        response = page.request.get(server.url + link.get_attribute("href"))
+        assert response.status == 200
+        assert response.headers["content-type"] == "application/pdf"
+        assert response.body().startswith(b"%PDF")
+
+    run_ids = page.locator(".report").evaluate_all("cards => cards.map(c => c.dataset.runId)")
+    assert sorted(re.findall(r"run=([^&]+)", page.url)) == sorted(run_ids)
+    screenshot(page, "report-completed", full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    screenshot(page, "report-completed-phone", full_page=True)
+    console.assert_clean()
+
+
+# -- resuming -----------------------------------------------------------------------------------
+
+
+def test_dropping_the_connection_in_the_workshop_loses_no_log_line(server, page, console):
+    report = FakeReport(server)
+    report.run("running")
+    report.status("fetching", 10)
+    for n in range(1, 6):
+        report.log(f"line {n}")
+
+    page.goto(f"{server.url}/?run={report.run_id}&workshop=1")
+    card = card_of(page, report.run_id)
+    expect(card.locator(".log li")).to_have_count(5)
+    expect(card).to_have_attribute("data-connection", "open")
+    frames = page.locator("#frames")
+    expect(frames.locator(".line-retry")).to_have_count(1)
+    cursor = card.locator(".cursor-value").inner_text()
+
+    held = HeldReconnects(page)
+    page.get_by_role("button", name="Drop connection").click()
+    expect(card).to_have_attribute("data-connection", "connecting")
+    held.wait("the page's reconnect request")
+    for n in range(6, 16):  # published while the page is disconnected
+        report.log(f"line {n}")
+    held.release()
+    for n in range(16, 21):
+        report.log(f"line {n}")
+
+    expect(card.locator(".log li")).to_have_count(20)
+    assert shown_log_ids(card) == report.stored_log_ids()
+    assert [t.strip() for t in card.locator(".log-message").all_inner_texts()] == [f"line {n}" for n in range(1, 21)]
+    assert f"last_event_id={cursor}" in held.urls[0]
+    expect(frames.locator(".line-retry")).to_have_count(2)  # a second stream, from the cursor
+    expect(frames.locator(".chunk-note", has_text="resuming after")).to_have_count(1)
+    expect(page.locator("#streams .last-event-id")).to_have_text(card.locator(".cursor-value").inner_text())
+    screenshot(page, "workshop", full_page=True)
+    console.assert_clean()
+
+
+def test_eventsource_resumes_with_last_event_id_when_the_server_restarts(start_server, tmp_path, page, console):
+    # A long `retry:` leaves time to publish while the browser waits to reconnect.
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", REALTIME_RETRY_MS=1500)
+    report = FakeReport(server)
+    report.run("running")
+    for n in range(1, 4):
+        report.log(f"line {n}")
+    page.goto(f"{server.url}/?run={report.run_id}")
+    card = card_of(page, report.run_id)
+    expect(card.locator(".log li")).to_have_count(3)
+    expect(card).to_have_attribute("data-connection", "open")
+    sent_cursors: list[str | None] = []
+    page.on(
+        "request",
+        lambda r: SUBSCRIBE_URL.search(r.url) and sent_cursors.append(r.all_headers().get("last-event-id")),
+    )
+
+    # A graceful reload (SIGHUP): gunicorn replaces its workers, which end their
+    # streams; the browser's EventSource reconnects by itself with Last-Event-ID.
+    server.signal(signal.SIGHUP)
+    expect(card).to_have_attribute("data-connection", "connecting")
+    for n in range(4, 10):
+        report.log(f"line {n}")
+
+    expect(card.locator(".log li")).to_have_count(9)
+    assert shown_log_ids(card) == report.stored_log_ids()
+    expect(card).to_have_attribute("data-connection", "open")
+    assert sent_cursors and sent_cursors[0] and sent_cursors[0].endswith(f"-{shown_log_ids(card)[2]}")
+    console.assert_clean()
+
+
+def test_reloading_mid_run_replays_the_whole_history(server, page, console):
+    report, other = FakeReport(server), FakeReport(server)
+    report.run("running")
+    report.status("fetching", 10)
+    for n in range(1, 4):
+        report.log(f"line {n}")
+    other.run("queued")
+
+    page.goto(f"{server.url}/?run={report.run_id}&run={other.run_id}")
+    card = card_of(page, report.run_id)
+    expect(card.locator(".log li")).to_have_count(3)
+    expect(card_of(page, other.run_id).locator(".run-status")).to_have_text("Queued")
+
+    report.status("processing", 45)
+    for n in range(4, 7):
+        report.log(f"line {n}")
+    expect(card.locator(".log li")).to_have_count(6)
+    page.reload()
+
+    card = card_of(page, report.run_id)
+    expect(card.locator(".log li")).to_have_count(6)
+    assert shown_log_ids(card) == report.stored_log_ids()
+    expect(card.locator("progress")).to_have_js_property("value", 45)
+    expect(card.locator(".stage")).to_have_text("Processing · 45%")
+    expect(card.locator(".run-status")).to_have_text("Running")
+    expect(page.locator(".report")).to_have_count(2)
+    # Newest on top, as when they were started.
+    assert page.locator(".report").evaluate_all("cs => cs.map(c => c.dataset.runId)") == [other.run_id, report.run_id]
+
+    report.status("generating", 70)
+    report.log("Rendering the PDF")
+    report.status("done", 100, url=f"/reports/{report.run_id}")
+    report.run("completed", output={"url": f"/reports/{report.run_id}"})
+    expect(card).to_have_attribute("data-run-status", "completed")
+    expect(card.locator(".connection-label")).to_have_text("Finished")
+    expect(card.get_by_role("link", name="Download PDF")).to_have_attribute("href", f"/reports/{report.run_id}")
+    screenshot(page, "reports", full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    screenshot(page, "reports-phone", full_page=True)
+    console.assert_clean()
+
+
+# -- tokens -------------------------------------------------------------------------------------
+
+
+def test_the_page_refreshes_an_expired_token_transparently(start_server, tmp_path, page, console):
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", REALTIME_TOKEN_TTL_S=2)
+    report = FakeReport(server)
+    report.run("running")
+    report.log("line 1")
+    token_requests: list[str] = []
+    page.on("request", lambda r: "/demo/token" in r.url and token_requests.append(r.url))
+
+    page.goto(f"{server.url}/?run={report.run_id}")
+    card = card_of(page, report.run_id)
+    expect(card.locator(".log li")).to_have_count(1)
+    expect(card).to_have_attribute("data-connection", "open")
+    assert len(token_requests) == 1
+
+    # The open stream outlives its token (checked only when a stream opens).
+    # Once it has expired, end the streams: the reconnect needs a new token.
+    _wait_for_token_expiry(server, report)
+    held = HeldReconnects(page)
+    server.signal(signal.SIGHUP)
+    held.wait("the reconnect with a fresh token")
+    report.log("line 2")
+    held.release()
+
+    expect(card.locator(".log li")).to_have_count(2)
+    expect(card).to_have_attribute("data-connection", "open")
+    # At least one refresh (a worker that is replaced later may end the new stream too).
+    assert len(token_requests) >= 2
+    assert "last_event_id=" in held.urls[-1]
+    report.log("line 3")
+    expect(card.locator(".log li")).to_have_count(3)
+    # The page knew when its token expired, so no request was refused: a clean console.
+    console.assert_clean()
+
+
+def test_the_client_probes_a_failed_eventsource_and_refreshes_a_refused_token(start_server, tmp_path, page, console):
+    """Without a known expiry the EventSource meets a 401, which it cannot see: realtime.js asks with fetch."""
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", REALTIME_TOKEN_TTL_S=2)
+    report = FakeReport(server)
+    report.log("line 1")
+    page.goto(server.url + "/")
+    page.evaluate(
+        """async (runId) => {
+            const { subscribe } = await import("/static/realtime.js");
+            window.tokens = 0;
+            window.sub = subscribe({
+                channel: `run.${runId}`,
+                topics: ["log"],
+                token: async () => {
+                    window.tokens += 1;
+                    const response = await fetch("/demo/token", { method: "POST", body: JSON.stringify({ run_id: runId }) });
+                    return (await response.json()).token;  // a bare token: no expiry known
+                },
+                backoff: { initialMs: 100, maxMs: 400 },
+            });
+            window.codes = [];
+            window.sub.onChange((change, sub) => sub.error && window.codes.push(sub.error.code));
+        }""",
+        report.run_id,
+    )
+    page.wait_for_function("window.sub.state === 'open' && window.sub.messages.length === 1")
+
+    _wait_for_token_expiry(server, report)
+    server.signal(signal.SIGHUP)
+    page.wait_for_function("window.codes.includes('token_expired')")
+    report.log("line 2")
+    page.wait_for_function("window.sub.state === 'open' && window.sub.messages.length === 2")
+    assert page.evaluate("window.tokens") >= 2
+    messages = page.evaluate("window.sub.messages.map(m => m.data.message)")
+    assert messages == ["line 1", "line 2"]
+    # Chromium itself logs each refused request (the EventSource's and the probe's).
+    console.assert_clean(allowed=re.compile(r"status of 401 \(UNAUTHORIZED\)"))
+
+
+def test_a_refused_token_string_ends_in_the_error_state(server, page, console):
+    page.goto(server.url + "/")
+    state = page.evaluate(
+        """async () => {
+            const { subscribe } = await import("/static/realtime.js");
+            const sub = subscribe({ channel: "run.x", topics: ["log"], token: "not-a-token" });
+            await new Promise((resolve) => sub.onChange(() => sub.state === "error" && resolve()));
+            return { state: sub.state, error: sub.error };
+        }"""
+    )
+    assert state["state"] == "error"
+    assert state["error"]["status"] == 401
+    assert state["error"]["code"] == "invalid_token"
+    console.assert_clean(allowed=re.compile(r"status of 401 \(UNAUTHORIZED\)"))
+
+
+def test_the_page_explains_a_run_it_cannot_watch(server, page, console):
+    page.goto(server.url + "/?run=" + "x" * 300)  # too long for a channel name
+    expect(page.locator("#notice")).to_contain_text("Could not resume report")
+    expect(page.locator(".report")).to_have_count(0)
+    console.assert_clean(allowed=re.compile(r"status of 400 \(BAD REQUEST\)"))
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _wait_for_token_expiry(server: LiveServer, report: FakeReport) -> None:
+    """Until a token issued before now is refused: the server's clock decides, not ours."""
+    token = server.token(report.channel, ["log"])
+
+    def refused() -> bool:
+        response = httpx.get(server.url + "/api/realtime/messages", params={"token": token}, timeout=5)
+        return response.status_code == 401 and response.json()["error"]["code"] == "token_expired"
+
+    wait_until(refused, timeout=10, interval=0.1, what="the token to expire")
+
+
+def test_console_watch_reports_uncaught_errors(page):
+    """The clean-console assertions above would catch a page error."""
+    console = Console(page)
+    page.set_content("<script>window.setTimeout(() => { throw new Error('boom') }, 0)</script>")
+    pump_until(page, lambda: console.problems, what="the page error")
+    with pytest.raises(AssertionError, match="boom"):
+        console.assert_clean()
+
