@@ -155,17 +155,13 @@ class Context:
 
     def __init__(self, store: JobStore, claim: Claim, event: Event, publisher: Publisher, step: Steps) -> None:
         self.run_id = claim.run.id
+        self.channel = claim.run.channel  # `run.<run_id>`, where the run's lifecycle is published too
         self.attempt = claim.run.attempt
         self.event = event
         self.step = step
         self._store = store
         self._publisher = publisher
         self._published = 0
-
-    @property
-    def channel(self) -> str:
-        """`run.<run_id>`, where the run's lifecycle is published too."""
-        return f"run.{self.run_id}"
 
     def publish(self, channel: str, topic: str, data: JSON) -> None:
         """Publish a realtime message once per run, however often the function is resumed."""
