@@ -23,14 +23,16 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Iterator
 
 import httpx
+import psycopg
 import pytest
 
 from conftest import (
+    PG_ADMIN_URL,
     PUBLISH_KEY,
     ROOT,
     LiveServer,
@@ -103,7 +105,7 @@ class Comment:
 
 
 def parse_sse(lines: Iterable[str]) -> Iterator[Frame | Comment]:
-    """Frames and comments from already split lines (httpx splits on CRLF, LF and CR).
+    """Frames and comments from lines already split on CRLF, LF and CR (`sse_lines`).
 
     Unlike a browser this also yields a frame holding only `retry:`, so tests can see it.
     """
@@ -646,6 +648,51 @@ def streams_open(server: LiveServer) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.postgres
+def test_postgres_listen_connection_lost_then_live_again(start_server, postgres_url):
+    """The cross-process wake-up (LISTEN) is a connection too; losing it must not stall streams."""
+    server = start_server(postgres_url)
+    token = server.token("listen.1", ["t"])
+    with open_stream(server, token) as response:
+        items = events_of(response)
+        first = server.publish("listen.1", "t", 1)
+        assert read_frames(items, 1)[0].envelope == first
+        database = postgres_url.rpartition("/")[2]
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND query LIKE 'LISTEN%%'", (database,)).fetchall()
+        assert killed, "no LISTEN connection found"
+        second = server.publish("listen.1", "t", 2)
+        assert read_frames(items, 1, within=5)[0].envelope == second
+
+
+def test_a_client_that_stops_reading_is_cut_off_then_resumes(start_server, tmp_path):
+    """A stalled reader must not make the server buffer without bound (issue 2): its stream ends
+    once REALTIME_STREAM_BUFFER frames wait, and it resumes from the store with its cursor."""
+    server = start_server(f"sqlite:///{tmp_path / 'slow.sqlite3'}", REALTIME_STREAM_BUFFER=5)
+    token = server.token("slow.1", ["t"])
+    received, cursor, connections = [], None, 0
+    with open_stream(server, token) as response:
+        connections += 1
+        items = events_of(response)
+        next(items)  # retry:
+        # 12 MB while we read nothing: far more than the socket buffers hold.
+        published = [server.publish("slow.1", "t", "x" * 300_000)["id"] for _ in range(40)]
+        for item in items:
+            if isinstance(item, Frame) and item.data:
+                received.append(item.envelope["id"])
+                cursor = item.id
+    assert len(received) < len(published), "the stalled stream was never cut off"
+    while len(received) < len(published) and connections < 10:
+        with open_stream(server, token, header_cursor=cursor) as response:
+            connections += 1
+            for frame in read_frames(events_of(response), len(published) - len(received)):
+                received.append(frame.envelope["id"])
+                cursor = frame.id
+    assert received == published
+
+
 # -- 6. heartbeats ---------------------------------------------------------------------------
 
 
@@ -662,7 +709,8 @@ def test_idle_stream_sends_keep_alive_comments(shared_server):
                 if len(times) == 3:
                     break
     gaps = [b - a for a, b in zip([start, *times], times)]
-    assert max(gaps) < 1.6, f"heartbeat gaps {gaps} with REALTIME_HEARTBEAT_S=1"
+    # 1 s nominal; the margin is for a loaded 2-core CI machine, not for the server.
+    assert max(gaps) < 1.9, f"heartbeat gaps {gaps} with REALTIME_HEARTBEAT_S=1"
 
 
 # -- 7. reset frames -------------------------------------------------------------------------
