@@ -232,6 +232,8 @@ def test_dropping_the_connection_in_the_workshop_loses_no_log_line(server, page,
     expect(frames.locator(".chunk-note", has_text="resuming after")).to_have_count(1)
     expect(page.locator("#streams .last-event-id")).to_have_text(card.locator(".cursor-value").inner_text())
     screenshot(page, "workshop", full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    screenshot(page, "workshop-phone", full_page=True)
     console.assert_clean()
 
 
@@ -303,6 +305,9 @@ def test_reloading_mid_run_replays_the_whole_history(server, page, console):
     expect(card.locator(".connection-label")).to_have_text("Finished")
     expect(card.get_by_role("link", name="Download PDF")).to_have_attribute("href", f"/reports/{report.run_id}")
     screenshot(page, "reports", full_page=True)
+    page.emulate_media(color_scheme="dark")
+    screenshot(page, "reports-dark", full_page=True)
+    page.emulate_media(color_scheme="light")
     page.set_viewport_size({"width": 390, "height": 844})
     screenshot(page, "reports-phone", full_page=True)
     console.assert_clean()
