@@ -605,9 +605,15 @@ def targets(report: dict) -> list[str]:
         ok = check["complete"] == check["subscribers"]
         verdicts.append(f"every subscriber got every message once, in order: {'YES' if ok else 'NO'}")
     if fanout and "reads/1" in by_name:
+        # The target is that reads do not grow with subscribers. Fewer is possible:
+        # when the worker lags, several NOTIFYs (or polls) are covered by one read.
         one, many = by_name["reads/1"]["reads_per_message"], fanout["reads_per_message"]
-        same = abs(one - many) <= 0.1 * max(one, many, 0.01) + 0.02
-        verdicts.append(f"same reads/message at 1 and {fanout['subscribers']}: {one} vs {many} -> {'MET' if same else 'MISSED'}")
+        ok = many <= one * 1.1 + 0.02
+        note = " (fewer: one read covered several messages while the worker lagged)" if many < one * 0.9 else ""
+        verdicts.append(
+            f"reads/message do not grow from 1 to {fanout['subscribers']} subscribers: {one} vs {many}"
+            f" -> {'MET' if ok else 'MISSED'}{note}"
+        )
     memory = report.get("memory")
     if memory:
         per = memory["kib_per_stream"]
