@@ -12,6 +12,9 @@ worker_connections = 10000  # open streams per worker (gunicorn's default, 1000,
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 graceful_timeout = 30
 keepalive = 5
+# Browsers send the subscription token in the URL (EventSource cannot set
+# headers); a token for 50 long topics needs more than the default 4094 bytes.
+limit_request_line = 8190
 accesslog = "-"
 # The path without its query string: subscription tokens travel in `?token=`
 # and must never land in a log file.

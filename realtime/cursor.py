@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .errors import InvalidCursor
 
 _CURSOR = re.compile(r"([0-9a-f]{8,32})-([0-9]{1,19})")
+_MAX_ID = 2**63 - 1  # BIGINT: a larger number could not be compared in SQL
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Cursor:
     @classmethod
     def parse(cls, text: str) -> "Cursor":
         match = _CURSOR.fullmatch(text)
-        if match is None:
+        if match is None or int(match.group(2)) > _MAX_ID:
             raise InvalidCursor(
                 "Last-Event-ID / last_event_id must be a cursor this server sent as an 'id:' "
                 "(like '3f9a1c2b-17'); omit it to start from the oldest retained message"

@@ -25,7 +25,7 @@ import database
 from .cursor import Cursor
 from .dispatch import Dispatcher
 from .errors import Forbidden, InvalidRequest, MessageTooLarge
-from .names import check_channel, check_topic
+from .names import check_channel, check_run_id, check_topic
 from .store import Message, MessageStore
 from .stream import event_stream, resolve_cursor
 from .tokens import Grant, TokenIssuer
@@ -63,8 +63,10 @@ class Realtime:
         self.retry_ms = int(config["REALTIME_RETRY_MS"])
         self.retention = timedelta(seconds=float(config["REALTIME_RETENTION_S"]))
         self.publish_key: str | None = config["REALTIME_PUBLISH_KEY"] or None
-        # A body is the data plus a little JSON around it; refuse more before reading it.
-        config.setdefault("MAX_CONTENT_LENGTH", self.max_message_bytes + 64 * 1024)
+        # A body is the data plus a little JSON around it; refuse more before
+        # reading it. (Flask defines the key as None, so setdefault would not do.)
+        if config.get("MAX_CONTENT_LENGTH") is None:
+            config["MAX_CONTENT_LENGTH"] = self.max_message_bytes + 64 * 1024
 
         self.store = MessageStore(engine or database.engine_for(app))
         self.store.create_schema()
@@ -106,8 +108,8 @@ class Realtime:
         """
         check_channel(channel)
         check_topic(topic)
-        if run_id is not None and (not isinstance(run_id, str) or not 0 < len(run_id) <= 64):
-            raise InvalidRequest("'run_id' must be a string of 1-64 characters", code="invalid_run_id")
+        if run_id is not None:
+            check_run_id(run_id)
         try:
             data_json = json.dumps(data, ensure_ascii=False, allow_nan=False)
             size = len(data_json.encode())  # also refuses lone surrogates, which are not UTF-8

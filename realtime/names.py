@@ -12,6 +12,7 @@ from .errors import InvalidRequest
 
 CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_TOPICS = 50
 
 
@@ -41,3 +42,12 @@ def check_topics(value: Any) -> tuple[str, ...]:
         )
     topics = tuple(check_topic(topic) for topic in value)
     return tuple(dict.fromkeys(topics))
+
+
+def check_run_id(value: Any) -> str:
+    if not isinstance(value, str) or not RUN_ID_PATTERN.fullmatch(value):
+        raise InvalidRequest(
+            "'run_id' must be a string of 1-64 characters from A-Z a-z 0-9 _ . : -",
+            code="invalid_run_id",
+        )
+    return value

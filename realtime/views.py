@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import Forbidden, InvalidRequest, InvalidToken, NotFound
 from .extension import Realtime
@@ -29,8 +31,14 @@ def _realtime() -> Realtime:
 
 def json_body() -> dict[str, Any]:
     """The request body as a JSON object: strict UTF-8, no NaN/Infinity, any Content-Type."""
+    raw = request.get_data(cache=False)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A chunked body is cut at the limit rather than refused (Werkzeug's
+        # LimitedStream): refuse it here, or it would fail as broken JSON.
+        raise RequestEntityTooLarge()
     try:
-        text = request.get_data(cache=False).decode("utf-8")
+        text = raw.decode("utf-8")
         body = json.loads(text, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidRequest(
@@ -114,7 +122,7 @@ def publish() -> tuple[dict[str, Any], int]:
 def history() -> dict[str, Any]:
     grant, topics = _granted_scope()
     raw_limit = request.args.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_HISTORY_LIMIT:
+    if not re.fullmatch(r"[0-9]{1,4}", raw_limit) or not 1 <= int(raw_limit) <= MAX_HISTORY_LIMIT:
         raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_HISTORY_LIMIT}", code="invalid_limit")
     found, cursor, reset = _realtime().history(
         grant.channel, topics, request.args.get("after") or None, int(raw_limit)
