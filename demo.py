@@ -18,7 +18,7 @@ from flask.typing import ResponseReturnValue
 
 from errors import error_response
 from realtime import Grant
-from realtime.views import json_body
+from realtime.views import json_object
 
 blueprint = Blueprint("demo", __name__)
 
@@ -67,7 +67,7 @@ def start_report() -> ResponseReturnValue:
 
 @blueprint.post("/demo/token")
 def refresh_token() -> ResponseReturnValue:
-    run_id = json_body().get("run_id")
+    run_id = json_object().get("run_id")
     if not isinstance(run_id, str) or not run_id:
         return error_response(400, "invalid_run_id", "the body must be {\"run_id\": \"<id of a report run>\"}")
     # create_token checks the channel name: an id with other characters is a 400.

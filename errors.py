@@ -18,6 +18,14 @@ from werkzeug.exceptions import HTTPException
 log = logging.getLogger(__name__)
 
 
+class APIError(Exception):
+    """An error of the HTTP layer itself (a body that is not JSON, ...), outside any package."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 def error_response(status: int, code: str, message: str) -> Response:
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
@@ -31,7 +39,7 @@ def _http_code(exc: HTTPException) -> str:
 
 
 def init_app(app: Flask, *package_errors: type[Exception]) -> None:
-    for error_class in package_errors:
+    for error_class in (APIError, *package_errors):
         app.register_error_handler(
             error_class, lambda exc: error_response(exc.status, exc.code, exc.message)
         )

@@ -6,13 +6,12 @@ which errors.py turns into JSON. Nothing here touches the database.
 from __future__ import annotations
 
 import hmac
-import json
 from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app
 
-from realtime.views import bearer_token
+from request_input import bearer_token, json_body
 
 from .errors import InvalidEvent, InvalidEventKey, RunNotFound
 from .extension import Jobs
@@ -44,17 +43,6 @@ def run_json(run: Run) -> dict[str, Any]:
     }
 
 
-def _json_value() -> Any:
-    """The request body as JSON: strict UTF-8, no NaN/Infinity, any Content-Type."""
-    def reject(constant: str) -> Any:
-        raise ValueError(f"{constant} is not JSON")
-
-    try:
-        return json.loads(request.get_data(cache=False).decode("utf-8"), parse_constant=reject)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidEvent("the body must be JSON encoded as UTF-8", code="invalid_json") from None
-
-
 @blueprint.post("/events")
 def send_events() -> tuple[dict[str, Any], int]:
     jobs = _jobs()
@@ -62,7 +50,7 @@ def send_events() -> tuple[dict[str, Any], int]:
         given = bearer_token()
         if given is None or not hmac.compare_digest(given.encode(), jobs.event_key.encode()):
             raise InvalidEventKey("sending events needs 'Authorization: Bearer <JOBS_EVENT_KEY>'")
-    body = _json_value()
+    body = json_body()
     items = body if isinstance(body, list) else [body]
     if not all(isinstance(item, dict) for item in items):
         raise InvalidEvent(

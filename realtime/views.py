@@ -7,13 +7,13 @@ turns into JSON. Nothing in this module touches the database.
 from __future__ import annotations
 
 import hmac
-import json
 import re
 from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import RequestEntityTooLarge
+
+from request_input import bearer_token, json_body
 
 from .errors import Forbidden, InvalidRequest, InvalidToken, NotFound
 from .extension import Realtime
@@ -29,35 +29,12 @@ def _realtime() -> Realtime:
     return current_app.extensions["realtime"]
 
 
-def json_body() -> dict[str, Any]:
-    """The request body as a JSON object: strict UTF-8, no NaN/Infinity, any Content-Type."""
-    raw = request.get_data(cache=False)
-    limit = request.max_content_length
-    if request.content_length is None and limit is not None and len(raw) >= limit:
-        # A chunked body is cut at the limit rather than refused (Werkzeug's
-        # LimitedStream): refuse it here, or it would fail as broken JSON.
-        raise RequestEntityTooLarge()
-    try:
-        text = raw.decode("utf-8")
-        body = json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidRequest(
-            "the body must be a JSON object encoded as UTF-8", code="invalid_json"
-        ) from None
+def json_object() -> dict[str, Any]:
+    """The request body, which must be a JSON object."""
+    body = json_body()
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object", code="invalid_json")
     return body
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def bearer_token() -> str | None:
-    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return None
 
 
 def _iso(timestamp: float) -> str:
@@ -87,7 +64,7 @@ def _granted_scope() -> tuple[Grant, tuple[str, ...]]:
 
 @blueprint.post("/token")
 def create_token() -> dict[str, Any]:
-    body = json_body()
+    body = json_object()
     channel = check_channel(body.get("channel"))
     topics = check_topics(body.get("topics"))
     grant = _realtime().grant_for_request(channel, topics)
@@ -109,7 +86,7 @@ def publish() -> tuple[dict[str, Any], int]:
         raise InvalidToken(
             "publishing needs 'Authorization: Bearer <REALTIME_PUBLISH_KEY>'", code="invalid_publish_key"
         )
-    body = json_body()
+    body = json_object()
     if "data" not in body:
         raise InvalidRequest("'data' is required (any JSON value)", code="invalid_data")
     message = realtime.publish(
