@@ -30,8 +30,8 @@ def tail(channel: str, topics: tuple[str, ...], last_event_id: str | None) -> No
     realtime.start()
     try:
         for frame in frames:
-            sys.stdout.write(frame)
-            sys.stdout.flush()
+            sys.stdout.buffer.write(frame)
+            sys.stdout.buffer.flush()
     except KeyboardInterrupt:
         pass
     finally:

@@ -17,38 +17,41 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Iterable
 
-from .sse import format_event
+from .sse import KEEP_ALIVE, format_event
 from .store import Message, MessageStore
 
 log = logging.getLogger(__name__)
 
-Frame = tuple[int, str]  # (message id, the frame's text)
+Frame = tuple[int, bytes]  # (message id, the frame's bytes); id 0 is a keep-alive
+KEEP_ALIVE_FRAME: Frame = (0, KEEP_ALIVE.encode())
 
 
-def message_frame(message: Message, epoch: str) -> str:
+def message_frame(message: Message, epoch: str) -> bytes:
     """CONTRACT §4: `id:` the cursor, `event:` the topic, `data:` the envelope."""
     return format_event(
         id=f"{epoch}-{message.id}", event=message.topic, data=message.envelope_json()
-    )
+    ).encode()
 
 
 class Subscription:
     """A bounded queue of frames for one stream, filled by the dispatcher."""
 
-    __slots__ = ("channel", "topics", "closed_reason", "_limit", "_pending", "_ready")
+    __slots__ = ("channel", "topics", "closed_reason", "quiet_since", "_limit", "_pending", "_ready")
 
     def __init__(self, channel: str, topics: Iterable[str] | None, limit: int) -> None:
         self.channel = channel
         self.topics = frozenset(topics) if topics is not None else None
         self.closed_reason: str | None = None
+        self.quiet_since = time.monotonic()  # when a frame was last queued
         self._limit = limit
         self._pending: deque[Frame] = deque()
         self._ready = threading.Event()
 
-    def offer(self, message: Message, frame: str) -> None:
+    def offer(self, message: Message, frame: bytes) -> None:
         if self.closed_reason is not None:
             return
         if self.topics is not None and message.topic not in self.topics:
@@ -58,13 +61,26 @@ class Subscription:
             # stream; it resumes from the store with its cursor.
             self.close("overflow")
             return
-        self._pending.append((message.id, frame))
+        self._queue((message.id, frame))
+
+    def keep_alive(self) -> None:
+        if self.closed_reason is None and not self._pending:
+            self._queue(KEEP_ALIVE_FRAME)
+
+    def _queue(self, frame: Frame) -> None:
+        self._pending.append(frame)
+        self.quiet_since = time.monotonic()
         self._ready.set()
 
-    def take(self, timeout: float) -> list[Frame]:
-        """Frames queued so far, waiting up to `timeout` s for one; [] on timeout or once closed."""
+    def take(self) -> list[Frame]:
+        """Wait for frames and return all queued so far; [] once closed.
+
+        No timeout here: keep-alives are queued by the dispatcher like
+        messages. A timeout per wait would arm and cancel a timer on every
+        wake-up, which at 1,000 streams cost more than the frames themselves.
+        """
         if not self._pending and self.closed_reason is None:
-            self._ready.wait(timeout)
+            self._ready.wait()
         self._ready.clear()  # clear before draining, so an offer after this is not missed
         frames = []
         while self._pending:
@@ -81,9 +97,20 @@ class Subscription:
 class Dispatcher:
     batch_size = 500
 
-    def __init__(self, store: MessageStore, *, poll_s: float = 0.25, buffer_size: int = 1000) -> None:
+    def __init__(
+        self,
+        store: MessageStore,
+        *,
+        poll_s: float = 0.25,
+        heartbeat_s: float = 15.0,
+        buffer_size: int = 1000,
+    ) -> None:
         self.store = store
         self.buffer_size = buffer_size
+        self.heartbeat_s = heartbeat_s
+        # Look for quiet streams often enough that none stays silent longer
+        # than heartbeat_s, whatever the phase of this loop.
+        self._tick_s = min(1.0, heartbeat_s / 4)
         self.delivered = 0  # frames handed to subscriptions, for stats
         self._feed = store.change_feed(poll_s)
         self._lock = threading.Lock()
@@ -162,12 +189,25 @@ class Dispatcher:
                     self.delivered += len(subs)
                 self._last_id = message.id
 
+    def send_keep_alives(self) -> None:
+        """Queue `: keep-alive` for every stream that was quiet for about heartbeat_s."""
+        quiet_since = time.monotonic() - (self.heartbeat_s - self._tick_s)
+        with self._lock:
+            for subs in self._by_channel.values():
+                for subscription in subs:
+                    if subscription.quiet_since <= quiet_since:
+                        subscription.keep_alive()
+
     def _run(self) -> None:
         backoff = 0.1
+        next_beat = time.monotonic() + self._tick_s
         while not self._stopping:
             try:
-                if self._feed.wait(timeout=1.0) and not self._stopping:
+                if self._feed.wait(timeout=self._tick_s) and not self._stopping:
                     self.dispatch_new()
+                if time.monotonic() >= next_beat:
+                    self.send_keep_alives()
+                    next_beat = time.monotonic() + self._tick_s
                 backoff = 0.1
             except Exception:
                 log.exception("realtime dispatcher failed; retrying in %.1f s", backoff)

@@ -73,6 +73,7 @@ class Realtime:
         self.dispatcher = Dispatcher(
             self.store,
             poll_s=float(config["REALTIME_POLL_S"]),
+            heartbeat_s=self.heartbeat_s,
             buffer_size=int(config["REALTIME_STREAM_BUFFER"]),
         )
         self.tokens = TokenIssuer(config["SECRET_KEY"], ttl_s=float(config["REALTIME_TOKEN_TTL_S"]))
@@ -159,7 +160,6 @@ class Realtime:
             topics,
             parsed,
             retry_ms=self.retry_ms,
-            heartbeat_s=self.heartbeat_s,
         )
 
     def history(

@@ -8,8 +8,8 @@ endpoint and `flask realtime tail`. Its four phases, in order:
    that leaves no gap).
 3. Replay: every retained message after the cursor, page by page, oldest
    first; `reset` first if the cursor cannot be honoured exactly.
-4. Live: frames from the dispatcher, skipping ids already replayed; a
-   `: keep-alive` comment whenever nothing arrived for `heartbeat_s`.
+4. Live: frames from the dispatcher, skipping ids already replayed, and the
+   `: keep-alive` comments the dispatcher queues on quiet streams.
 
 It ends when the process shuts down (the client reconnects elsewhere with its
 cursor) or when the client stopped reading and its buffer overflowed.
@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 from .cursor import Cursor
 from .dispatch import Dispatcher, message_frame
-from .sse import KEEP_ALIVE, format_event
+from .sse import format_event
 from .store import MessageStore
 
 REPLAY_PAGE = 500
@@ -47,11 +47,11 @@ def resolve_cursor(store: MessageStore, channel: str, cursor: Cursor | None) -> 
     return through, {"reason": reason, "cursor": str(Cursor(store.epoch, through))}
 
 
-def reset_frame(reset: dict) -> str:
+def reset_frame(reset: dict) -> bytes:
     # The reset carries the position it continues from as its id, so a
     # client that drops right after it resumes from there, not from the
     # cursor that could not be honoured.
-    return format_event(id=reset["cursor"], event="reset", data=json.dumps(reset))
+    return format_event(id=reset["cursor"], event="reset", data=json.dumps(reset)).encode()
 
 
 def event_stream(
@@ -61,10 +61,9 @@ def event_stream(
     cursor: Cursor | None,
     *,
     retry_ms: int,
-    heartbeat_s: float,
-) -> Iterator[str]:
+) -> Iterator[bytes]:
     store = dispatcher.store
-    yield format_event(retry=retry_ms)
+    yield format_event(retry=retry_ms).encode()
     subscription = dispatcher.subscribe(channel, topics)
     try:
         last_id, reset = resolve_cursor(store, channel, cursor)
@@ -80,18 +79,19 @@ def event_stream(
             if len(page) < REPLAY_PAGE:
                 break
 
-        while subscription.closed_reason is None:
-            frames = subscription.take(heartbeat_s)
-            if not frames:
-                if subscription.closed_reason is None:
-                    yield KEEP_ALIVE
-                continue
+        while True:
+            frames = subscription.take()
+            if subscription.closed_reason is not None:
+                break
+            chunk = []
             for message_id, frame in frames:
-                if message_id > last_id:  # already sent during replay otherwise
-                    yield frame
-                    last_id = message_id
+                if message_id == 0 or message_id > last_id:  # 0: keep-alive; else not yet replayed
+                    chunk.append(frame)
+                    last_id = max(last_id, message_id)
+            if chunk:
+                yield b"".join(chunk)  # one write for everything that queued up
 
         if subscription.closed_reason == "shutdown":
-            yield format_event(comment="server shutting down; reconnect with Last-Event-ID")
+            yield format_event(comment="server shutting down; reconnect with Last-Event-ID").encode()
     finally:
         dispatcher.unsubscribe(subscription)
