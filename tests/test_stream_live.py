@@ -362,14 +362,14 @@ def assert_exactly_once(subscribers: list[Subscriber], expected: dict[tuple[str,
         assert not sub.failures, sub.failures
 
 
-def wait_for_catch_up(subscribers: list[Subscriber], expected_count: dict[str, int], timeout: float = 30) -> None:
+def wait_for_catch_up(subscribers: list[Subscriber], expected_count: dict[str, int], timeout: float = 20) -> None:
+    """Wait until each subscriber holds as many messages as its scope has; on timeout,
+    `assert_exactly_once` then names what is missing."""
     try:
         wait_until(lambda: all(len(s.received) >= expected_count[s.name] for s in subscribers),
                    timeout=timeout, interval=0.05)
     except AssertionError:
-        raise AssertionError("subscribers did not catch up: " + ", ".join(
-            f"{s.name} {len(s.received)}/{expected_count[s.name]} ({s.connections} connections, "
-            f"errors {Counter(s.transport_errors)}, failures {s.failures})" for s in subscribers)) from None
+        pass
 
 
 # -- 1. replay then live ---------------------------------------------------------------------
