@@ -16,6 +16,9 @@ keepalive = 5
 # headers); a token for 50 long topics needs more than the default 4094 bytes.
 limit_request_line = 8190
 accesslog = "-"
+# gunicorn 27's control socket lives at one path per user, which every other
+# gunicorn on the machine (another app, a test server) would take over.
+control_socket_disable = True
 # The path without its query string: subscription tokens travel in `?token=`
 # and must never land in a log file.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'

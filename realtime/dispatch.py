@@ -38,9 +38,15 @@ def message_frame(message: Message, epoch: str) -> bytes:
 
 
 class Subscription:
-    """A bounded queue of frames for one stream, filled by the dispatcher."""
+    """A bounded queue of frames for one stream, filled by the dispatcher.
 
-    __slots__ = ("channel", "topics", "closed_reason", "quiet_since", "_limit", "_pending", "_ready")
+    Bounded twice: in frames (`limit`, REALTIME_STREAM_BUFFER) and in bytes,
+    since 1,000 frames of the largest allowed message would be half a gigabyte.
+    """
+
+    max_pending_bytes = 8 * 1024 * 1024
+
+    __slots__ = ("channel", "topics", "closed_reason", "quiet_since", "_limit", "_pending", "_pending_bytes", "_ready")
 
     def __init__(self, channel: str, topics: Iterable[str] | None, limit: int) -> None:
         self.channel = channel
@@ -49,6 +55,7 @@ class Subscription:
         self.quiet_since = time.monotonic()  # when a frame was last queued
         self._limit = limit
         self._pending: deque[Frame] = deque()
+        self._pending_bytes = 0
         self._ready = threading.Event()
 
     def offer(self, message: Message, frame: bytes) -> None:
@@ -56,7 +63,7 @@ class Subscription:
             return
         if self.topics is not None and message.topic not in self.topics:
             return
-        if len(self._pending) >= self._limit:
+        if len(self._pending) >= self._limit or self._pending_bytes > self.max_pending_bytes:
             # A client that stops reading must not grow the server: end its
             # stream; it resumes from the store with its cursor.
             self.close("overflow")
@@ -69,6 +76,7 @@ class Subscription:
 
     def _queue(self, frame: Frame) -> None:
         self._pending.append(frame)
+        self._pending_bytes += len(frame[1])
         self.quiet_since = time.monotonic()
         self._ready.set()
 
@@ -85,12 +93,14 @@ class Subscription:
         frames = []
         while self._pending:
             frames.append(self._pending.popleft())
+        self._pending_bytes = 0
         return frames
 
     def close(self, reason: str) -> None:
         if self.closed_reason is None:
             self.closed_reason = reason
         self._pending.clear()
+        self._pending_bytes = 0
         self._ready.set()
 
 

@@ -48,6 +48,14 @@ DEFAULTS = {
 }
 
 
+def _escape_line_separators(text: str) -> str:
+    """Write U+0085, U+2028 and U+2029 as JSON escapes: the same JSON, but
+    safe for clients that split lines more eagerly than the SSE spec does."""
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+    return text
+
+
 class Realtime:
     def __init__(self, app: Flask | None = None, *, engine: Engine | None = None) -> None:
         self._policy: Policy | None = None
@@ -112,7 +120,7 @@ class Realtime:
         if run_id is not None:
             check_run_id(run_id)
         try:
-            data_json = json.dumps(data, ensure_ascii=False, allow_nan=False)
+            data_json = _escape_line_separators(json.dumps(data, ensure_ascii=False, allow_nan=False))
             size = len(data_json.encode())  # also refuses lone surrogates, which are not UTF-8
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidRequest(f"'data' must be JSON-serializable: {exc}", code="invalid_data") from None

@@ -30,20 +30,24 @@ REPLAY_PAGE = 500
 def resolve_cursor(store: MessageStore, channel: str, cursor: Cursor | None) -> tuple[int, dict | None]:
     """Where to continue: (read after this id, the reset to report or None).
 
-    A cursor from another database, or older than the channel's pruned
-    history, cannot be honoured exactly: continue from the oldest retained
-    message and say so (CONTRACT §4).
+    A cursor that cannot be honoured exactly continues from the oldest
+    retained message, and says why (CONTRACT §4):
+    - `history_truncated`: messages after it were pruned;
+    - `unknown_cursor`: it comes from another database, or it is ahead of
+      every message (the database was restored from an older backup): kept
+      as is, it would silently skip the next messages.
     """
     if cursor is None:
         return 0, None
-    if cursor.epoch == store.epoch:
-        through = store.pruned_through(channel)
-        if cursor.message_id >= through:
-            return cursor.message_id, None
-        reason = "history_truncated"
-    else:
+    through = store.pruned_through(channel)
+    if cursor.epoch != store.epoch:
         reason = "unknown_cursor"
-        through = store.pruned_through(channel)
+    elif cursor.message_id < through:
+        reason = "history_truncated"
+    elif cursor.message_id > through and cursor.message_id > store.last_id():
+        reason = "unknown_cursor"
+    else:
+        return cursor.message_id, None
     return through, {"reason": reason, "cursor": str(Cursor(store.epoch, through))}
 
 

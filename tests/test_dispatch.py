@@ -54,6 +54,14 @@ def _message_ids(subscription: Subscription) -> list[int]:
     return [message_id for message_id, _ in subscription.take() if message_id]  # 0: keep-alive
 
 
+def test_the_buffer_is_bounded_in_bytes_too():
+    subscription = Subscription("c", None, limit=1000)
+    big = b"x" * (1024 * 1024)
+    for n in range(1, 11):
+        subscription.offer(_message(n), big)
+    assert subscription.closed_reason == "overflow"
+
+
 def test_dispatch_routes_by_channel_and_reads_once_for_any_number_of_streams(store, dispatcher):
     few = [dispatcher.subscribe("c", None)]
     store.append("c", "t", "1")
@@ -131,3 +139,13 @@ def test_stream_from_a_cursor_of_another_database_resets(store, dispatcher):
     assert json.loads(reset.split(b"data: ", 1)[1]) == {"reason": "unknown_cursor", "cursor": f"{store.epoch}-0"}
     assert _ids([next(stream)]) == [kept.id]
     stream.close()
+
+
+def test_a_cursor_ahead_of_every_message_is_unknown_not_silently_kept(store):
+    from realtime.stream import resolve_cursor
+
+    newest = store.append("c", "t", "1")
+    assert resolve_cursor(store, "c", Cursor(store.epoch, newest.id)) == (newest.id, None)
+    assert resolve_cursor(store, "c", Cursor(store.epoch, newest.id + 50)) == (
+        0, {"reason": "unknown_cursor", "cursor": f"{store.epoch}-0"}
+    )
