@@ -13,7 +13,6 @@ worker, which never look at Flask.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Sequence
 
 from flask import Flask
@@ -21,6 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 import database
+import jsontext
 
 from .errors import EventTooLarge, InvalidEvent, RunNotFound
 from .registry import EVENT_NAME_PATTERN, Handler, JobFunction, Registry, function
@@ -136,15 +136,13 @@ class Jobs:
         for name, data in items:
             check_event(name, data)
             try:
-                data_json = json.dumps(data, ensure_ascii=False, allow_nan=False)
-                size = len(data_json.encode())  # also refuses lone surrogates, which are not UTF-8
-            except (TypeError, ValueError, RecursionError) as exc:
+                data_json = jsontext.encode(data, max_bytes=self.max_event_bytes)
+            except jsontext.NotJSON as exc:
                 raise InvalidEvent(f"an event's 'data' must be JSON: {exc}", code="invalid_event_data") from None
-            if size > self.max_event_bytes:
+            except jsontext.TooLarge as exc:
                 raise EventTooLarge(
-                    f"an event's 'data' is {size} bytes of JSON; the limit is {self.max_event_bytes} "
-                    "(JOBS_MAX_EVENT_BYTES). Send a reference to large input instead."
-                )
+                    f"an event's 'data' is {exc} (JOBS_MAX_EVENT_BYTES). Send a reference to large input instead."
+                ) from None
             new_events.append(NewEvent(name, data_json, [f.id for f in self.registry.triggered_by(name)]))
         created = self.store.add_events(new_events)
         if self.eager:

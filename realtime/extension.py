@@ -10,7 +10,6 @@ dispatcher and token issuer, which never look at Flask.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from datetime import timedelta
@@ -21,6 +20,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
 import database
+import jsontext
 
 from .cursor import Cursor
 from .dispatch import Dispatcher
@@ -46,14 +46,6 @@ DEFAULTS = {
     "REALTIME_STREAM_BUFFER": 1000,  # frames queued for a slow client before its stream ends
     "REALTIME_PRUNE_INTERVAL_S": 300,
 }
-
-
-def _escape_line_separators(text: str) -> str:
-    """Write U+0085, U+2028 and U+2029 as JSON escapes: the same JSON, but
-    safe for clients that split lines more eagerly than the SSE spec does."""
-    if "\u2028" in text or "\u2029" in text or "\x85" in text:
-        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-    return text
 
 
 class Realtime:
@@ -120,15 +112,13 @@ class Realtime:
         if run_id is not None:
             check_run_id(run_id)
         try:
-            data_json = _escape_line_separators(json.dumps(data, ensure_ascii=False, allow_nan=False))
-            size = len(data_json.encode())  # also refuses lone surrogates, which are not UTF-8
-        except (TypeError, ValueError, RecursionError) as exc:
+            data_json = jsontext.encode(data, max_bytes=self.max_message_bytes)
+        except jsontext.NotJSON as exc:
             raise InvalidRequest(f"'data' must be JSON-serializable: {exc}", code="invalid_data") from None
-        if size > self.max_message_bytes:
+        except jsontext.TooLarge as exc:
             raise MessageTooLarge(
-                f"'data' is {size} bytes of JSON; the limit is {self.max_message_bytes} "
-                "(REALTIME_MAX_MESSAGE_BYTES). Publish a link to large content instead."
-            )
+                f"'data' is {exc} (REALTIME_MAX_MESSAGE_BYTES). Publish a link to large content instead."
+            ) from None
         message = self.store.append(channel, topic, data_json, run_id=run_id, session=session)
         if session is None:
             self.dispatcher.notify_appended()
