@@ -10,7 +10,6 @@ would check here that the run belongs to the signed-in user.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, current_app, render_template
@@ -27,14 +26,7 @@ REPORT_TOPICS = ("status", "log", "run")
 
 
 def _grant_json(run_id: str, grant: Grant) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "channel": grant.channel,
-        "topics": list(grant.topics),
-        "token": grant.token,
-        # The same form as POST /api/realtime/token (CONTRACT §3).
-        "expires_at": datetime.fromtimestamp(grant.expires_at, timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {"run_id": run_id, **grant.to_json()}
 
 
 def _token_for(run_id: str) -> Grant:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
@@ -29,6 +30,15 @@ class Grant:
     channel: str
     topics: tuple[str, ...]
     expires_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The body of `POST /api/realtime/token` (CONTRACT §3)."""
+        return {
+            "token": self.token,
+            "channel": self.channel,
+            "topics": list(self.topics),
+            "expires_at": datetime.fromtimestamp(self.expires_at, timezone.utc).isoformat(timespec="seconds"),
+        }
 
 
 class TokenIssuer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmac
 import re
-from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -37,10 +36,6 @@ def json_object() -> dict[str, Any]:
     return body
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
-
-
 def _granted_scope() -> tuple[Grant, tuple[str, ...]]:
     """The verified token of this request, and the topics to read (optionally narrowed by `?topic=`)."""
     token = bearer_token() or request.args.get("token")
@@ -67,13 +62,7 @@ def create_token() -> dict[str, Any]:
     body = json_object()
     channel = check_channel(body.get("channel"))
     topics = check_topics(body.get("topics"))
-    grant = _realtime().grant_for_request(channel, topics)
-    return {
-        "token": grant.token,
-        "channel": grant.channel,
-        "topics": list(grant.topics),
-        "expires_at": _iso(grant.expires_at),
-    }
+    return _realtime().grant_for_request(channel, topics).to_json()
 
 
 @blueprint.post("/publish")
