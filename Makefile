@@ -21,9 +21,15 @@ tests/node/node_modules: tests/node/package.json tests/node/package-lock.json
 	@if command -v npm >/dev/null; then npm ci --prefix tests/node --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the node EventSource tests will be skipped"; fi
 
+# A local SECRET_KEY, made once, for `make run` and the `flask` commands
+# beside it (tail, prune, jobs worker); production sets SECRET_KEY instead.
+instance/config.py:
+	mkdir -p instance
+	$(PYTHON) -c 'import secrets; print(f"SECRET_KEY = {secrets.token_hex(32)!r}")' > $@
+
 # The demo: SQLite in instance/, Flask's dev server on http://127.0.0.1:5000.
-run: $(VENV)/.runtime
-	FLASK_DEBUG=1 $(BIN)/flask --app app run --host 127.0.0.1 --port 5000
+run: $(VENV)/.runtime instance/config.py
+	$(BIN)/flask --app app run --host 127.0.0.1 --port 5000
 
 test: $(VENV)/.dev tests/node/node_modules
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -33,7 +33,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["DATABASE_URL"] = os.environ.get(
         "DATABASE_URL", "sqlite:///" + os.path.join(app.instance_path, "realtime.sqlite3")
     )
-    app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY")
+    # instance/config.py (the Flask tutorial's place for a local SECRET_KEY;
+    # `make run` writes one), then the environment, which wins.
+    app.config.from_pyfile("config.py", silent=True)
+    if os.environ.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = os.environ["SECRET_KEY"]
     # FLASK_REALTIME_HEARTBEAT_S=1 -> REALTIME_HEARTBEAT_S = 1 (values parsed as JSON).
     app.config.from_prefixed_env()
     if config:
@@ -78,8 +82,11 @@ def _require_secret_key(app: Flask) -> None:
         return
     if app.debug or app.testing:
         # Tokens signed with a throwaway key die with the process; the client
-        # then asks for a new one. Good enough for `make run` and tests.
+        # then asks for a new one. Good enough for `flask run --debug` and tests.
         app.config["SECRET_KEY"] = secrets.token_hex(32)
         log.warning("SECRET_KEY is not set; using a random key for this process only")
         return
-    raise RuntimeError("SECRET_KEY must be set (export SECRET_KEY=...) outside debug and testing")
+    raise RuntimeError(
+        "SECRET_KEY must be set outside debug and testing: export SECRET_KEY=... "
+        f"or put SECRET_KEY = '...' in {os.path.join(app.instance_path, 'config.py')} (make run writes one)"
+    )
