@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import Iterable
 
+from .fastpath import SocketWriter
 from .sse import KEEP_ALIVE, format_event
 from .store import Message, MessageStore
 
@@ -42,26 +43,44 @@ class Subscription:
 
     Bounded twice: in frames (`limit`, REALTIME_STREAM_BUFFER) and in bytes,
     since 1,000 frames of the largest allowed message would be half a gigabyte.
+
+    With a `writer` (fastpath.py), a frame offered while the stream is parked
+    in `take()` with nothing queued is written to the client at once instead.
+    `sent_through` is the highest message id the client was given, by either
+    path, so neither repeats a message the other already sent.
     """
 
     max_pending_bytes = 8 * 1024 * 1024
 
-    __slots__ = ("channel", "topics", "closed_reason", "quiet_since", "_limit", "_pending", "_pending_bytes", "_ready")
+    __slots__ = (
+        "channel", "topics", "closed_reason", "quiet_since", "sent_through", "writer", "unsent",
+        "_limit", "_pending", "_pending_bytes", "_ready", "_parked",
+    )
 
-    def __init__(self, channel: str, topics: Iterable[str] | None, limit: int) -> None:
+    def __init__(
+        self, channel: str, topics: Iterable[str] | None, limit: int, writer: SocketWriter | None = None
+    ) -> None:
         self.channel = channel
         self.topics = frozenset(topics) if topics is not None else None
         self.closed_reason: str | None = None
-        self.quiet_since = time.monotonic()  # when a frame was last queued
+        self.quiet_since = time.monotonic()  # when a frame was last queued or sent
+        self.sent_through = 0
+        self.writer = writer
+        self.unsent = b""  # the part of a direct write the socket did not take
         self._limit = limit
         self._pending: deque[Frame] = deque()
         self._pending_bytes = 0
         self._ready = threading.Event()
+        self._parked = False
 
     def offer(self, message: Message, frame: bytes) -> None:
         if self.closed_reason is not None:
             return
         if self.topics is not None and message.topic not in self.topics:
+            return
+        if self._can_send_now():
+            if message.id > self.sent_through:
+                self._send_now(message.id, frame)
             return
         if len(self._pending) >= self._limit or self._pending_bytes > self.max_pending_bytes:
             # A client that stops reading must not grow the server: end its
@@ -71,8 +90,26 @@ class Subscription:
         self._queue((message.id, frame))
 
     def keep_alive(self) -> None:
-        if self.closed_reason is None and not self._pending:
+        if self.closed_reason is not None or self._pending or self.unsent:
+            return
+        if self._can_send_now():
+            self._send_now(*KEEP_ALIVE_FRAME)
+        else:
             self._queue(KEEP_ALIVE_FRAME)
+
+    def _can_send_now(self) -> bool:
+        return self._parked and self.writer is not None and not self._pending and not self.unsent
+
+    def _send_now(self, message_id: int, frame: bytes) -> None:
+        try:
+            self.unsent = self.writer.try_send(frame)
+        except OSError:
+            self.close("gone")
+            return
+        self.sent_through = max(self.sent_through, message_id)
+        self.quiet_since = time.monotonic()
+        if self.unsent:
+            self._ready.set()  # the stream's greenlet finishes the write, then goes on
 
     def _queue(self, frame: Frame) -> None:
         self._pending.append(frame)
@@ -87,8 +124,12 @@ class Subscription:
         messages. A timeout per wait would arm and cancel a timer on every
         wake-up, which at 1,000 streams cost more than the frames themselves.
         """
-        if not self._pending and self.closed_reason is None:
-            self._ready.wait()
+        if not self._pending and self.closed_reason is None and not self.unsent:
+            self._parked = True  # all yielded so far is written: direct writes may go
+            try:
+                self._ready.wait()
+            finally:
+                self._parked = False
         self._ready.clear()  # clear before draining, so an offer after this is not missed
         frames = []
         while self._pending:
@@ -96,10 +137,16 @@ class Subscription:
         self._pending_bytes = 0
         return frames
 
+    def finish_unsent(self) -> None:
+        """Write the rest of a direct write, blocking this greenlet until the client takes it."""
+        rest, self.unsent = self.unsent, b""
+        if rest:
+            self.writer.send_all(rest)
+
     def close(self, reason: str) -> None:
         if self.closed_reason is None:
             self.closed_reason = reason
-        self._pending.clear()
+        self._pending.clear()  # `unsent` stays: half a chunk must still be finished
         self._pending_bytes = 0
         self._ready.set()
 
@@ -142,9 +189,11 @@ class Dispatcher:
             self._thread = threading.Thread(target=self._run, name="realtime-dispatcher", daemon=True)
             self._thread.start()
 
-    def subscribe(self, channel: str, topics: Iterable[str] | None) -> Subscription:
+    def subscribe(
+        self, channel: str, topics: Iterable[str] | None, writer: SocketWriter | None = None
+    ) -> Subscription:
         self.start()
-        subscription = Subscription(channel, topics, self.buffer_size)
+        subscription = Subscription(channel, topics, self.buffer_size, writer)
         with self._lock:
             if self._stopping:
                 subscription.close("shutdown")

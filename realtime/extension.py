@@ -25,6 +25,7 @@ import jsontext
 from .cursor import Cursor
 from .dispatch import Dispatcher
 from .errors import Forbidden, InvalidRequest, MessageTooLarge
+from .fastpath import socket_writer
 from .names import check_channel, check_run_id, check_topic
 from .store import Message, MessageStore
 from .stream import event_stream, resolve_cursor
@@ -45,6 +46,7 @@ DEFAULTS = {
     "REALTIME_POLL_S": 0.25,  # SQLite only: how often other processes' appends are looked for
     "REALTIME_STREAM_BUFFER": 1000,  # frames queued for a slow client before its stream ends
     "REALTIME_PRUNE_INTERVAL_S": 300,
+    "REALTIME_DIRECT_WRITES": True,  # gunicorn+gevent: the dispatcher writes live frames itself
 }
 
 
@@ -63,6 +65,7 @@ class Realtime:
         self.retry_ms = int(config["REALTIME_RETRY_MS"])
         self.retention = timedelta(seconds=float(config["REALTIME_RETENTION_S"]))
         self.publish_key: str | None = config["REALTIME_PUBLISH_KEY"] or None
+        self.direct_writes = bool(config["REALTIME_DIRECT_WRITES"])
         # A body is the data plus a little JSON around it; refuse more before
         # reading it. (Flask defines the key as None, so setdefault would not do.)
         if config.get("MAX_CONTENT_LENGTH") is None:
@@ -146,19 +149,23 @@ class Realtime:
             raise Forbidden(f"this client may not subscribe to channel {channel!r} with these topics")
         return self.create_token(channel, topics)
 
-    def stream(self, channel: str, topics: Sequence[str] | None, cursor: str | None) -> Iterator[str]:
+    def stream(
+        self,
+        channel: str,
+        topics: Sequence[str] | None,
+        cursor: str | None,
+        *,
+        environ: dict[str, Any] | None = None,
+    ) -> Iterator[bytes]:
         """The frames of one subscriber, from `cursor` (a `Last-Event-ID`) on; never ends by itself.
 
-        A malformed cursor raises `InvalidCursor` here, before any frame.
+        Given the WSGI `environ`, live frames may be written straight to the
+        client's socket (fastpath.py; REALTIME_DIRECT_WRITES). A malformed
+        cursor raises `InvalidCursor` here, before any frame.
         """
         parsed = Cursor.parse(cursor) if cursor else None
-        return event_stream(
-            self.dispatcher,
-            channel,
-            topics,
-            parsed,
-            retry_ms=self.retry_ms,
-        )
+        writer = socket_writer(environ) if environ is not None and self.direct_writes else None
+        return event_stream(self.dispatcher, channel, topics, parsed, retry_ms=self.retry_ms, writer=writer)
 
     def history(
         self, channel: str, topics: Sequence[str] | None, after: str | None, limit: int

@@ -9,7 +9,9 @@ endpoint and `flask realtime tail`. Its four phases, in order:
 3. Replay: every retained message after the cursor, page by page, oldest
    first; `reset` first if the cursor cannot be honoured exactly.
 4. Live: frames from the dispatcher, skipping ids already replayed, and the
-   `: keep-alive` comments the dispatcher queues on quiet streams.
+   `: keep-alive` comments the dispatcher queues on quiet streams. With a
+   `writer` the dispatcher writes them itself while the stream waits
+   (fastpath.py).
 
 It ends when the process shuts down (the client reconnects elsewhere with its
 cursor) or when the client stopped reading and its buffer overflowed.
@@ -21,6 +23,7 @@ from typing import Iterator, Sequence
 
 from .cursor import Cursor
 from .dispatch import Dispatcher, message_frame
+from .fastpath import SocketWriter
 from .sse import format_event
 from .store import MessageStore
 
@@ -65,10 +68,11 @@ def event_stream(
     cursor: Cursor | None,
     *,
     retry_ms: int,
+    writer: SocketWriter | None = None,
 ) -> Iterator[bytes]:
     store = dispatcher.store
     yield format_event(retry=retry_ms).encode()
-    subscription = dispatcher.subscribe(channel, topics)
+    subscription = dispatcher.subscribe(channel, topics, writer)
     try:
         last_id, reset = resolve_cursor(store, channel, cursor)
         if reset is not None:
@@ -82,16 +86,18 @@ def event_stream(
                 last_id = message.id
             if len(page) < REPLAY_PAGE:
                 break
+        subscription.sent_through = last_id
 
         while True:
             frames = subscription.take()
+            subscription.finish_unsent()  # a direct write the socket took only in part
             if subscription.closed_reason is not None:
                 break
             chunk = []
             for message_id, frame in frames:
-                if message_id == 0 or message_id > last_id:  # 0: keep-alive; else not yet replayed
+                if message_id == 0 or message_id > subscription.sent_through:  # 0: keep-alive
                     chunk.append(frame)
-                    last_id = max(last_id, message_id)
+                    subscription.sent_through = max(subscription.sent_through, message_id)
             if chunk:
                 yield b"".join(chunk)  # one write for everything that queued up
 

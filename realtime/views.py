@@ -105,7 +105,7 @@ def subscribe() -> Response:
     # The header (sent by EventSource on reconnect) wins over the query
     # parameter (used for the first connection of a resuming client).
     cursor = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
-    frames = _realtime().stream(grant.channel, topics, cursor)
+    frames = _realtime().stream(grant.channel, topics, cursor, environ=request.environ)
     return Response(
         frames,
         # The frames are bytes already: hand the generator itself to the
