@@ -489,6 +489,13 @@ def run_publishing_phases(args, database: Database, log_path: Path, clients: Cli
         print(f"  opened {opened['ready']}/{args.subscribers} streams in {time.monotonic() - started:.1f}s", flush=True)
         if opened["ready"] != args.subscribers:
             raise RuntimeError(f"could not open every stream: {opened}")
+        # Streams count as open when subscribed, before their (empty) replay
+        # has finished: one message that every stream receives marks the end
+        # of the connection storm, which is not the steady state measured here.
+        publisher = Publisher(server, "bench.fanout")
+        warmup_id = publisher.publish()[0]
+        publisher.close()
+        clients.broadcast({"cmd": "wait", "last_id": warmup_id, "timeout": args.drain_timeout}, args.drain_timeout + 15)
         results.append(publishing_phase(
             "fanout", server, clients, args.subscribers,
             lambda: publish_paced(server, "bench.fanout", args.rate, args.seconds), args.drain_timeout,
