@@ -6,8 +6,9 @@
 
 Modules, one idea each: `sse` (wire format), `cursor`, `tokens`, `names`,
 `store` (the only SQL), `changes` (cross-process wake-up), `dispatch`
-(in-process fan-out), `stream` (one subscriber), `extension` (the Flask
-extension and Python API), `views` (HTTP), `cli` (`flask realtime ...`).
+(in-process fan-out), `fastpath` (live frames written straight to idle
+sockets under gunicorn+gevent), `stream` (one subscriber), `extension` (the
+Flask extension and Python API), `views` (HTTP), `cli` (`flask realtime ...`).
 """
 from .errors import RealtimeError
 from .extension import Realtime
