@@ -165,6 +165,7 @@ export class Subscription {
   // -- connecting -----------------------------------------------------------------------
 
   _open() {
+    if (!this._isActive()) return; // closed or failed while a timer was pending
     const conn = { close() {} };
     this._conn = conn;
     this._set({ state: "connecting", retryAt: null }, { type: "state" });
@@ -374,6 +375,9 @@ export class Subscription {
       this._attempt += 1;
     }
     this._set({ state: "connecting", error, retryAt: this._env.now() + delayMs }, { type: "state" });
+    // One pending timer at most: an earlier one (a takeover) would otherwise
+    // survive unseen, and reopen a subscription that was closed meanwhile.
+    if (this._timer !== null) this._env.clearTimeout(this._timer);
     this._timer = this._env.setTimeout(() => {
       this._timer = null;
       this._open();

@@ -356,6 +356,21 @@ describe("resuming", () => {
     assert.deepEqual(timers.pending, []);
   });
 
+  test("a takeover pending when the browser gives up is replaced, so close() leaves nothing behind", async () => {
+    const { env, timers } = testEnv({ fetch: fakeFetch(new TypeError("Failed to fetch")) });
+    const sub = subscribe({ channel: "run.42", topics: TOPICS, token: async () => ({ token: "t1", expires_at: 1060 }), env });
+    await settle();
+    const es = FakeEventSource.last;
+    es.open();
+    es.fail(FakeEventSource.CONNECTING); // a takeover timer is armed...
+    es.fail(FakeEventSource.CLOSED); // ...then the browser gives up: probe, then a retry timer
+    await settle();
+    assert.equal(timers.pending.length, 1); // the retry replaced the takeover
+    sub.close();
+    assert.deepEqual(timers.pending, []); // nothing left that could reopen it
+    assert.equal(sub.state, "closed");
+  });
+
   test("a failing token function is retried with backoff", async () => {
     const { env, timers } = testEnv();
     let calls = 0;
