@@ -21,6 +21,8 @@ from sqlalchemy.orm import Session
 
 import database
 import jsontext
+from configvalues import flag
+from realtime.errors import MessageTooLarge
 
 from .errors import EventTooLarge, InvalidEvent, RunNotFound
 from .registry import EVENT_NAME_PATTERN, Handler, JobFunction, Registry, function
@@ -43,12 +45,6 @@ DEFAULTS = {
 }
 
 MAX_EVENTS_PER_REQUEST = 100
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):  # FLASK_JOBS_EAGER=False arrives as a string
-        return value.strip().lower() not in ("", "0", "false", "no", "off")
-    return bool(value)
 
 
 def check_event(name: Any, data: Any) -> None:
@@ -74,8 +70,8 @@ class Jobs:
         # Eager mode runs each run inline when it is sent; the default in tests.
         app.config.setdefault("JOBS_EAGER", app.testing)
         config = app.config
-        self.embedded = _flag(config["JOBS_EMBEDDED"])
-        self.eager = _flag(config["JOBS_EAGER"])
+        self.embedded = flag(config["JOBS_EMBEDDED"])
+        self.eager = flag(config["JOBS_EAGER"])
         self.event_key: str | None = config["JOBS_EVENT_KEY"] or None
         self.max_event_bytes = int(config["JOBS_MAX_EVENT_BYTES"])
         self.lease_s = float(config["JOBS_LEASE_S"])
@@ -99,10 +95,15 @@ class Jobs:
         from . import cli
 
         app.cli.add_command(cli.jobs_cli)
+        # In the serving process, after gunicorn forked (gunicorn.conf.py), or
+        # at the first request under `flask run`; never at import or in
+        # `flask` commands (the worker command starts its own).
+        app.before_request(self.start)
+
+    def start(self) -> None:
+        """Start the embedded pool, if this app runs one (idempotent)."""
         if self.embedded and not self.eager:
-            # In the serving process, after gunicorn forked; never at import
-            # or in `flask` commands (the worker command starts its own).
-            app.before_request(self.worker.start)
+            self.worker.start()
 
     def new_worker(self, threads: int) -> Worker:
         return Worker(
@@ -187,4 +188,10 @@ class Jobs:
             data["output"] = run.output
         elif run.status == FAILED:
             data["error"] = run.error
-        self.realtime.publish(run.channel, "run", data, run_id=run.id, session=session)
+        try:
+            self.realtime.publish(run.channel, "run", data, run_id=run.id, session=session)
+        except MessageTooLarge:
+            # The size is checked before any SQL, so the transaction goes on;
+            # the whole output or error stays readable at GET /api/runs/<id>.
+            data = {"status": run.status, "truncated": True}
+            self.realtime.publish(run.channel, "run", data, run_id=run.id, session=session)

@@ -5,13 +5,12 @@ which errors.py turns into JSON. Nothing here touches the database.
 """
 from __future__ import annotations
 
-import hmac
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, current_app
 
-from request_input import bearer_token, json_body
+from request_input import bearer_matches, json_body
 
 from .errors import InvalidEvent, InvalidEventKey, RunNotFound
 from .extension import Jobs
@@ -25,7 +24,7 @@ def _jobs() -> Jobs:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat(timespec="microseconds")
+    return None if value is None else value.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
 def run_json(run: Run) -> dict[str, Any]:
@@ -47,8 +46,7 @@ def run_json(run: Run) -> dict[str, Any]:
 def send_events() -> tuple[dict[str, Any], int]:
     jobs = _jobs()
     if jobs.event_key:
-        given = bearer_token()
-        if given is None or not hmac.compare_digest(given.encode(), jobs.event_key.encode()):
+        if not bearer_matches(jobs.event_key):
             raise InvalidEventKey("sending events needs 'Authorization: Bearer <JOBS_EVENT_KEY>'")
     body = json_body()
     items = body if isinstance(body, list) else [body]

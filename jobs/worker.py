@@ -16,7 +16,9 @@ share the GIL, and each time the hub releases it (every socket or SQLite
 call) it may wait a whole switch interval to get it back; serving one message
 takes dozens of such calls, so the worker lowers the interval from 5 ms to
 `switch_interval_s` (bench/cpu_step.py measures the effect). The interval
-only matters while threads compete for the GIL. The loop stays a greenlet. gevent runs a future's done-callbacks in the
+only matters while threads compete for the GIL.
+
+The loop stays a greenlet. gevent runs a future's done-callbacks in the
 hub's thread, so waking the loop from them is safe. gevent's locks (what a
 patched `threading.Lock`, e.g. in SQLAlchemy's pool, is) work across native
 threads; its Events are woken from a native thread only through the hub

@@ -393,3 +393,16 @@ def test_cancel_a_sleeping_run_and_a_finished_one(client, jobs):
     response = client.post(f"/api/runs/{done_id}/cancel")
     assert response.status_code == 409
     assert jobs.run(done_id).status == "completed"
+
+
+def test_an_output_too_large_to_publish_still_completes_the_run(app, jobs):
+    limit = app.extensions["realtime"].max_message_bytes
+
+    @jobs.function(id="big", trigger="test.big", retries=0)
+    def big(ctx):
+        return {"blob": "x" * limit}
+
+    run_id = send(jobs, "test.big")
+    run = jobs.run(run_id)
+    assert run.status == "completed" and len(run.output["blob"]) == limit  # all of it, in the run
+    assert messages(app, run_id, "run")[-1] == ("run", {"status": "completed", "truncated": True})
