@@ -14,7 +14,6 @@ from typing import Any, Mapping
 
 from flask import Flask
 
-import database
 import demo
 import errors
 from jobs import JobError, Jobs
@@ -24,32 +23,36 @@ from realtime import Realtime, RealtimeError
 
 log = logging.getLogger(__name__)
 
+SECRET_KEYS = ("SECRET_KEY", "REALTIME_PUBLISH_KEY", "JOBS_EVENT_KEY")
+
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.json.sort_keys = False  # keep envelopes in CONTRACT order
     os.makedirs(app.instance_path, exist_ok=True)
 
-    app.config["DATABASE_URL"] = os.environ.get(
-        "DATABASE_URL", "sqlite:///" + os.path.join(app.instance_path, "realtime.sqlite3")
-    )
+    app.config["DATABASE_URL"] = "sqlite:///" + os.path.join(app.instance_path, "realtime.sqlite3")
     # instance/config.py (the Flask tutorial's place for a local SECRET_KEY;
     # `make run` writes one), then the environment, which wins.
     app.config.from_pyfile("config.py", silent=True)
-    if os.environ.get("SECRET_KEY"):
-        app.config["SECRET_KEY"] = os.environ["SECRET_KEY"]
+    for key in ("DATABASE_URL", "SECRET_KEY"):
+        if os.environ.get(key):
+            app.config[key] = os.environ[key]
     # FLASK_REALTIME_HEARTBEAT_S=1 -> REALTIME_HEARTBEAT_S = 1 (values parsed as JSON).
     app.config.from_prefixed_env()
+    for key in SECRET_KEYS:  # ... but a key is text, even FLASK_REALTIME_PUBLISH_KEY=12345
+        if f"FLASK_{key}" in os.environ:
+            app.config[key] = os.environ[f"FLASK_{key}"]
     if config:
         app.config.update(config)
     _require_secret_key(app)
 
     errors.init_app(app, RealtimeError, JobError)
-    realtime = Realtime(app, engine=database.engine_for(app))
+    realtime = Realtime(app)
     # The demo lets anyone subscribe to any channel. A real app decides here,
     # from its own session or API key, who may watch what.
     realtime.authorize(lambda channel, topics: True)
-    jobs = Jobs(app, engine=database.engine_for(app), realtime=realtime)
+    jobs = Jobs(app, realtime=realtime)
     jobs.register(report_job.generate_report)
 
     app.register_blueprint(job_views.blueprint)

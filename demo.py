@@ -17,7 +17,7 @@ from flask.typing import ResponseReturnValue
 
 from errors import error_response
 from realtime import Grant
-from realtime.views import json_object
+from request_input import json_object
 
 blueprint = Blueprint("demo", __name__)
 

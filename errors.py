@@ -46,7 +46,10 @@ def init_app(app: Flask, *package_errors: type[Exception]) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
-        return error_response(exc.code or 500, _http_code(exc), exc.description or exc.name)
+        response = error_response(exc.code or 500, _http_code(exc), exc.description or exc.name)
+        # A 405 says which methods would do (RFC 9110 §15.5.6).
+        response.headers.extend((k, v) for k, v in exc.get_headers() if k.lower() == "allow")
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

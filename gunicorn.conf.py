@@ -25,7 +25,7 @@ access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 
 
 def post_worker_init(worker):
-    """End this worker's streams as soon as it is told to stop.
+    """Start the app's background work, and end its streams as soon as the worker is told to stop.
 
     On SIGTERM (also what the master sends old workers on SIGHUP) gunicorn
     stops accepting and waits up to `graceful_timeout` for open requests; a
@@ -55,6 +55,12 @@ def post_worker_init(worker):
             handler(signum, frame)
 
         return on_signal
+
+    # Background work (dispatcher, pruning, the embedded job pool) starts now,
+    # after the fork, rather than waiting for this worker's first request.
+    for name in ("realtime", "jobs"):
+        if name in extensions:
+            extensions[name].start()
 
     signal.signal(signal.SIGTERM, stop_then(worker.handle_exit))
     signal.signal(signal.SIGQUIT, stop_then(worker.handle_quit))

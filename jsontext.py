@@ -23,13 +23,13 @@ class TooLarge(ValueError):
 def encode(value: Any, *, max_bytes: int) -> str:
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        # U+0085, U+2028 and U+2029 as escapes: the same JSON, but safe for
+        # clients that split lines more eagerly than the SSE spec does.
+        if "\u2028" in text or "\u2029" in text or "\x85" in text:
+            text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
         size = len(text.encode())  # refuses lone surrogates
     except (TypeError, ValueError, RecursionError) as exc:
         raise NotJSON(str(exc)) from None
     if size > max_bytes:
         raise TooLarge(size, max_bytes)
-    # U+0085, U+2028 and U+2029 as escapes: the same JSON, but safe for
-    # clients that split lines more eagerly than the SSE spec does.
-    if "\u2028" in text or "\u2029" in text or "\x85" in text:
-        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
     return text

@@ -6,6 +6,7 @@ limits come from Flask's MAX_CONTENT_LENGTH.
 """
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
@@ -29,6 +30,14 @@ def json_body() -> Any:
         raise APIError(400, "invalid_json", "the body must be JSON encoded as UTF-8") from None
 
 
+def json_object() -> dict[str, Any]:
+    """The request body, which must be a JSON object."""
+    body = json_body()
+    if not isinstance(body, dict):
+        raise APIError(400, "invalid_json", "the body must be a JSON object")
+    return body
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -39,3 +48,9 @@ def bearer_token() -> str | None:
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
     return None
+
+
+def bearer_matches(expected: str) -> bool:
+    """Whether `Authorization: Bearer ...` carries `expected` (compared in constant time)."""
+    given = bearer_token()
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())

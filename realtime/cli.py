@@ -27,7 +27,6 @@ def tail(channel: str, topics: tuple[str, ...], last_event_id: str | None) -> No
         frames = realtime.stream(channel, list(topics) or None, last_event_id)
     except RealtimeError as exc:
         raise click.UsageError(exc.message) from None
-    realtime.start()
     try:
         for frame in frames:
             sys.stdout.buffer.write(frame)

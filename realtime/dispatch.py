@@ -141,7 +141,10 @@ class Subscription:
         """Write the rest of a direct write, blocking this greenlet until the client takes it."""
         rest, self.unsent = self.unsent, b""
         if rest:
-            self.writer.send_all(rest)
+            try:
+                self.writer.send_all(rest)
+            except OSError:
+                self.close("gone")
 
     def close(self, reason: str) -> None:
         if self.closed_reason is None:
@@ -178,7 +181,8 @@ class Dispatcher:
 
     @property
     def stream_count(self) -> int:
-        return sum(len(subs) for subs in self._by_channel.values())
+        with self._lock:
+            return sum(len(subs) for subs in self._by_channel.values())
 
     def start(self) -> None:
         """Start the reader thread once (lazily: never at import, always after a fork)."""

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 import database
 import jsontext
+from configvalues import flag
 
 from .cursor import Cursor
 from .dispatch import Dispatcher
@@ -65,7 +66,7 @@ class Realtime:
         self.retry_ms = int(config["REALTIME_RETRY_MS"])
         self.retention = timedelta(seconds=float(config["REALTIME_RETENTION_S"]))
         self.publish_key: str | None = config["REALTIME_PUBLISH_KEY"] or None
-        self.direct_writes = bool(config["REALTIME_DIRECT_WRITES"])
+        self.direct_writes = flag(config["REALTIME_DIRECT_WRITES"])
         # A body is the data plus a little JSON around it; refuse more before
         # reading it. (Flask defines the key as None, so setdefault would not do.)
         if config.get("MAX_CONTENT_LENGTH") is None:

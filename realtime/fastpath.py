@@ -13,8 +13,9 @@ frame as an HTTP/1.1 chunk). If the socket takes only part of it, the rest
 goes back to the stream's greenlet, which finishes it with a blocking write
 before anything else, so the bytes on the wire stay in order.
 
-Only for plain HTTP/1.x on gunicorn's gevent worker; anything else (Flask's
-dev server, other workers, HTTP/2) keeps the ordinary path.
+Only for plain-text HTTP/1.x on gunicorn's gevent worker; anything else
+(Flask's dev server, other workers, TLS, HTTP/2) keeps the ordinary path.
+Bytes written this way bypass gunicorn's byte count in the access log.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def socket_writer(environ: dict[str, Any]) -> SocketWriter | None:
         sock is None
         or not type(sock).__module__.startswith("gevent")
         or not hasattr(sock, "_sock")
+        or hasattr(sock, "_sslobj")  # TLS: `_sock` lies beneath the encryption
         or environ.get("REQUEST_METHOD") != "GET"
         or environ.get("SERVER_PROTOCOL") not in ("HTTP/1.1", "HTTP/1.0")
     ):

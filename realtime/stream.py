@@ -1,6 +1,6 @@
 """One subscriber's event stream: `retry:`, replay from the store, then live.
 
-A plain generator of frames (strings), so the same code serves the HTTP
+A plain generator of frames (bytes), so the same code serves the HTTP
 endpoint and `flask realtime tail`. Its four phases, in order:
 
 1. `retry:` first, which also makes the WSGI server send the headers at once.
@@ -14,7 +14,8 @@ endpoint and `flask realtime tail`. Its four phases, in order:
    (fastpath.py).
 
 It ends when the process shuts down (the client reconnects elsewhere with its
-cursor) or when the client stopped reading and its buffer overflowed.
+cursor), when the client stopped reading and its buffer overflowed, or when a
+direct write found the client gone.
 """
 from __future__ import annotations
 

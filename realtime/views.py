@@ -6,13 +6,12 @@ turns into JSON. Nothing in this module touches the database.
 """
 from __future__ import annotations
 
-import hmac
 import re
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from request_input import bearer_token, json_body
+from request_input import bearer_matches, bearer_token, json_object
 
 from .errors import Forbidden, InvalidRequest, InvalidToken, NotFound
 from .extension import Realtime
@@ -26,14 +25,6 @@ MAX_HISTORY_LIMIT = 1000
 
 def _realtime() -> Realtime:
     return current_app.extensions["realtime"]
-
-
-def json_object() -> dict[str, Any]:
-    """The request body, which must be a JSON object."""
-    body = json_body()
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
-    return body
 
 
 def _granted_scope() -> tuple[Grant, tuple[str, ...]]:
@@ -70,8 +61,7 @@ def publish() -> tuple[dict[str, Any], int]:
     realtime = _realtime()
     if not realtime.publish_key:
         raise NotFound("publishing over HTTP is off; the server sets REALTIME_PUBLISH_KEY to enable it")
-    given = bearer_token()
-    if given is None or not hmac.compare_digest(given.encode(), realtime.publish_key.encode()):
+    if not bearer_matches(realtime.publish_key):
         raise InvalidToken(
             "publishing needs 'Authorization: Bearer <REALTIME_PUBLISH_KEY>'", code="invalid_publish_key"
         )
