@@ -98,11 +98,12 @@ class Jobs:
         # In the serving process, after gunicorn forked (gunicorn.conf.py), or
         # at the first request under `flask run`; never at import or in
         # `flask` commands (the worker command starts its own).
+        self._runs_pool = self.embedded and not self.eager
         app.before_request(self.start)
 
     def start(self) -> None:
         """Start the embedded pool, if this app runs one (idempotent)."""
-        if self.embedded and not self.eager:
+        if self._runs_pool:
             self.worker.start()
 
     def new_worker(self, threads: int) -> Worker:

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
 
 from flask import Flask
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 import database
@@ -123,12 +123,10 @@ class Realtime:
             raise MessageTooLarge(
                 f"'data' is {exc} (REALTIME_MAX_MESSAGE_BYTES). Publish a link to large content instead."
             ) from None
-        message = self.store.append(channel, topic, data_json, run_id=run_id, session=session)
-        if session is None:
-            self.dispatcher.notify_appended()
-        else:
-            event.listen(session, "after_commit", lambda _s: self.dispatcher.notify_appended(), once=True)
-        return message
+        return self.store.append(
+            channel, topic, data_json, run_id=run_id, session=session,
+            on_commit=self.dispatcher.notify_appended,
+        )
 
     # -- subscribing ------------------------------------------------------
 

@@ -36,6 +36,7 @@ from sqlalchemy import (
     Table,
     Text,
     case,
+    event,
     func,
     insert,
     select,
@@ -169,8 +170,9 @@ class MessageStore:
         *,
         run_id: str | None = None,
         session: Session | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> Message:
-        """Store one message and return it with its id.
+        """Store one message and return it with its id; call `on_commit` once it is committed.
 
         With `session`, the row is written in the caller's transaction and
         exists only if the caller commits (a transactional outbox); on
@@ -178,9 +180,15 @@ class MessageStore:
         such transactions short.
         """
         if session is not None:
-            return self._append(session.connection(), channel, topic, data_json, run_id)
+            message = self._append(session.connection(), channel, topic, data_json, run_id)
+            if on_commit is not None:
+                event.listen(session, "after_commit", lambda _session: on_commit(), once=True)
+            return message
         with self.engine.begin() as conn:
-            return self._append(conn, channel, topic, data_json, run_id)
+            message = self._append(conn, channel, topic, data_json, run_id)
+        if on_commit is not None:
+            on_commit()
+        return message
 
     def _append(
         self, conn: Connection, channel: str, topic: str, data_json: str, run_id: str | None
