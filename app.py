@@ -16,10 +16,10 @@ from flask import Flask
 
 import demo
 import errors
-from jobs import JobError, Jobs
+from jobs import Jobs
 from jobs import report as report_job
 from jobs import views as job_views
-from realtime import Realtime, RealtimeError
+from realtime import Realtime
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config.update(config)
     _require_secret_key(app)
 
-    errors.init_app(app, RealtimeError, JobError)
+    errors.init_app(app)
     realtime = Realtime(app)
     # The demo lets anyone subscribe to any channel. A real app decides here,
     # from its own session or API key, who may watch what.

@@ -2,8 +2,8 @@
 
 `{"error": {"code": "snake_case_code", "message": "what went wrong and what to do"}}`
 
-Package errors (`RealtimeError`, `JobError`) carry `status`, `code` and
-`message`; Werkzeug's HTTP errors (404, 405, 413 ...) are translated; anything
+Package errors (`RealtimeError`, `JobError`, both `AppError`s) carry `status`,
+`code` and `message`; Werkzeug's HTTP errors (404, 405, 413 ...) are translated; anything
 unexpected is logged with its traceback and answered with a bare 500 that says
 nothing about the internals.
 """
@@ -18,12 +18,22 @@ from werkzeug.exceptions import HTTPException
 log = logging.getLogger(__name__)
 
 
-class APIError(Exception):
-    """An error of the HTTP layer itself (a body that is not JSON, ...), outside any package."""
+class AppError(Exception):
+    """What a client got wrong: the base of each package's root error.
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    Subclasses carry their HTTP `status` and snake_case `code` as class
+    attributes (itsdangerous' `BadData` family is the model); `message` is
+    written for the person who has to fix the request.
+    """
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.message = message
+        if code is not None:
+            self.code = code
 
 
 def error_response(status: int, code: str, message: str) -> Response:
@@ -38,11 +48,10 @@ def _http_code(exc: HTTPException) -> str:
     return re.sub(r"[^a-z0-9]+", "_", (exc.name or "error").lower()).strip("_")
 
 
-def init_app(app: Flask, *package_errors: type[Exception]) -> None:
-    for error_class in (APIError, *package_errors):
-        app.register_error_handler(
-            error_class, lambda exc: error_response(exc.status, exc.code, exc.message)
-        )
+def init_app(app: Flask) -> None:
+    @app.errorhandler(AppError)
+    def _app_error(exc: AppError) -> Response:
+        return error_response(exc.status, exc.code, exc.message)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -13,7 +13,7 @@ from typing import Any
 from flask import request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from errors import APIError
+from errors import AppError
 
 
 def json_body() -> Any:
@@ -27,14 +27,14 @@ def json_body() -> Any:
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise APIError(400, "invalid_json", "the body must be JSON encoded as UTF-8") from None
+        raise AppError("the body must be JSON encoded as UTF-8", code="invalid_json") from None
 
 
 def json_object() -> dict[str, Any]:
     """The request body, which must be a JSON object."""
     body = json_body()
     if not isinstance(body, dict):
-        raise APIError(400, "invalid_json", "the body must be a JSON object")
+        raise AppError("the body must be a JSON object", code="invalid_json")
     return body
 
 

@@ -10,16 +10,11 @@ help", and the run fails at once instead of after its retries.
 """
 from __future__ import annotations
 
+from errors import AppError
 
-class JobError(Exception):
-    status = 400
-    code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
+class JobError(AppError):
+    """The root of the jobs package's errors."""
 
 
 class InvalidEvent(JobError):

@@ -1,21 +1,14 @@
-"""One root error for the realtime package; views turn each into CONTRACT §3 JSON.
+"""One root error for the realtime package; errors.py turns each into CONTRACT §3 JSON.
 
-Every subclass carries its HTTP `status` and snake_case `code` as class
-attributes (itsdangerous' `BadData` family is the model), and a `message`
-written for the person who has to fix the request.
+Every subclass sets its HTTP `status` and snake_case `code` (see `AppError`).
 """
 from __future__ import annotations
 
+from errors import AppError
 
-class RealtimeError(Exception):
-    status = 400
-    code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
+class RealtimeError(AppError):
+    """The root of the realtime package's errors."""
 
 
 class InvalidRequest(RealtimeError):
