@@ -1,12 +1,17 @@
-"""One SQLAlchemy engine per app, shared by the realtime store and the job store.
+"""One SQLAlchemy engine per app, shared by the realtime store and the job store,
+and the few helpers both stores need.
 
 SQLite is the zero-install default (`make run`); PostgreSQL (psycopg 3) is for
 several processes or machines. Only stores use the engine; views never do.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+from typing import Any
+
 from flask import Flask
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
 EXTENSION_KEY = "database"
@@ -43,3 +48,22 @@ def engine_for(app: Flask) -> Engine:
         engine = make_engine(app.config["DATABASE_URL"])
         app.extensions[EXTENSION_KEY] = engine
     return engine
+
+
+# Small helpers both stores need, whatever the database.
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """A datetime read back from the database, made aware: SQLite keeps no zone, and we only write UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def upsert(engine: Engine, table: Table) -> Any:
+    """`INSERT` with `on_conflict_do_*`, which SQLite and PostgreSQL both have, in their dialect."""
+    return (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(table)

@@ -29,7 +29,7 @@ import re
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterator, Sequence
 
 from sqlalchemy import (
@@ -51,8 +51,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+
+from database import as_utc, upsert, utcnow
 
 from .errors import RunFinished, RunNotFound
 from .types import JSON, Clock
@@ -120,10 +121,6 @@ _SCHEMA_LOCK = 0x70B5_0001
 _LIMITED_CLAIM_LOCK = 0x70B5_0002
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def new_id() -> str:
     return secrets.token_hex(8)
 
@@ -133,12 +130,6 @@ def is_id(text: str) -> bool:
     so a NUL or an unencodable character never reaches a query (PostgreSQL
     refuses NUL in text with an error, not with "no such row")."""
     return isinstance(text, str) and ID_PATTERN.fullmatch(text) is not None
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:  # SQLite keeps no zone; we only write UTC
-        return value.replace(tzinfo=timezone.utc)
-    return value
 
 
 def _loads(text: str | None) -> JSON:
@@ -230,9 +221,9 @@ def _run(row: Any, step_rows: Sequence[Any] = ()) -> Run:
         output=_loads(row.output),
         error=row.error,
         cancel_requested=bool(row.cancel_requested),
-        created_at=_aware(row.created_at),
-        started_at=_aware(row.started_at),
-        ended_at=_aware(row.ended_at),
+        created_at=as_utc(row.created_at),
+        started_at=as_utc(row.started_at),
+        ended_at=as_utc(row.ended_at),
         steps=tuple(_step(s) for s in step_rows),
     )
 
@@ -288,7 +279,7 @@ class JobStore:
     def event(self, event_id: str) -> Event:
         with self.engine.connect() as conn:
             row = conn.execute(select(events).where(events.c.id == event_id)).one()
-        return Event(row.id, row.name, json.loads(row.data), _aware(row.created_at))
+        return Event(row.id, row.name, json.loads(row.data), as_utc(row.created_at))
 
     # -- reading runs -----------------------------------------------------------
 
@@ -490,7 +481,7 @@ class JobStore:
             if row.status in FINISHED:
                 raise RunFinished(f"run {run_id!r} already ended {row.status}; there is nothing to cancel")
             now = self.now()
-            held = row.lease_owner is not None and _aware(row.available_at) > now
+            held = row.lease_owner is not None and as_utc(row.available_at) > now
             values: dict[str, Any] = {"cancel_requested": True}
             if not held:
                 values.update(status=CANCELLED, lease_owner=None, ended_at=now)
@@ -516,14 +507,13 @@ class JobStore:
 
     def save_file(self, run_id: str, name: str, content_type: str, content: bytes) -> None:
         """Store (or replace) a file produced by a run, such as its report."""
-        dialect = postgresql if self.is_postgres else sqlite
-        upsert = dialect.insert(files).values(
+        statement = upsert(self.engine, files).values(
             run_id=run_id, name=name, content_type=content_type, content=content, created_at=self.now()
         )
         with self._write() as session:
-            session.execute(upsert.on_conflict_do_update(
+            session.execute(statement.on_conflict_do_update(
                 index_elements=[files.c.run_id, files.c.name],
-                set_={"content_type": upsert.excluded.content_type, "content": upsert.excluded.content},
+                set_={"content_type": statement.excluded.content_type, "content": statement.excluded.content},
             ))
 
     def load_file(self, run_id: str, name: str) -> StoredFile | None:

@@ -41,9 +41,10 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+
+from database import as_utc, upsert, utcnow
 
 from .changes import ChangeFeed, PostgresChangeFeed, PollingChangeFeed
 
@@ -88,10 +89,6 @@ _SCHEMA_LOCK = 0x5EA1_0002
 NOTIFY_CHANNEL = "realtime_messages"
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 @dataclass(frozen=True)
 class Message:
     id: int
@@ -120,10 +117,7 @@ class Message:
 
 
 def _message(row: Any) -> Message:
-    created_at = row.created_at
-    if created_at.tzinfo is None:  # SQLite keeps no zone; we only ever write UTC
-        created_at = created_at.replace(tzinfo=timezone.utc)
-    return Message(row.id, row.channel, row.topic, row.data, row.run_id, created_at)
+    return Message(row.id, row.channel, row.topic, row.data, row.run_id, as_utc(row.created_at))
 
 
 class MessageStore:
@@ -144,7 +138,7 @@ class MessageStore:
             self._lock(conn, _SCHEMA_LOCK)
             metadata.create_all(conn)
             conn.execute(
-                self._insert(meta)
+                upsert(self.engine, meta)
                 .values(key="epoch", value=secrets.token_hex(4))
                 .on_conflict_do_nothing()
             )
@@ -225,13 +219,13 @@ class MessageStore:
                 .where(messages.c.id <= newest_expired)
                 .group_by(messages.c.channel)
             ).all()
-            upsert = self._insert(pruned)
+            statement = upsert(self.engine, pruned)
             conn.execute(
-                upsert.on_conflict_do_update(
+                statement.on_conflict_do_update(
                     index_elements=[pruned.c.channel],
                     set_={
                         "through_id": case(
-                            (upsert.excluded.through_id > pruned.c.through_id, upsert.excluded.through_id),
+                            (statement.excluded.through_id > pruned.c.through_id, statement.excluded.through_id),
                             else_=pruned.c.through_id,
                         )
                     },
@@ -282,10 +276,6 @@ class MessageStore:
         return PollingChangeFeed(poll_s)
 
     # -- helpers ----------------------------------------------------------
-
-    def _insert(self, table: Table) -> Any:
-        dialect = postgresql if self.is_postgres else sqlite
-        return dialect.insert(table)
 
     def _lock(self, conn: Connection, key: int) -> None:
         if self.is_postgres:
