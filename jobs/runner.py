@@ -20,6 +20,8 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Callable
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from .errors import NonRetriableError
 from .registry import JobFunction, Registry
 from .steps import CancelRequested, Context, Publisher, Steps, Suspended, WorkerStopping, describe, to_json
@@ -84,6 +86,8 @@ class Runner:
             store.finish(claim, FAILED, error=describe(exc))
             return FAILED
         except Exception as exc:
+            if isinstance(exc, SQLAlchemyError):
+                log.warning("run %s: database error", run.id, exc_info=exc)
             if run.attempt < function.max_attempts:
                 delay = backoff_s(run.attempt, self.retry_base_s, self.retry_max_s)
                 log.warning("run %s attempt %d failed (%s); retrying in %.1f s", run.id, run.attempt, describe(exc), delay)

@@ -27,6 +27,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Any, Callable, Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from .errors import NonRetriableError
@@ -66,7 +67,12 @@ class WorkerStopping(Interrupt):
 
 
 def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """The run's `error`, which is also published on its channel, hence shown in browsers."""
+    if isinstance(exc, SQLAlchemyError):
+        # SQL text and parameters stay in the worker's log (runner.py).
+        return f"{type(exc).__name__}: a database error; the worker's log has the details"
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 def to_json(value: JSON, what: str) -> str:

@@ -406,3 +406,16 @@ def test_an_output_too_large_to_publish_still_completes_the_run(app, jobs):
     run = jobs.run(run_id)
     assert run.status == "completed" and len(run.output["blob"]) == limit  # all of it, in the run
     assert messages(app, run_id, "run")[-1] == ("run", {"status": "completed", "truncated": True})
+
+
+def test_a_database_error_in_a_step_is_not_shown_to_browsers(app, jobs):
+    from sqlalchemy.exc import OperationalError
+
+    @jobs.function(id="db-down", trigger="test.db", retries=0)
+    def db_down(ctx):
+        raise OperationalError("SELECT secret_column FROM t WHERE k = %(k)s", {"k": "hunter2"}, Exception("boom"))
+
+    run_id = send(jobs, "test.db")
+    error = jobs.run(run_id).error
+    assert error.startswith("OperationalError: a database error")
+    assert "hunter2" not in str(messages(app, run_id)) and "secret_column" not in error
