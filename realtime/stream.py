@@ -80,8 +80,16 @@ def event_stream(
             yield reset_frame(reset)
 
         epoch = store.epoch
+        first_page = True
         while True:
             page = store.read_after(channel, topics, last_id, REPLAY_PAGE)
+            if first_page and cursor is not None and reset is None:
+                # A prune between resolve_cursor() and this read would have
+                # removed messages right after the cursor: look once more.
+                through = store.pruned_through(channel)
+                if through > last_id:
+                    yield reset_frame({"reason": "history_truncated", "cursor": str(Cursor(epoch, through))})
+            first_page = False
             for message in page:
                 yield message_frame(message, epoch)
                 last_id = message.id

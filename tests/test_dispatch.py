@@ -149,3 +149,29 @@ def test_a_cursor_ahead_of_every_message_is_unknown_not_silently_kept(store):
     assert resolve_cursor(store, "c", Cursor(store.epoch, newest.id + 50)) == (
         0, {"reason": "unknown_cursor", "cursor": f"{store.epoch}-0"}
     )
+
+
+def test_a_prune_between_cursor_check_and_replay_is_reported(store, dispatcher, monkeypatch):
+    from datetime import timedelta
+
+    old = store.append("c", "t", "1")
+    kept_before = store.append("c", "t", "2")
+    read_after = store.read_after
+    pruned: list[int] = []
+
+    def read_after_a_prune(*args, **kwargs):
+        if not pruned:  # the pruner runs right after the stream checked the cursor
+            pruned.append(store.prune(timedelta(0)))
+            store.append("c", "t", "3")
+        return read_after(*args, **kwargs)
+
+    monkeypatch.setattr(store, "read_after", read_after_a_prune)
+    stream = event_stream(dispatcher, "c", None, Cursor(store.epoch, old.id), retry_ms=100)
+    next(stream)
+    reset = next(stream)
+    assert pruned == [2]
+    assert json.loads(reset.split(b"data: ", 1)[1]) == {
+        "reason": "history_truncated", "cursor": f"{store.epoch}-{kept_before.id}"
+    }
+    assert _ids([next(stream)]) == [kept_before.id + 1]
+    stream.close()
