@@ -20,7 +20,7 @@ class TooLarge(ValueError):
         self.size, self.limit = size, limit
 
 
-def encode(value: Any, *, max_bytes: int) -> str:
+def encode(value: Any, *, max_bytes: int | None = None) -> str:
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False)
         # U+0085, U+2028 and U+2029 as escapes: the same JSON, but safe for
@@ -30,6 +30,6 @@ def encode(value: Any, *, max_bytes: int) -> str:
         size = len(text.encode())  # refuses lone surrogates
     except (TypeError, ValueError, RecursionError) as exc:
         raise NotJSON(str(exc)) from None
-    if size > max_bytes:
+    if max_bytes is not None and size > max_bytes:
         raise TooLarge(size, max_bytes)
     return text

@@ -20,12 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,48 +28,17 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-PUBLISH_KEY = "bench-publish-key"
+from server import PUBLISH_KEY, ROOT, BenchServer
+
 HEARTBEAT_S = 0.5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(database_url: str, pool: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "SECRET_KEY": "bench-secret",
-        "WEB_CONCURRENCY": "1",  # the job and both streams share one worker
-        "BENCH_JOBS_POOL": pool,
-        "FLASK_REALTIME_PUBLISH_KEY": PUBLISH_KEY,
-        "FLASK_REALTIME_HEARTBEAT_S": str(HEARTBEAT_S),
-        "FLASK_JOBS_POLL_S": "0.05",
-    }
-    log = open(log_path, "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "bench.jobs_cpu_app:create_app()",
-         "--bind", f"127.0.0.1:{port}"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"gunicorn exited; see {log_path}")
-        try:
-            if httpx.get(url + "/api/realtime/stats", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"gunicorn did not answer; see {log_path}")
-        time.sleep(0.1)
+def start_server(database_url: str, pool: str, log_path: Path) -> BenchServer:
+    """One gevent worker: the job and both streams share it."""
+    return BenchServer(
+        database_url, log_path, open_files=1024, app="bench.jobs_cpu_app:create_app()",
+        env={"BENCH_JOBS_POOL": pool}, REALTIME_HEARTBEAT_S=HEARTBEAT_S, JOBS_POLL_S=0.05,
+    ).start()
 
 
 class Stream(threading.Thread):
@@ -165,12 +129,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         database_url = args.database_url or f"sqlite:///{tmp}/bench.sqlite3"
-        process, url = start_server(database_url, args.pool, Path(tmp) / "gunicorn.log")
+        server = start_server(database_url, args.pool, Path(tmp) / "gunicorn.log")
         try:
-            result = measure(url, args.seconds, args.interval)
+            result = measure(server.url, args.seconds, args.interval)
         finally:
-            os.kill(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+            server.stop()
 
     result = {"pool": args.pool, "cpu_step_s": args.seconds, "database": database_url.split(":")[0], **result}
     during = result["during_step"]

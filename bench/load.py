@@ -77,7 +77,6 @@ class Subscriber:
                 raise ConnectionError("expected Transfer-Encoding: chunked")
             text = b""
             recv = sock.recv
-            ids_append = None
             while True:
                 now = monotonic()
                 # Chunked transfer coding: "<hex size>\r\n<bytes>\r\n", ended by size 0.

@@ -113,9 +113,18 @@ class BenchServer:
     """One gunicorn master with ONE gevent worker on a free localhost port."""
 
     def __init__(
-        self, database_url: str, log_path: Path, *, open_files: int, app_dir: Path = ROOT, **config: object
+        self,
+        database_url: str,
+        log_path: Path,
+        *,
+        open_files: int,
+        app_dir: Path = ROOT,
+        app: str = "app:create_app()",
+        env: dict[str, str] | None = None,
+        **config: object,
     ) -> None:
         self.app_dir = app_dir
+        self.app = app
         self.is_postgres = database_url.startswith("postgresql")
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -135,6 +144,7 @@ class BenchServer:
             # Only so a token survives the seconds it takes to open 5,000 streams.
             "FLASK_REALTIME_TOKEN_TTL_S": "600",
         }
+        self.env.update(env or {})
         self.env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
         self.process: subprocess.Popen | None = None
 
@@ -146,7 +156,7 @@ class BenchServer:
             raise_open_files_limit(open_files)
 
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()",
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app,
              "--bind", f"{self.host}:{self.port}"],
             cwd=self.app_dir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=in_child,

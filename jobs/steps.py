@@ -30,6 +30,8 @@ from typing import Any, Callable, Protocol
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+import jsontext
+
 from .errors import NonRetriableError
 from .store import COMPLETED, Claim, Event, JobStore, Step
 from .types import JSON
@@ -77,10 +79,8 @@ def describe(exc: BaseException) -> str:
 
 def to_json(value: JSON, what: str) -> str:
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
-        text.encode()  # a lone surrogate is not UTF-8, and no database would store it
-        return text
-    except (TypeError, ValueError, RecursionError) as exc:
+        return jsontext.encode(value)
+    except jsontext.NotJSON as exc:
         # The same value comes back on every retry: retrying cannot help.
         raise NonRetriableError(f"{what} must be JSON-serializable: {exc}") from None
 

@@ -34,18 +34,12 @@ import threading
 import time
 from concurrent.futures import Executor, Future
 
+from greenlets import gevent_is_patched
+
 from .runner import Runner
 from .store import Claim, JobStore
 
 log = logging.getLogger(__name__)
-
-
-def gevent_is_patched() -> bool:
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
-    return monkey.is_module_patched("threading")
 
 
 def make_executor(threads: int) -> Executor:
@@ -83,10 +77,6 @@ class Worker:
         self._wake = threading.Event()
         self._stopping = False
         self._loop_thread: threading.Thread | None = None
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
 
     # -- eager mode ---------------------------------------------------------------
 

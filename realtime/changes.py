@@ -21,6 +21,8 @@ from typing import Protocol
 import psycopg
 from sqlalchemy.engine import URL
 
+from greenlets import gevent_hub, native_thread_ident
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ class PollingChangeFeed:
     def __init__(self, poll_s: float) -> None:
         self.poll_s = poll_s
         self._poked = threading.Event()
-        self._hub = _gevent_hub()
+        self._hub = gevent_hub()
         self._next_poll = time.monotonic()
 
     def wait(self, timeout: float) -> bool:
@@ -52,7 +54,7 @@ class PollingChangeFeed:
 
     def poke(self) -> None:
         hub = self._hub
-        if hub is not None and hub.thread_ident != _native_thread_ident():
+        if hub is not None and hub.thread_ident != native_thread_ident():
             # Under gevent this Event belongs to the hub's thread; a job on a
             # native thread (jobs/worker.py) must hand the set() over to it.
             hub.loop.run_callback_threadsafe(self._poked.set)
@@ -61,21 +63,6 @@ class PollingChangeFeed:
 
     def close(self) -> None:
         self._poked.set()
-
-
-def _gevent_hub():  # noqa: ANN202
-    """The gevent hub of this thread when threading is monkey-patched, else None."""
-    try:
-        from gevent import get_hub, monkey
-    except ImportError:
-        return None
-    return get_hub() if monkey.is_module_patched("threading") else None
-
-
-def _native_thread_ident() -> int:
-    from gevent import monkey
-
-    return monkey.get_original("_thread", "get_ident")()
 
 
 class PostgresChangeFeed:

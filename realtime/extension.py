@@ -159,9 +159,12 @@ class Realtime:
         """The frames of one subscriber, from `cursor` (a `Last-Event-ID`) on; never ends by itself.
 
         Given the WSGI `environ`, live frames may be written straight to the
-        client's socket (fastpath.py; REALTIME_DIRECT_WRITES). A malformed
-        cursor raises `InvalidCursor` here, before any frame.
+        client's socket (fastpath.py; REALTIME_DIRECT_WRITES). A bad name or
+        a malformed cursor raises here, before any frame.
         """
+        check_channel(channel)
+        for topic in topics or ():
+            check_topic(topic)
         parsed = Cursor.parse(cursor) if cursor else None
         writer = socket_writer(environ) if environ is not None and self.direct_writes else None
         return event_stream(self.dispatcher, channel, topics, parsed, retry_ms=self.retry_ms, writer=writer)
