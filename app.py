@@ -1,8 +1,8 @@
-"""The Flask application: realtime channels over SSE plus background jobs.
+"""The Flask application: realtime channels over SSE, background jobs, the demo.
 
 `create_app()` follows the Flask tutorial's order: defaults, then the
 environment, then the caller's overrides, then each extension's `init_app`,
-then the blueprints.
+then every blueprint and command group, registered here and only here.
 """
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from typing import Any, Mapping
 
 from flask import Flask
 
-import demo
-import errors
+from common import errors
+from demo import Demo
+from demo import views as demo_views
 from jobs import Jobs
-from jobs import report as report_job
-from jobs import views as job_views
+from jobs import cli as jobs_cli
+from jobs import views as jobs_views
 from realtime import Realtime
+from realtime import cli as realtime_cli
+from realtime import views as realtime_views
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # from its own session or API key, who may watch what.
     realtime.authorize(lambda channel, topics: True)
     jobs = Jobs(app, realtime=realtime)
-    jobs.register(report_job.generate_report)
+    Demo(app, jobs=jobs)
 
-    app.register_blueprint(job_views.blueprint)
-    app.register_blueprint(report_job.blueprint)
-    app.register_blueprint(demo.blueprint)
+    app.register_blueprint(realtime_views.blueprint)
+    app.register_blueprint(jobs_views.blueprint)
+    app.register_blueprint(demo_views.blueprint)
+    app.cli.add_command(realtime_cli.group)
+    app.cli.add_command(jobs_cli.group)
     return app
 
 

@@ -1,16 +1,16 @@
 """Durable background jobs whose functions publish progress over realtime channels.
 
-    send(name, data) ──> store: event + queued runs ──> worker: claim, lease ──> runner: execute
-                                                                                    │
-                     run.<run_id> (status, log, run) <── ctx.publish / lifecycle <──┘
+    send(name, data) ──> runs: event + queued runs ──> worker: claim, lease ──> runner: execute
+                                                                                   │
+                     run.<run_id> (run topic) <── lifecycle / ctx.publish <── steps, journal
 
-Modules, one idea each: `registry` (functions and their triggers), `store`
-(the only SQL: events, runs, steps, files; claims, leases, fencing), `steps`
-(what a function sees: `ctx.step.run`, `ctx.step.sleep`, `ctx.publish`),
-`runner` (one execution and its outcome: retry, fail, cancel), `worker`
-(threads, the claim loop, lease renewal, eager mode), `extension` (the Flask
-extension and Python API), `views` (HTTP), `cli` (`flask jobs worker`),
-`report` (the demo's report job and its PDF).
+Modules, one idea each: `registry` (functions and their triggers), `records`
+(the values the stores return), `tables` (the schema), `runs` (the queue:
+events in; claims, leases, fencing, outcomes), `journal` (what each step did),
+`steps` (what a function sees: `ctx.step.run`, `ctx.step.sleep`,
+`ctx.publish`), `runner` (one execution and its outcome), `worker` (threads,
+the claim loop, lease renewal, eager mode), `extension` (the Flask extension
+and Python API), `views` (HTTP), `cli` (`flask jobs worker`).
 """
 from .errors import JobError, NonRetriableError
 from .extension import Jobs

@@ -7,10 +7,10 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-jobs_cli = AppGroup("jobs", help="Background jobs: run a worker.")
+group = AppGroup("jobs", help="Background jobs: run a worker.")
 
 
-@jobs_cli.command("worker")
+@group.command("worker")
 @click.option("--threads", type=int, default=None, help="Threads in the pool (default: JOBS_THREADS).")
 def worker(threads: int | None) -> None:
     """Execute runs until SIGTERM or Ctrl-C; then finish the current steps and hand the runs back."""

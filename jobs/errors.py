@@ -10,7 +10,7 @@ help", and the run fails at once instead of after its retries.
 """
 from __future__ import annotations
 
-from errors import AppError
+from common.errors import AppError
 
 
 class JobError(AppError):
@@ -43,11 +43,6 @@ class RunFinished(JobError):
 
     status = 409
     code = "run_finished"
-
-
-class ReportNotFound(JobError):
-    status = 404
-    code = "report_not_found"
 
 
 class NonRetriableError(Exception):

@@ -8,7 +8,7 @@
     jobs.send("report.requested", {"title": "Q3"})   # -> {"ids": [...], "runs": [...]}
 
 One instance per app, in `app.extensions["jobs"]`. It reads the `JOBS_*`
-keys once in `init_app` and hands plain values to the store, runner and
+keys once in `init_app` and hands plain values to the run store, runner and
 worker, which never look at Flask.
 """
 from __future__ import annotations
@@ -19,15 +19,17 @@ from flask import Flask
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-import database
-import jsontext
-from configvalues import flag
+from common import database, jsontext
+from common.config import flag
 from realtime.errors import MessageTooLarge
 
 from .errors import EventTooLarge, InvalidEvent, RunNotFound
 from .registry import EVENT_NAME_PATTERN, Handler, JobFunction, Registry, function
 from .runner import Runner
-from .store import COMPLETED, FAILED, JobStore, NewEvent, Run, StoredFile, is_id
+from .journal import StepJournal
+from .records import COMPLETED, FAILED, NewEvent, Run, is_id
+from .runs import RunStore
+from .tables import create_schema
 from .worker import Worker
 
 DEFAULTS = {
@@ -38,10 +40,8 @@ DEFAULTS = {
     # Beyond the contract: tuning knobs with safe defaults.
     "JOBS_LEASE_S": 30,  # a killed worker's runs resume this long after its last renewal
     "JOBS_POLL_S": 0.5,  # how often a worker looks for runs queued by other processes
-    "JOBS_SWITCH_INTERVAL_S": 0.001,  # under gevent: the GIL switch interval (jobs/worker.py says why)
     "JOBS_RETRY_BASE_S": 1.0,  # first retry after 1 s, then 2, 4, ...
     "JOBS_RETRY_MAX_S": 600,
-    "JOBS_REPORT_STEP_S": 1.0,  # how long each stage of the demo report takes
 }
 
 MAX_EVENTS_PER_REQUEST = 100
@@ -76,13 +76,15 @@ class Jobs:
         self.max_event_bytes = int(config["JOBS_MAX_EVENT_BYTES"])
         self.lease_s = float(config["JOBS_LEASE_S"])
         self.poll_s = float(config["JOBS_POLL_S"])
-        self.switch_interval_s = float(config["JOBS_SWITCH_INTERVAL_S"])
         self.realtime = realtime or app.extensions["realtime"]
 
-        self.store = JobStore(engine or database.engine_for(app), on_status=self._announce)
-        self.store.create_schema()
+        engine = engine or database.engine_for(app)
+        create_schema(engine)
+        self.runs = RunStore(engine, on_status=self._announce)
+        self.journal = StepJournal(self.runs)
         self.runner = Runner(
-            self.store,
+            self.runs,
+            self.journal,
             self.registry,
             self.realtime.publish,
             retry_base_s=float(config["JOBS_RETRY_BASE_S"]),
@@ -92,9 +94,6 @@ class Jobs:
         self.worker = self.new_worker(int(config["JOBS_THREADS"]))
 
         app.extensions["jobs"] = self
-        from . import cli
-
-        app.cli.add_command(cli.jobs_cli)
         # In the serving process, after gunicorn forked (gunicorn.conf.py), or
         # at the first request under `flask run`; never at import or in
         # `flask` commands (the worker command starts its own).
@@ -107,10 +106,7 @@ class Jobs:
             self.worker.start()
 
     def new_worker(self, threads: int) -> Worker:
-        return Worker(
-            self.store, self.runner, threads=threads, lease_s=self.lease_s, poll_s=self.poll_s,
-            switch_interval_s=self.switch_interval_s,
-        )
+        return Worker(self.runs, self.runner, threads=threads, lease_s=self.lease_s, poll_s=self.poll_s)
 
     # -- functions ------------------------------------------------------------------
 
@@ -146,7 +142,7 @@ class Jobs:
                     f"an event's 'data' is {exc} (JOBS_MAX_EVENT_BYTES). Send a reference to large input instead."
                 ) from None
             new_events.append(NewEvent(name, data_json, [f.id for f in self.registry.triggered_by(name)]))
-        created = self.store.add_events(new_events)
+        created = self.runs.add_events(new_events)
         if self.eager:
             self.worker.drain()
         else:
@@ -161,16 +157,13 @@ class Jobs:
         }
 
     def run(self, run_id: str) -> Run | None:
-        return self.store.run(run_id) if is_id(run_id) else None
+        return self.runs.run(run_id) if is_id(run_id) else None
 
     def cancel(self, run_id: str) -> None:
         """Cancel a queued or running run (RunNotFound, RunFinished otherwise)."""
         if not is_id(run_id):
             raise RunNotFound(f"there is no run {run_id!r}; run ids come from POST /api/events")
-        self.store.cancel(run_id)
-
-    def file(self, run_id: str, name: str) -> StoredFile | None:
-        return self.store.load_file(run_id, name) if is_id(run_id) else None
+        self.runs.cancel(run_id)
 
     def drain(self) -> int:
         """Eager mode: execute every due run now, inline (e.g. after advancing a test clock)."""

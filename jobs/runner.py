@@ -7,7 +7,7 @@ The runner turns the way a function ended into the run's next state:
     another exception    -> retried after exponential backoff, or failed when
                             the function's retries are used up
     CancelRequested      -> cancelled (at a step boundary)
-    Suspended (a sleep)  -> nothing more: the store already handed the run back
+    Suspended (a sleep)  -> nothing more: the journal already handed the run back
     WorkerStopping       -> released, so another worker resumes it now
     LeaseLost            -> nothing: another worker owns the run
 
@@ -25,7 +25,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from .errors import NonRetriableError
 from .registry import JobFunction, Registry
 from .steps import CancelRequested, Context, Publisher, Steps, Suspended, WorkerStopping, describe, to_json
-from .store import CANCELLED, COMPLETED, FAILED, Claim, JobStore, LeaseLost
+from .journal import StepJournal
+from .records import CANCELLED, COMPLETED, FAILED, Claim, LeaseLost
+from .runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
 class Runner:
     def __init__(
         self,
-        store: JobStore,
+        runs: RunStore,
+        journal: StepJournal,
         registry: Registry,
         publisher: Publisher,
         *,
@@ -46,7 +49,8 @@ class Runner:
         retry_max_s: float = 600.0,
         context: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
-        self.store = store
+        self.runs = runs
+        self.journal = journal
         self.registry = registry
         self.publisher = publisher
         self.retry_base_s = retry_base_s
@@ -65,25 +69,25 @@ class Runner:
             return "lease_lost"
 
     def _attempt(self, function: JobFunction, claim: Claim, stopping: Callable[[], bool]) -> str:
-        run, store = claim.run, self.store
-        store.mark_started(claim)
+        run, runs = claim.run, self.runs
+        runs.mark_started(claim)
         try:
             if run.cancel_requested:
                 raise CancelRequested()
-            steps = Steps(store, claim, store.steps_of(run.id), stopping)
-            ctx = Context(store, claim, store.event(run.event_id), self.publisher, steps)
+            steps = Steps(self.journal, claim, self.journal.steps_of(run.id), stopping)
+            ctx = Context(claim, runs.event(run.event_id), self.publisher, steps)
             output_json = to_json(function(ctx), f"the return value of {function.id!r}")
         except CancelRequested:
-            store.finish(claim, CANCELLED)
+            runs.finish(claim, CANCELLED)
             return CANCELLED
         except Suspended:
             return "sleeping"
         except WorkerStopping:
-            store.release(claim)
+            runs.release(claim)
             return "released"
         except NonRetriableError as exc:
             log.warning("run %s failed without retry: %s", run.id, describe(exc))
-            store.finish(claim, FAILED, error=describe(exc))
+            runs.finish(claim, FAILED, error=describe(exc))
             return FAILED
         except Exception as exc:
             if isinstance(exc, SQLAlchemyError):
@@ -91,10 +95,10 @@ class Runner:
             if run.attempt < function.max_attempts:
                 delay = backoff_s(run.attempt, self.retry_base_s, self.retry_max_s)
                 log.warning("run %s attempt %d failed (%s); retrying in %.1f s", run.id, run.attempt, describe(exc), delay)
-                store.retry(claim, at=store.now() + timedelta(seconds=delay), error=describe(exc))
+                runs.retry(claim, at=runs.now() + timedelta(seconds=delay), error=describe(exc))
                 return "retrying"
             log.warning("run %s failed after %d attempts: %s", run.id, run.attempt, describe(exc))
-            store.finish(claim, FAILED, error=describe(exc))
+            runs.finish(claim, FAILED, error=describe(exc))
             return FAILED
-        store.finish(claim, COMPLETED, output_json=output_json)
+        runs.finish(claim, COMPLETED, output_json=output_json)
         return COMPLETED

@@ -30,10 +30,11 @@ from typing import Any, Callable, Protocol
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-import jsontext
+from common import jsontext
 
 from .errors import NonRetriableError
-from .store import COMPLETED, Claim, Event, JobStore, Step
+from .journal import StepJournal
+from .records import COMPLETED, Claim, Event, Step
 from .types import JSON
 
 STEP_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,100}")
@@ -86,14 +87,16 @@ def to_json(value: JSON, what: str) -> str:
 
 
 class Steps:
+    """`ctx.step`: durable steps of one execution of a run."""
+
     def __init__(
         self,
-        store: JobStore,
+        journal: StepJournal,
         claim: Claim,
         done: dict[str, Step],
         stopping: Callable[[], bool],
     ) -> None:
-        self._store = store
+        self._journal = journal
         self._claim = claim
         self._done = done
         self._stopping = stopping
@@ -106,14 +109,14 @@ class Steps:
         if done is not None and done.status == COMPLETED:
             return done.output
         self._boundary()
-        if not self._store.start_step(self._claim, step_id):
+        if not self._journal.start(self._claim, step_id):
             raise CancelRequested()
         try:
             output_json = to_json(fn(*args, **kwargs), f"the result of step {step_id!r}")
         except Exception as exc:
-            self._store.fail_step(self._claim, step_id, describe(exc))
+            self._journal.fail(self._claim, step_id, describe(exc))
             raise
-        self._store.complete_step(self._claim, step_id, output_json)
+        self._journal.complete(self._claim, step_id, output_json)
         # What a replay would return, so both paths give the function equal values.
         return json.loads(output_json)
 
@@ -123,25 +126,25 @@ class Steps:
         done = self._done.get(step_id)
         if done is not None and done.status == COMPLETED:
             return
-        now = self._store.now()
+        now = self._journal.now()
         if done is None:
             self._boundary()
             until = now + timedelta(seconds=seconds)
-            if not self._store.sleep_step(self._claim, step_id, until):
+            if not self._journal.sleep(self._claim, step_id, until):
                 raise CancelRequested()
             raise Suspended(until)
         until = datetime.fromisoformat(done.output["until"])
         if now < until:  # claimed early, e.g. by a worker whose clock runs ahead
-            self._store.release(self._claim, at=until)
+            self._journal.runs.release(self._claim, at=until)
             raise Suspended(until)
-        self._store.complete_step(self._claim, step_id, json.dumps(done.output))
+        self._journal.complete(self._claim, step_id, json.dumps(done.output))
 
     def effect(self, step_id: str, effect: Callable[[Session], JSON]) -> None:
         """Do `effect(session)` once per run, in the transaction that records it as done."""
         if step_id in self._done:
             return
         self._boundary()
-        if not self._store.record_effect(self._claim, step_id, effect):
+        if not self._journal.record_effect(self._claim, step_id, effect):
             raise CancelRequested()
 
     def _use(self, step_id: str) -> None:
@@ -159,13 +162,12 @@ class Steps:
 class Context:
     """The argument of every job function."""
 
-    def __init__(self, store: JobStore, claim: Claim, event: Event, publisher: Publisher, step: Steps) -> None:
+    def __init__(self, claim: Claim, event: Event, publisher: Publisher, step: Steps) -> None:
         self.run_id = claim.run.id
         self.channel = claim.run.channel  # `run.<run_id>`, where the run's lifecycle is published too
         self.attempt = claim.run.attempt
         self.event = event
         self.step = step
-        self._store = store
         self._publisher = publisher
         self._published = 0
 
@@ -178,7 +180,3 @@ class Context:
             return {"message_id": message.id}
 
         self.step.effect(f"publish:{self._published}", publish_now)
-
-    def save_file(self, name: str, content: bytes, content_type: str) -> None:
-        """Keep a file this run produced (e.g. its report) in the database; saving again replaces it."""
-        self._store.save_file(self.run_id, name, content_type, content)

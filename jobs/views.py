@@ -10,11 +10,11 @@ from typing import Any
 
 from flask import Blueprint, current_app
 
-from request_input import bearer_matches, json_body
+from common.request_input import bearer_matches, json_body
 
 from .errors import InvalidEvent, InvalidEventKey, RunNotFound
 from .extension import Jobs
-from .store import Run
+from .records import Run
 
 blueprint = Blueprint("jobs", __name__, url_prefix="/api")
 

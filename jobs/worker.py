@@ -11,12 +11,7 @@ gevent (gunicorn's workers): monkey-patching turns `threading.Thread`, and so
 the threads of a stdlib `ThreadPoolExecutor`, into greenlets, and a greenlet
 that computes for 2 s freezes every stream of its process for 2 s. Runs
 therefore execute on gevent's own `ThreadPoolExecutor`, whose threads are real
-OS threads: the hub keeps serving streams while a step computes. They still
-share the GIL, and each time the hub releases it (every socket or SQLite
-call) it may wait a whole switch interval to get it back; serving one message
-takes dozens of such calls, so the worker lowers the interval from 5 ms to
-`switch_interval_s` (bench/cpu_step.py measures the effect). The interval
-only matters while threads compete for the GIL.
+OS threads: the hub keeps serving streams while a step computes.
 
 The loop stays a greenlet. gevent runs a future's done-callbacks in the
 hub's thread, so waking the loop from them is safe. gevent's locks (what a
@@ -29,15 +24,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import Executor, Future
 
-from greenlets import gevent_is_patched
+from common.greenlets import gevent_is_patched
 
 from .runner import Runner
-from .store import Claim, JobStore
+from .records import Claim
+from .runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +51,19 @@ def make_executor(threads: int) -> Executor:
 class Worker:
     def __init__(
         self,
-        store: JobStore,
+        runs: RunStore,
         runner: Runner,
         *,
         threads: int = 4,
         lease_s: float = 30.0,
         poll_s: float = 0.5,
-        switch_interval_s: float = 0.001,
         name: str | None = None,
     ) -> None:
-        self.store = store
+        self.runs = runs
         self.runner = runner
         self.threads = threads
         self.lease_s = lease_s
         self.poll_s = poll_s
-        self.switch_interval_s = switch_interval_s
         self.name = name or f"{socket.gethostname()[:40]}:{os.getpid()}"
         self._held: dict[str, Future] = {}  # claim token -> its execution
         self._lock = threading.Lock()
@@ -105,8 +98,6 @@ class Worker:
     def run(self) -> None:
         """The worker loop, in the calling thread, until `shutdown()`; then wait for running executions."""
         executor = make_executor(self.threads)
-        if gevent_is_patched():
-            sys.setswitchinterval(self.switch_interval_s)  # see the module docstring
         log.info("jobs worker %s: %d threads", self.name, self.threads)
         renew_every = self.lease_s / 3
         next_renewal = time.monotonic() + renew_every
@@ -155,17 +146,17 @@ class Worker:
             self._held.pop(token, None)
         exc = future.exception()
         if exc is not None:
-            # A store failure mid-run: the lease lapses and the run resumes elsewhere.
+            # A database failure mid-run: the lease lapses and the run resumes elsewhere.
             log.error("run execution crashed", exc_info=exc)
         self._wake.set()
 
     def _renew(self) -> None:
         with self._lock:
             tokens = list(self._held)
-        self.store.renew(tokens, self.lease_s)
+        self.runs.renew(tokens, self.lease_s)
 
     def _claim(self) -> Claim | None:
         registry = self.runner.registry
-        return self.store.claim(
+        return self.runs.claim(
             registry.ids, registry.concurrency_limits, owner=self.name, lease_s=self.lease_s
         )

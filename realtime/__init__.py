@@ -4,10 +4,9 @@
                   append, in id order   NOTIFY / poll    one read,       replay, then live
                                                           many streams
 
-Modules, one idea each: `sse` (wire format), `cursor`, `tokens`, `names`,
-`store` (the only SQL), `changes` (cross-process wake-up), `dispatch`
-(in-process fan-out), `fastpath` (live frames written straight to idle
-sockets under gunicorn+gevent), `stream` (one subscriber), `extension` (the
+Modules, one idea each: `sse` (every frame of the wire format), `cursor`,
+`tokens`, `names`, `store` (the only SQL), `changes` (cross-process wake-up),
+`dispatch` (in-process fan-out), `stream` (one subscriber), `extension` (the
 Flask extension and Python API), `views` (HTTP), `cli` (`flask realtime ...`).
 """
 from .errors import RealtimeError

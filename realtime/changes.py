@@ -21,7 +21,7 @@ from typing import Protocol
 import psycopg
 from sqlalchemy.engine import URL
 
-from greenlets import gevent_hub, native_thread_ident
+from common.greenlets import gevent_hub, native_thread_ident
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-realtime_cli = AppGroup("realtime", help="Realtime channels: tail a stream, prune history.")
+group = AppGroup("realtime", help="Realtime channels: tail a stream, prune history.")
 
 
-@realtime_cli.command("tail")
+@group.command("tail")
 @click.argument("channel")
 @click.option("--topic", "topics", multiple=True, help="Only this topic (repeatable). Default: all.")
 @click.option("--last-event-id", default=None, help="Resume after this cursor, like a reconnecting client.")
@@ -34,7 +34,7 @@ def tail(channel: str, topics: tuple[str, ...], last_event_id: str | None) -> No
         realtime.shutdown()
 
 
-@realtime_cli.command("prune")
+@group.command("prune")
 def prune() -> None:
     """Delete messages older than REALTIME_RETENTION_S now (it also runs on a schedule)."""
     removed = current_app.extensions["realtime"].prune()

@@ -4,7 +4,7 @@ Every subclass sets its HTTP `status` and snake_case `code` (see `AppError`).
 """
 from __future__ import annotations
 
-from errors import AppError
+from common.errors import AppError
 
 
 class RealtimeError(AppError):

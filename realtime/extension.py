@@ -19,17 +19,15 @@ from flask import Flask
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-import database
-import jsontext
-from configvalues import flag
+from common import database
+from common import jsontext
 
 from .cursor import Cursor
 from .dispatch import Dispatcher
 from .errors import Forbidden, InvalidRequest, MessageTooLarge
-from .fastpath import socket_writer
 from .names import check_channel, check_run_id, check_topic
 from .store import Message, MessageStore
-from .stream import event_stream, resolve_cursor
+from .stream import Reset, event_stream, resolve_cursor
 from .tokens import Grant, TokenIssuer
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,6 @@ DEFAULTS = {
     "REALTIME_POLL_S": 0.25,  # SQLite only: how often other processes' appends are looked for
     "REALTIME_STREAM_BUFFER": 1000,  # frames queued for a slow client before its stream ends
     "REALTIME_PRUNE_INTERVAL_S": 300,
-    "REALTIME_DIRECT_WRITES": True,  # gunicorn+gevent: the dispatcher writes live frames itself
 }
 
 
@@ -66,7 +63,6 @@ class Realtime:
         self.retry_ms = int(config["REALTIME_RETRY_MS"])
         self.retention = timedelta(seconds=float(config["REALTIME_RETENTION_S"]))
         self.publish_key: str | None = config["REALTIME_PUBLISH_KEY"] or None
-        self.direct_writes = flag(config["REALTIME_DIRECT_WRITES"])
         # A body is the data plus a little JSON around it; refuse more before
         # reading it. (Flask defines the key as None, so setdefault would not do.)
         if config.get("MAX_CONTENT_LENGTH") is None:
@@ -76,7 +72,7 @@ class Realtime:
         self.store.create_schema()
         self.dispatcher = Dispatcher(
             self.store,
-            poll_s=float(config["REALTIME_POLL_S"]),
+            self.store.change_feed(poll_s=float(config["REALTIME_POLL_S"])),
             heartbeat_s=self.heartbeat_s,
             buffer_size=int(config["REALTIME_STREAM_BUFFER"]),
         )
@@ -87,10 +83,6 @@ class Realtime:
         self._stopped = threading.Event()
 
         app.extensions["realtime"] = self
-        from . import cli, views
-
-        app.register_blueprint(views.blueprint)
-        app.cli.add_command(cli.realtime_cli)
         # Background work starts with the first request, i.e. in the serving
         # process after gunicorn forked, never at import or in `flask` commands.
         app.before_request(self.start)
@@ -148,30 +140,21 @@ class Realtime:
             raise Forbidden(f"this client may not subscribe to channel {channel!r} with these topics")
         return self.create_token(channel, topics)
 
-    def stream(
-        self,
-        channel: str,
-        topics: Sequence[str] | None,
-        cursor: str | None,
-        *,
-        environ: dict[str, Any] | None = None,
-    ) -> Iterator[bytes]:
+    def stream(self, channel: str, topics: Sequence[str] | None, cursor: str | None) -> Iterator[bytes]:
         """The frames of one subscriber, from `cursor` (a `Last-Event-ID`) on; never ends by itself.
 
-        Given the WSGI `environ`, live frames may be written straight to the
-        client's socket (fastpath.py; REALTIME_DIRECT_WRITES). A bad name or
-        a malformed cursor raises here, before any frame.
+        A bad name or a malformed cursor raises here, before any frame.
         """
         check_channel(channel)
         for topic in topics or ():
             check_topic(topic)
         parsed = Cursor.parse(cursor) if cursor else None
-        writer = socket_writer(environ) if environ is not None and self.direct_writes else None
-        return event_stream(self.dispatcher, channel, topics, parsed, retry_ms=self.retry_ms, writer=writer)
+        self.dispatcher.start()  # `flask realtime tail` streams without the rest of start()
+        return event_stream(self.dispatcher, channel, topics, parsed, retry_ms=self.retry_ms)
 
     def history(
         self, channel: str, topics: Sequence[str] | None, after: str | None, limit: int
-    ) -> tuple[list[Message], str, dict | None]:
+    ) -> tuple[list[Message], str, Reset | None]:
         """Up to `limit` messages after `after`: (messages, the cursor to continue from, reset or None)."""
         after_id, reset = resolve_cursor(self.store, channel, Cursor.parse(after) if after else None)
         found = self.store.read_after(channel, topics, after_id, limit)

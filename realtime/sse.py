@@ -1,4 +1,4 @@
-"""The text/event-stream wire format, as pure functions.
+"""The text/event-stream wire format: every frame this server sends is built here.
 
 WHATWG HTML §9.2.6 "Interpreting an event stream": lines end with CRLF, LF or
 CR; a line starting with ":" is a comment; `data:` lines are joined with LF;
@@ -7,11 +7,12 @@ holds no CR or LF: `data` is split on every line ending (the client joins the
 pieces back with LF), while `id` and `event` must be single lines, and a
 violation is a bug in the caller, never something to repair silently.
 
-No Flask, no I/O: these functions build strings and are tested as tables of
-exact expected bytes (tests/test_sse.py).
+Pure functions of their inputs, no Flask, no I/O, tested as tables of exact
+bytes (tests/test_sse.py), as in sse-starlette's `event.py`.
 """
 from __future__ import annotations
 
+import json
 import re
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -58,4 +59,31 @@ def format_event(
     return "\n".join(lines) + "\n\n"
 
 
-KEEP_ALIVE = format_event(comment="keep-alive")
+# -- the frames of CONTRACT §4, as the bytes written to the socket ------------------
+
+
+def retry_frame(retry_ms: int) -> bytes:
+    """The first frame of every stream: how long EventSource waits before reconnecting."""
+    return format_event(retry=retry_ms).encode()
+
+
+def message_frame(cursor: str, topic: str, envelope_json: str) -> bytes:
+    """One stored message: `id:` its cursor, `event:` its topic, `data:` its envelope."""
+    return format_event(id=cursor, event=topic, data=envelope_json).encode()
+
+
+def reset_frame(reason: str, cursor: str) -> bytes:
+    """The cursor could not be honoured exactly; the stream goes on from `cursor`.
+
+    The reset carries that position as its own id, so a client that drops
+    right after it resumes from there, not from the cursor that failed.
+    """
+    data = json.dumps({"reason": reason, "cursor": cursor})
+    return format_event(id=cursor, event="reset", data=data).encode()
+
+
+#: Sent on a quiet stream, so proxies and clients can tell idle from dead.
+KEEP_ALIVE = format_event(comment="keep-alive").encode()
+
+#: The last frame of a stream this process ends because it shuts down.
+SHUTDOWN = format_event(comment="server shutting down; reconnect with Last-Event-ID").encode()

@@ -44,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from database import as_utc, upsert, utcnow
+from common.database import as_utc, upsert, utcnow
 
 from .changes import ChangeFeed, PostgresChangeFeed, PollingChangeFeed
 

@@ -9,29 +9,40 @@ endpoint and `flask realtime tail`. Its four phases, in order:
 3. Replay: every retained message after the cursor, page by page, oldest
    first; `reset` first if the cursor cannot be honoured exactly.
 4. Live: frames from the dispatcher, skipping ids already replayed, and the
-   `: keep-alive` comments the dispatcher queues on quiet streams. With a
-   `writer` the dispatcher writes them itself while the stream waits
-   (fastpath.py).
+   `: keep-alive` comments it queues on quiet streams; everything queued
+   since the last wake-up goes out as one write.
 
 It ends when the process shuts down (the client reconnects elsewhere with its
-cursor), when the client stopped reading and its buffer overflowed, or when a
-direct write found the client gone.
+cursor) or when the client stopped reading and its queue overflowed.
 """
 from __future__ import annotations
 
-import json
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
+from . import sse
 from .cursor import Cursor
-from .dispatch import Dispatcher, message_frame
-from .fastpath import SocketWriter
-from .sse import format_event
+from .dispatch import Dispatcher
 from .store import MessageStore
 
 REPLAY_PAGE = 500
 
 
-def resolve_cursor(store: MessageStore, channel: str, cursor: Cursor | None) -> tuple[int, dict | None]:
+@dataclass(frozen=True)
+class Reset:
+    """Why a cursor could not be honoured, and the position the stream goes on from."""
+
+    reason: str  # "history_truncated" | "unknown_cursor"
+    cursor: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason, "cursor": self.cursor}
+
+    def frame(self) -> bytes:
+        return sse.reset_frame(self.reason, self.cursor)
+
+
+def resolve_cursor(store: MessageStore, channel: str, cursor: Cursor | None) -> tuple[int, Reset | None]:
     """Where to continue: (read after this id, the reset to report or None).
 
     A cursor that cannot be honoured exactly continues from the oldest
@@ -52,14 +63,7 @@ def resolve_cursor(store: MessageStore, channel: str, cursor: Cursor | None) -> 
         reason = "unknown_cursor"
     else:
         return cursor.message_id, None
-    return through, {"reason": reason, "cursor": str(Cursor(store.epoch, through))}
-
-
-def reset_frame(reset: dict) -> bytes:
-    # The reset carries the position it continues from as its id, so a
-    # client that drops right after it resumes from there, not from the
-    # cursor that could not be honoured.
-    return format_event(id=reset["cursor"], event="reset", data=json.dumps(reset)).encode()
+    return through, Reset(reason, str(Cursor(store.epoch, through)))
 
 
 def event_stream(
@@ -69,15 +73,14 @@ def event_stream(
     cursor: Cursor | None,
     *,
     retry_ms: int,
-    writer: SocketWriter | None = None,
 ) -> Iterator[bytes]:
     store = dispatcher.store
-    yield format_event(retry=retry_ms).encode()
-    subscription = dispatcher.subscribe(channel, topics, writer)
+    yield sse.retry_frame(retry_ms)
+    subscription = dispatcher.subscribe(channel, topics)
     try:
         last_id, reset = resolve_cursor(store, channel, cursor)
         if reset is not None:
-            yield reset_frame(reset)
+            yield reset.frame()
 
         epoch = store.epoch
         first_page = True
@@ -88,29 +91,27 @@ def event_stream(
                 # removed messages right after the cursor: look once more.
                 through = store.pruned_through(channel)
                 if through > last_id:
-                    yield reset_frame({"reason": "history_truncated", "cursor": str(Cursor(epoch, through))})
+                    yield Reset("history_truncated", str(Cursor(epoch, through))).frame()
             first_page = False
             for message in page:
-                yield message_frame(message, epoch)
+                yield sse.message_frame(f"{epoch}-{message.id}", message.topic, message.envelope_json())
                 last_id = message.id
             if len(page) < REPLAY_PAGE:
                 break
-        subscription.sent_through = last_id
 
         while True:
-            frames = subscription.take()
-            subscription.finish_unsent()  # a direct write the socket took only in part
+            queued = subscription.take()
             if subscription.closed_reason is not None:
                 break
             chunk = []
-            for message_id, frame in frames:
-                if message_id == 0 or message_id > subscription.sent_through:  # 0: keep-alive
+            for message_id, frame in queued:
+                if message_id == 0 or message_id > last_id:  # 0: a keep-alive
                     chunk.append(frame)
-                    subscription.sent_through = max(subscription.sent_through, message_id)
+                    last_id = max(last_id, message_id)
             if chunk:
-                yield b"".join(chunk)  # one write for everything that queued up
+                yield b"".join(chunk)
 
         if subscription.closed_reason == "shutdown":
-            yield format_event(comment="server shutting down; reconnect with Last-Event-ID").encode()
+            yield sse.SHUTDOWN
     finally:
         dispatcher.unsubscribe(subscription)

@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from request_input import bearer_matches, bearer_token, json_object
+from common.request_input import bearer_matches, bearer_token, json_object
 
 from .errors import Forbidden, InvalidRequest, InvalidToken, NotFound
 from .extension import Realtime
@@ -85,7 +85,7 @@ def history() -> dict[str, Any]:
     )
     body: dict[str, Any] = {"messages": [m.envelope() for m in found], "cursor": cursor}
     if reset is not None:
-        body["reset"] = reset
+        body["reset"] = reset.to_json()
     return body
 
 
@@ -95,7 +95,7 @@ def subscribe() -> Response:
     # The header (sent by EventSource on reconnect) wins over the query
     # parameter (used for the first connection of a resuming client).
     cursor = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
-    frames = _realtime().stream(grant.channel, topics, cursor, environ=request.environ)
+    frames = _realtime().stream(grant.channel, topics, cursor)
     return Response(
         frames,
         # The frames are bytes already: hand the generator itself to the

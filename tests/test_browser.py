@@ -168,7 +168,7 @@ class HeldReconnects:
 
 def test_reports_run_to_completion_side_by_side_and_serve_their_pdf(start_server, tmp_path, page, console):
     # Needs the jobs package (issue 3). Short steps keep the test quick, long enough to watch.
-    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", JOBS_REPORT_STEP_S=0.5)
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", DEMO_REPORT_STEP_S=0.5)
     page.goto(server.url + "/")
     generate = page.get_by_role("button", name="Generate report")
     generate.click()

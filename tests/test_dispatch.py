@@ -1,15 +1,38 @@
-"""In-process fan-out and the replay-to-live hand-over, without HTTP."""
+"""In-process fan-out, driven by hand: an injected clock, a fake change feed, no reader thread."""
 from __future__ import annotations
-
-import json
 
 import pytest
 
-from database import make_engine
-from realtime.cursor import Cursor
-from realtime.dispatch import KEEP_ALIVE_FRAME, Dispatcher, Subscription
+from common.database import make_engine
+from realtime import sse
+from realtime.dispatch import Dispatcher, Subscription
 from realtime.store import Message, MessageStore
-from realtime.stream import event_stream
+
+
+class Clock:
+    """Monotonic seconds that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Feed:
+    """A change feed that records pokes; tests call dispatch_new() instead of waiting on it."""
+
+    def __init__(self) -> None:
+        self.pokes = 0
+
+    def wait(self, timeout: float) -> bool:
+        raise AssertionError("the reader thread must not run in these tests")
+
+    def poke(self) -> None:
+        self.pokes += 1
+
+    def close(self) -> None:
+        pass
 
 
 @pytest.fixture
@@ -22,10 +45,13 @@ def store(tmp_path):
 
 
 @pytest.fixture
-def dispatcher(store):
-    # A poll interval of an hour: the reader thread stays asleep, and the
-    # tests call dispatch_new() themselves, deterministically.
-    dispatcher = Dispatcher(store, poll_s=3600, heartbeat_s=0.2, buffer_size=5)
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def dispatcher(store, clock):
+    dispatcher = Dispatcher(store, Feed(), heartbeat_s=4.0, buffer_size=5, clock=clock)
     yield dispatcher
     dispatcher.stop()
 
@@ -34,31 +60,32 @@ def _message(n: int, topic: str = "t") -> Message:
     return Message(n, "c", topic, "{}", None, None)
 
 
-def test_subscription_filters_topics_and_queues_in_order():
-    subscription = Subscription("c", ["a"], limit=10)
-    subscription.offer(_message(1, "a"), b"f1")
-    subscription.offer(_message(2, "b"), b"f2")
-    subscription.offer(_message(3, "a"), b"f3")
-    assert subscription.take() == [(1, b"f1"), (3, b"f3")]
-
-
-def test_a_subscription_that_is_not_drained_closes_instead_of_growing():
-    subscription = Subscription("c", None, limit=3)
-    for n in range(1, 5):
-        subscription.offer(_message(n), b"f")
-    assert subscription.closed_reason == "overflow"
-    assert subscription.take() == []
-
-
 def _message_ids(subscription: Subscription) -> list[int]:
     return [message_id for message_id, _ in subscription.take() if message_id]  # 0: keep-alive
 
 
+def test_subscription_filters_topics_and_queues_in_order():
+    subscription = Subscription("c", ["a"], limit=10, now=0.0)
+    subscription.offer(_message(1, "a"), b"f1", now=1.0)
+    subscription.offer(_message(2, "b"), b"f2", now=2.0)
+    subscription.offer(_message(3, "a"), b"f3", now=3.0)
+    assert subscription.take() == [(1, b"f1"), (3, b"f3")]
+    assert subscription.quiet_since == 3.0
+
+
+def test_a_subscription_that_is_not_drained_closes_instead_of_growing():
+    subscription = Subscription("c", None, limit=3, now=0.0)
+    for n in range(1, 5):
+        subscription.offer(_message(n), b"f", now=0.0)
+    assert subscription.closed_reason == "overflow"
+    assert subscription.take() == []
+
+
 def test_the_buffer_is_bounded_in_bytes_too():
-    subscription = Subscription("c", None, limit=1000)
+    subscription = Subscription("c", None, limit=1000, now=0.0)
     big = b"x" * (1024 * 1024)
     for n in range(1, 11):
-        subscription.offer(_message(n), big)
+        subscription.offer(_message(n), big, now=0.0)
     assert subscription.closed_reason == "overflow"
 
 
@@ -67,7 +94,7 @@ def test_dispatch_routes_by_channel_and_reads_once_for_any_number_of_streams(sto
     store.append("c", "t", "1")
     reads = store.reads
     dispatcher.dispatch_new()
-    reads_for_one = store.reads - reads
+    assert store.reads - reads == 1
     assert len(_message_ids(few[0])) == 1
 
     many = [dispatcher.subscribe("c", None) for _ in range(1000)]
@@ -75,103 +102,72 @@ def test_dispatch_routes_by_channel_and_reads_once_for_any_number_of_streams(sto
     store.append("c", "t", "2")
     reads = store.reads
     dispatcher.dispatch_new()
-    assert store.reads - reads == reads_for_one == 1
+    assert store.reads - reads == 1
     assert all(len(_message_ids(s)) == 1 for s in few + many)
-    assert _message_ids(other) == []  # returns with the next keep-alive
+    assert other.queued == 0, "nothing for another channel"
     assert dispatcher.stream_count == 1002
 
 
-def test_keep_alives_go_only_to_streams_quiet_for_a_heartbeat(store, dispatcher):
+def test_every_subscriber_of_a_channel_gets_the_same_frame_object(store, dispatcher):
+    subscriptions = [dispatcher.subscribe("c", None) for _ in range(3)]
+    message = store.append("c", "status", '{"p": 1}')
+    dispatcher.dispatch_new()
+    frames = [s.take() for s in subscriptions]
+    assert frames[0] == [(message.id, sse.message_frame(f"{store.epoch}-{message.id}", "status", message.envelope_json()))]
+    assert frames[0][0][1] is frames[1][0][1] is frames[2][0][1], "built once, shared, never copied"
+
+
+def test_live_delivery_starts_after_the_newest_message_when_the_first_stream_subscribes(store, dispatcher):
+    store.append("c", "t", "before anyone subscribed")
+    subscription = dispatcher.subscribe("c", None)
+    dispatcher.dispatch_new()
+    assert subscription.queued == 0, "history is the stream's to read, not the dispatcher's"
+    live = store.append("c", "t", "live")
+    dispatcher.dispatch_new()
+    assert _message_ids(subscription) == [live.id]
+
+
+def test_keep_alives_go_only_to_streams_quiet_for_a_heartbeat(store, dispatcher, clock):
     quiet = dispatcher.subscribe("c", ["quiet-topic"])
     busy = dispatcher.subscribe("c", None)
-    quiet.quiet_since -= 1
-    busy.quiet_since -= 1
+    clock.now += dispatcher.heartbeat_s - dispatcher.tick_s  # both have been quiet long enough
     message = store.append("c", "busy-topic", "1")
-    dispatcher.dispatch_new()
+    dispatcher.dispatch_new()  # ... but now `busy` got a message
     dispatcher.send_keep_alives()
-    assert quiet.take() == [KEEP_ALIVE_FRAME]
+    assert quiet.take() == [(0, sse.KEEP_ALIVE)]
     assert [message_id for message_id, _ in busy.take()] == [message.id]
+
+
+def test_no_keep_alive_before_a_stream_was_quiet_for_about_a_heartbeat(dispatcher, clock):
+    subscription = dispatcher.subscribe("c", None)
+    clock.now += dispatcher.heartbeat_s - dispatcher.tick_s - 0.01
+    dispatcher.send_keep_alives()
+    assert subscription.queued == 0
+    clock.now += 0.01
+    dispatcher.send_keep_alives()
+    assert subscription.take() == [(0, sse.KEEP_ALIVE)]
+    dispatcher.send_keep_alives()  # the keep-alive reset the quiet time
+    assert subscription.queued == 0
+
+
+def test_a_keep_alive_is_not_queued_behind_waiting_frames(store, dispatcher, clock):
+    subscription = dispatcher.subscribe("c", None)
+    message = store.append("c", "t", "1")
+    dispatcher.dispatch_new()
+    clock.now += 100  # the stream has not taken its frame for a long time
+    dispatcher.send_keep_alives()
+    assert [message_id for message_id, _ in subscription.take()] == [message.id], "it has bytes to read already"
+
+
+def test_notify_appended_pokes_the_feed(dispatcher):
+    dispatcher.notify_appended()
+    assert dispatcher._feed.pokes == 1
 
 
 def test_stop_ends_every_subscription(dispatcher):
     subscription = dispatcher.subscribe("c", None)
     dispatcher.stop()
     assert subscription.closed_reason == "shutdown"
+    assert subscription.take() == []
     assert dispatcher.subscribe("c", None).closed_reason == "shutdown"
-
-
-def _ids(frames: list[bytes]) -> list[int]:
-    return [json.loads(f.split(b"data: ", 1)[1])["id"] for f in frames if f.startswith(b"id: ")]
-
-
-def test_a_message_committed_during_replay_is_sent_once(store, dispatcher, monkeypatch):
-    first = store.append("c", "t", "1")
-    read_after = store.read_after
-    racing: list[int] = []
-
-    def read_after_while_someone_publishes(*args, **kwargs):
-        # Between the stream's subscribe and its history read, a message is
-        # published and dispatched: it reaches both the history and the queue.
-        if not racing:
-            racing.append(store.append("c", "t", "2").id)
-            dispatcher.dispatch_new()
-        return read_after(*args, **kwargs)
-
-    monkeypatch.setattr(store, "read_after", read_after_while_someone_publishes)
-    stream = event_stream(dispatcher, "c", None, None, retry_ms=100)
-    frames = [next(stream) for _ in range(3)]  # retry, then the two replayed messages
-    assert frames[0] == b"retry: 100\n\n"
-    live = store.append("c", "t", "3")
-    dispatcher.dispatch_new()
-    frames.append(next(stream))  # the queued copy of message 2 is skipped
-    assert _ids(frames) == [first.id, racing[0], live.id]
-    assert next(stream) == b": keep-alive\n\n"  # queued by the dispatcher's thread
-    stream.close()
     assert dispatcher.stream_count == 0
-
-
-def test_stream_from_a_cursor_of_another_database_resets(store, dispatcher):
-    kept = store.append("c", "t", "1")
-    stream = event_stream(dispatcher, "c", None, Cursor("0" * 8, 99), retry_ms=100)
-    next(stream)
-    reset = next(stream)
-    assert reset.startswith(f"id: {store.epoch}-0\nevent: reset\ndata: ".encode())
-    assert json.loads(reset.split(b"data: ", 1)[1]) == {"reason": "unknown_cursor", "cursor": f"{store.epoch}-0"}
-    assert _ids([next(stream)]) == [kept.id]
-    stream.close()
-
-
-def test_a_cursor_ahead_of_every_message_is_unknown_not_silently_kept(store):
-    from realtime.stream import resolve_cursor
-
-    newest = store.append("c", "t", "1")
-    assert resolve_cursor(store, "c", Cursor(store.epoch, newest.id)) == (newest.id, None)
-    assert resolve_cursor(store, "c", Cursor(store.epoch, newest.id + 50)) == (
-        0, {"reason": "unknown_cursor", "cursor": f"{store.epoch}-0"}
-    )
-
-
-def test_a_prune_between_cursor_check_and_replay_is_reported(store, dispatcher, monkeypatch):
-    from datetime import timedelta
-
-    old = store.append("c", "t", "1")
-    kept_before = store.append("c", "t", "2")
-    read_after = store.read_after
-    pruned: list[int] = []
-
-    def read_after_a_prune(*args, **kwargs):
-        if not pruned:  # the pruner runs right after the stream checked the cursor
-            pruned.append(store.prune(timedelta(0)))
-            store.append("c", "t", "3")
-        return read_after(*args, **kwargs)
-
-    monkeypatch.setattr(store, "read_after", read_after_a_prune)
-    stream = event_stream(dispatcher, "c", None, Cursor(store.epoch, old.id), retry_ms=100)
-    next(stream)
-    reset = next(stream)
-    assert pruned == [2]
-    assert json.loads(reset.split(b"data: ", 1)[1]) == {
-        "reason": "history_truncated", "cursor": f"{store.epoch}-{kept_before.id}"
-    }
-    assert _ids([next(stream)]) == [kept_before.id + 1]
-    stream.close()

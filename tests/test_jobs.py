@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from jobs import NonRetriableError
-from jobs.store import events, runs
+from jobs.tables import events, runs
 
 RUN_KEYS = ["id", "function", "status", "output", "error", "attempt", "steps", "created_at", "started_at", "ended_at"]
 
@@ -39,10 +39,10 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def jobs(app, clock):
-    app.config["JOBS_REPORT_STEP_S"] = 0
+    app.config["DEMO_REPORT_STEP_S"] = 0
     jobs = app.extensions["jobs"]
     assert jobs.eager, "TESTING apps run jobs eagerly by default"
-    jobs.store.now = clock
+    jobs.runs.now = clock
     return jobs
 
 
@@ -347,7 +347,7 @@ def test_a_crashed_run_resumes_after_its_lease_without_repeating_steps_or_messag
 
 
 def _all_runs(jobs):
-    with jobs.store.engine.connect() as conn:
+    with jobs.runs.engine.connect() as conn:
         return conn.execute(select(runs)).all()
 
 

@@ -121,7 +121,7 @@ WORKER_CONFIG = {"JOBS_POLL_S": 0.05, "JOBS_LEASE_S": 2, "JOBS_THREADS": 2}
 
 
 def test_embedded_pool_runs_a_report_and_streams_its_progress(database_url, start_server):
-    server = start_server(database_url, JOBS_REPORT_STEP_S=0.1, JOBS_POLL_S=0.05)
+    server = start_server(database_url, DEMO_REPORT_STEP_S=0.1, JOBS_POLL_S=0.05)
     [run_id] = send_report(server)
     seen, _ = subscribe(server, run_id, until=run_finished)
     assert [(e["topic"], e["data"]) for e in seen] == expected_for(server, run_id)
@@ -151,7 +151,7 @@ def test_bad_requests_get_json_errors(database_url, start_server):
 
 def test_kill_9_of_a_worker_mid_run_loses_nothing_and_repeats_nothing(database_url, start_server, start_worker):
     server = start_server(database_url, JOBS_EMBEDDED="false")
-    first = start_worker(database_url, JOBS_REPORT_STEP_S=1.5, **WORKER_CONFIG)
+    first = start_worker(database_url, DEMO_REPORT_STEP_S=1.5, **WORKER_CONFIG)
     [run_id] = send_report(server)
 
     # A subscriber reads until the first step is done, then drops its connection.
@@ -162,7 +162,7 @@ def test_kill_9_of_a_worker_mid_run_loses_nothing_and_repeats_nothing(database_u
                what="the second step to start")
     first.kill(signal.SIGKILL)
 
-    second = start_worker(database_url, JOBS_REPORT_STEP_S=0.1, **WORKER_CONFIG)
+    second = start_worker(database_url, DEMO_REPORT_STEP_S=0.1, **WORKER_CONFIG)
     after, _ = subscribe(server, run_id, until=run_finished, last_event_id=cursor)
 
     ids = [e["id"] for e in before + after]
@@ -179,7 +179,7 @@ def test_kill_9_of_a_worker_mid_run_loses_nothing_and_repeats_nothing(database_u
 def test_two_workers_never_run_the_same_run(database_url, start_server, start_worker):
     server = start_server(database_url, JOBS_EMBEDDED="false")
     for _ in range(2):
-        start_worker(database_url, JOBS_REPORT_STEP_S=0.02, **WORKER_CONFIG)
+        start_worker(database_url, DEMO_REPORT_STEP_S=0.02, **WORKER_CONFIG)
     run_ids = send_report(server, count=12)
     for run_id in run_ids:
         wait_until(lambda: get_run(server, run_id)["status"] in FINISHED, timeout=60, what=f"run {run_id}")

@@ -1,7 +1,8 @@
 """The wire format as tables of exact bytes (WHATWG HTML §9.2.6)."""
 import pytest
 
-from realtime.sse import KEEP_ALIVE, format_event
+from realtime import sse
+from realtime.sse import format_event
 
 FRAMES = [
     (dict(retry=2000), "retry: 2000\n\n"),
@@ -48,11 +49,27 @@ def test_format_event_refuses_what_would_break_a_frame(fields):
         format_event(**fields)
 
 
-def test_keep_alive_is_a_comment():
-    assert KEEP_ALIVE == ": keep-alive\n\n"
+ENVELOPE = '{"id": 17, "channel": "run.42", "topic": "status", "data": {"percent": 10}, "run_id": null, "created_at": "2026-11-28T06:00:00.123456+00:00"}'
+
+# Every frame this server sends (CONTRACT §4), byte for byte.
+SERVER_FRAMES = [
+    (sse.retry_frame(2000), b"retry: 2000\n\n"),
+    (sse.message_frame("3f9a1c2b-17", "status", ENVELOPE),
+     b"id: 3f9a1c2b-17\nevent: status\ndata: " + ENVELOPE.encode() + b"\n\n"),
+    (sse.reset_frame("history_truncated", "3f9a1c2b-12"),
+     b'id: 3f9a1c2b-12\nevent: reset\ndata: {"reason": "history_truncated", "cursor": "3f9a1c2b-12"}\n\n'),
+    (sse.reset_frame("unknown_cursor", "3f9a1c2b-0"),
+     b'id: 3f9a1c2b-0\nevent: reset\ndata: {"reason": "unknown_cursor", "cursor": "3f9a1c2b-0"}\n\n'),
+    (sse.KEEP_ALIVE, b": keep-alive\n\n"),
+    (sse.SHUTDOWN, b": server shutting down; reconnect with Last-Event-ID\n\n"),
+]
 
 
-def test_format_event_does_not_mutate_or_keep_state():
-    data = "x\ny"
-    assert format_event(data=data) == format_event(data=data)
-    assert data == "x\ny"
+@pytest.mark.parametrize(("frame", "expected"), SERVER_FRAMES)
+def test_server_frames_exact_bytes(frame, expected):
+    assert frame == expected
+
+
+def test_a_topic_with_a_line_break_can_never_reach_the_wire():
+    with pytest.raises(ValueError):
+        sse.message_frame("3f9a1c2b-17", "status\ndata: injected", "{}")

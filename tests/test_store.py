@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy.orm import Session
 
-from database import make_engine
+from common.database import make_engine
 from realtime.store import MessageStore
 
 

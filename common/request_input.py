@@ -13,7 +13,7 @@ from typing import Any
 from flask import request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from errors import AppError
+from common.errors import AppError
 
 
 def json_body() -> Any:

@@ -6,13 +6,15 @@ several processes or machines. Only stores use the engine; views never do.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
 from flask import Flask
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 EXTENSION_KEY = "database"
 
@@ -67,3 +69,29 @@ def as_utc(value: datetime | None) -> datetime | None:
 def upsert(engine: Engine, table: Table) -> Any:
     """`INSERT` with `on_conflict_do_*`, which SQLite and PostgreSQL both have, in their dialect."""
     return (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(table)
+
+
+@contextmanager
+def write_session(engine: Engine) -> Iterator[Session]:
+    """A Session in a write transaction, committed at the end of the block.
+
+    On SQLite it takes the write lock first (BEGIN IMMEDIATE): a transaction
+    that reads and then writes could otherwise fail with "database is locked"
+    instead of waiting its turn.
+    """
+    with Session(engine) as session, session.begin():
+        if engine.dialect.name == "sqlite":
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        yield session
+
+
+# An arbitrary constant naming the schema lock on PostgreSQL.
+_SCHEMA_LOCK = 0x5C4E_0001
+
+
+def create_tables(engine: Engine, metadata: MetaData) -> None:
+    """Create the missing tables of `metadata`; processes starting together queue, never race."""
+    with write_session(engine) as session:
+        if engine.dialect.name == "postgresql":
+            session.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+        metadata.create_all(session.connection())

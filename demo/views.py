@@ -1,8 +1,9 @@
-"""The demo page: start a report, then watch its run's channel live (issue 4).
+"""The demo's routes: the page, starting a report, its tokens and its PDF.
 
-    GET  /              the page (templates/index.html); `/?run=<id>` picks runs up again
-    POST /demo/reports  send `report.requested`, answer the run and a subscription token
-    POST /demo/token    a fresh token for a run's channel (the client's token refresh)
+    GET  /                 the page (templates/index.html); `/?run=<id>` picks runs up again
+    POST /demo/reports     send `report.requested`, answer the run and a subscription token
+    POST /demo/token       a fresh token for a run's channel (the client's token refresh)
+    GET  /reports/<run_id> the report's PDF, once its run has saved it
 
 The browser gets tokens, never the SECRET_KEY that signs them. Like the app's
 authorization policy (app.py), the demo lets anyone watch any run; a real app
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, render_template
+from flask import Blueprint, Response, current_app, render_template
 from flask.typing import ResponseReturnValue
 
-from errors import error_response
+from common.errors import AppError, error_response
+from common.request_input import json_object
+from jobs.records import is_id
 from realtime import Grant
-from request_input import json_object
+
+from .report import REPORT_FILE
 
 blueprint = Blueprint("demo", __name__)
 
@@ -64,3 +68,24 @@ def refresh_token() -> ResponseReturnValue:
         return error_response(400, "invalid_run_id", "the body must be {\"run_id\": \"<id of a report run>\"}")
     # create_token checks the channel name: an id with other characters is a 400.
     return _grant_json(run_id, _token_for(run_id))
+
+
+class ReportNotFound(AppError):
+    status = 404
+    code = "report_not_found"
+
+
+@blueprint.get("/reports/<run_id>")
+def download(run_id: str) -> Response:
+    # Only ids shaped like ours reach the query (PostgreSQL refuses a NUL with an error).
+    stored = current_app.extensions["demo"].files.load(run_id, REPORT_FILE) if is_id(run_id) else None
+    if stored is None:
+        raise ReportNotFound(
+            f"there is no report for run {run_id!r} (yet); it exists once the run's "
+            "status on channel run.<run_id> says 'done'"
+        )
+    return Response(
+        stored.content,
+        mimetype=stored.content_type,
+        headers={"Content-Disposition": f'inline; filename="report-{run_id}.pdf"'},
+    )

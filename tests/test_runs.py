@@ -1,4 +1,4 @@
-"""The job store's guarantees, on SQLite and on PostgreSQL: atomic claims, leases, fencing, limits.
+"""The run store's guarantees, on SQLite and on PostgreSQL: atomic claims, leases, fencing, limits.
 
 Also the thread pool in-process (plain OS threads, no gevent) as the store's first real client.
 """
@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from conftest import wait_until
-from jobs.store import LeaseLost
+from jobs.records import LeaseLost
 from test_jobs import FakeClock
 
 
@@ -22,7 +22,7 @@ def app(database_url):
         "SECRET_KEY": "test-secret",
         "DATABASE_URL": database_url,
         "JOBS_EAGER": False,  # these tests claim by hand or start the pool themselves
-        "JOBS_REPORT_STEP_S": 0,
+        "DEMO_REPORT_STEP_S": 0,
     })
     yield app
     app.extensions["jobs"].shutdown(wait=True)
@@ -43,7 +43,7 @@ def jobs(app):
 
 def claim(jobs, owner: str = "w1", lease_s: float = 10.0):
     registry = jobs.registry
-    return jobs.store.claim(registry.ids, registry.concurrency_limits, owner=owner, lease_s=lease_s)
+    return jobs.runs.claim(registry.ids, registry.concurrency_limits, owner=owner, lease_s=lease_s)
 
 
 def test_concurrent_claims_take_each_run_exactly_once(jobs):
@@ -67,13 +67,13 @@ def test_concurrent_claims_take_each_run_exactly_once(jobs):
 
 def test_a_lapsed_lease_is_reclaimed_and_the_old_holder_is_fenced_off(jobs):
     clock = FakeClock()
-    jobs.store.now = clock
+    jobs.runs.now = clock
     jobs.send("test.noop", {})
     first = claim(jobs, owner="first", lease_s=10)
     assert claim(jobs, owner="second") is None
 
     clock.advance(5)
-    assert jobs.store.renew([first.token], 10) == 1
+    assert jobs.runs.renew([first.token], 10) == 1
     clock.advance(9)
     assert claim(jobs, owner="second") is None, "renewed: still held"
 
@@ -81,11 +81,11 @@ def test_a_lapsed_lease_is_reclaimed_and_the_old_holder_is_fenced_off(jobs):
     second = claim(jobs, owner="second", lease_s=10)
     assert second.run.id == first.run.id and second.token != first.token
     with pytest.raises(LeaseLost):
-        jobs.store.start_step(first, "step")
+        jobs.journal.start(first, "step")
     with pytest.raises(LeaseLost):
-        jobs.store.finish(first, "completed", output_json="1")
-    assert jobs.store.renew([first.token], 10) == 0
-    jobs.store.finish(second, "completed", output_json="2")
+        jobs.runs.finish(first, "completed", output_json="1")
+    assert jobs.runs.renew([first.token], 10) == 0
+    jobs.runs.finish(second, "completed", output_json="2")
     assert jobs.run(first.run.id).output == 2
 
 
@@ -98,7 +98,7 @@ def test_concurrency_limit_holds_across_workers(jobs):
     first = claim(jobs, owner="a")
     assert first.run.function_id == "single"
     assert claim(jobs, owner="b") is None
-    jobs.store.finish(first, "completed")
+    jobs.runs.finish(first, "completed")
     second = claim(jobs, owner="b")
     assert second is not None and second.run.id != first.run.id
 
@@ -131,4 +131,4 @@ def test_the_thread_pool_executes_runs(app, jobs):
     jobs.worker.start()
     for run in sent["runs"]:
         wait_until(lambda: jobs.run(run["id"]).status == "completed", what=f"run {run['id']}")
-    assert app.extensions["jobs"].file(sent["runs"][0]["id"], "report.pdf").content.startswith(b"%PDF")
+    assert app.extensions["demo"].files.load(sent["runs"][0]["id"], "report.pdf").content.startswith(b"%PDF")

@@ -1,0 +1,52 @@
+"""Files the demo's runs produce (the report PDF), kept in the app's database."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Column, DateTime, Engine, LargeBinary, MetaData, String, Table, select
+
+from common.database import create_tables, upsert, utcnow, write_session
+
+metadata = MetaData()
+
+files = Table(
+    "report_files",
+    metadata,
+    Column("run_id", String(32), primary_key=True),
+    Column("name", String(100), primary_key=True),
+    Column("content_type", String(100), nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    run_id: str
+    name: str
+    content_type: str
+    content: bytes
+
+
+class FileStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def create_schema(self) -> None:
+        create_tables(self.engine, metadata)
+
+    def save(self, run_id: str, name: str, content_type: str, content: bytes) -> None:
+        """Store (or replace) a file produced by a run."""
+        statement = upsert(self.engine, files).values(
+            run_id=run_id, name=name, content_type=content_type, content=content, created_at=utcnow()
+        )
+        with write_session(self.engine) as session:
+            session.execute(statement.on_conflict_do_update(
+                index_elements=[files.c.run_id, files.c.name],
+                set_={"content_type": statement.excluded.content_type, "content": statement.excluded.content},
+            ))
+
+    def load(self, run_id: str, name: str) -> StoredFile | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(files).where(files.c.run_id == run_id, files.c.name == name)).first()
+        return None if row is None else StoredFile(row.run_id, row.name, row.content_type, bytes(row.content))

@@ -1,0 +1,56 @@
+"""The job tables: events, the runs they start, and each run's steps."""
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text
+
+from common.database import create_tables
+
+metadata = MetaData()
+
+events = Table(
+    "job_events",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("data", Text, nullable=False),  # JSON object
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+runs = Table(
+    "job_runs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("function_id", String(100), nullable=False),
+    Column("event_id", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),  # 1-based; grows when an attempt fails and is retried
+    Column("output", Text),  # JSON
+    Column("error", Text),  # the last error, "ExceptionName: message"
+    Column("cancel_requested", Boolean, nullable=False),
+    Column("lease_owner", String(64)),  # the claim token of the worker executing it
+    # The earliest moment a worker may claim the run: the lease's expiry while
+    # it executes, its wake-up time while it sleeps or backs off (runs.py).
+    Column("available_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("ended_at", DateTime(timezone=True)),
+    Index("ix_job_runs_claimable", "status", "available_at"),
+)
+
+steps = Table(
+    "job_steps",
+    metadata,
+    Column("run_id", String(32), primary_key=True),
+    Column("id", String(100), primary_key=True),
+    Column("position", Integer, nullable=False),  # order of first execution within the run
+    Column("status", String(16), nullable=False),  # running | completed | failed | sleeping
+    Column("attempts", Integer, nullable=False),  # times its code was started
+    Column("output", Text),  # JSON
+    Column("error", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the tables if missing. Safe to race with other processes."""
+    create_tables(engine, metadata)
