@@ -31,6 +31,28 @@ Frame = tuple[int, bytes]  # (message id, the frame's bytes); id 0 is a keep-ali
 Clock = Callable[[], float]
 
 
+class Channel:
+    """The streams of one channel, and the one wake-up they share.
+
+    The dispatcher queues a batch's frames on every subscription of the
+    channel, then wakes the channel once: one event set per channel and batch,
+    not one per stream. A stream reads `event` *before* it looks at its queue,
+    and `wake()` swaps in a fresh event before setting the old one, so a frame
+    queued after the stream's look is never slept through.
+    """
+
+    __slots__ = ("name", "subscriptions", "event")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.subscriptions: set[Subscription] = set()
+        self.event = threading.Event()
+
+    def wake(self) -> None:
+        event, self.event = self.event, threading.Event()
+        event.set()
+
+
 class Subscription:
     """A bounded queue of frames for one stream, filled by the dispatcher.
 
@@ -40,9 +62,9 @@ class Subscription:
 
     max_pending_bytes = 8 * 1024 * 1024
 
-    __slots__ = ("channel", "topics", "closed_reason", "quiet_since", "_limit", "_pending", "_pending_bytes", "_ready")
+    __slots__ = ("channel", "topics", "closed_reason", "quiet_since", "_limit", "_pending", "_pending_bytes")
 
-    def __init__(self, channel: str, topics: Iterable[str] | None, limit: int, now: float) -> None:
+    def __init__(self, channel: Channel, topics: Iterable[str] | None, limit: int, now: float) -> None:
         self.channel = channel
         self.topics = frozenset(topics) if topics is not None else None
         self.closed_reason: str | None = None
@@ -50,34 +72,36 @@ class Subscription:
         self._limit = limit
         self._pending: deque[Frame] = deque()
         self._pending_bytes = 0
-        self._ready = threading.Event()
 
     @property
     def queued(self) -> int:
         """Frames waiting for the stream to take them."""
         return len(self._pending)
 
-    def offer(self, message: Message, frame: bytes, now: float) -> None:
+    def offer(self, message: Message, frame: bytes, now: float) -> bool:
+        """Queue the frame if the stream wants it; True when it was queued (the caller wakes the channel)."""
         if self.closed_reason is not None:
-            return
+            return False
         if self.topics is not None and message.topic not in self.topics:
-            return
+            return False
         if len(self._pending) >= self._limit or self._pending_bytes > self.max_pending_bytes:
             # A client that stops reading must not grow the server: end its
             # stream; it resumes from the store with its cursor.
             self.close("overflow")
-            return
+            return False
         self._queue((message.id, frame), now)
+        return True
 
-    def keep_alive(self, now: float) -> None:
+    def keep_alive(self, now: float) -> bool:
         if self.closed_reason is None and not self._pending:
             self._queue((0, sse.KEEP_ALIVE), now)
+            return True
+        return False
 
     def _queue(self, frame: Frame, now: float) -> None:
         self._pending.append(frame)
         self._pending_bytes += len(frame[1])
         self.quiet_since = now
-        self._ready.set()
 
     def take(self) -> list[Frame]:
         """Wait for frames and return all queued so far; [] once closed.
@@ -86,9 +110,10 @@ class Subscription:
         messages. A timeout per wait would arm and cancel a timer on every
         wake-up, which at 1,000 streams cost more than the frames themselves.
         """
-        if not self._pending and self.closed_reason is None:
-            self._ready.wait()
-        self._ready.clear()  # clear before draining, so an offer after this is not missed
+        while not self._pending and self.closed_reason is None:
+            event = self.channel.event  # before looking again: see Channel
+            if not self._pending and self.closed_reason is None:
+                event.wait()
         frames = list(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
@@ -99,7 +124,7 @@ class Subscription:
             self.closed_reason = reason
         self._pending.clear()
         self._pending_bytes = 0
-        self._ready.set()
+        self.channel.wake()
 
 
 class Dispatcher:
@@ -131,7 +156,7 @@ class Dispatcher:
         self._feed = feed
         self._clock = clock
         self._lock = threading.Lock()
-        self._by_channel: dict[str, set[Subscription]] = {}
+        self._channels: dict[str, Channel] = {}
         self._last_id: int | None = None  # set by the first subscriber
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -139,7 +164,7 @@ class Dispatcher:
     @property
     def stream_count(self) -> int:
         with self._lock:
-            return sum(len(subs) for subs in self._by_channel.values())
+            return sum(len(channel.subscriptions) for channel in self._channels.values())
 
     def start(self) -> None:
         """Start the reader thread once (lazily: never at import, always after a fork)."""
@@ -150,25 +175,27 @@ class Dispatcher:
             self._thread.start()
 
     def subscribe(self, channel: str, topics: Iterable[str] | None) -> Subscription:
-        subscription = Subscription(channel, topics, self.buffer_size, self._clock())
         with self._lock:
             if self._stopping:
+                subscription = Subscription(Channel(channel), topics, self.buffer_size, self._clock())
                 subscription.close("shutdown")
                 return subscription
             if self._last_id is None:
                 # Live delivery starts after the newest message of this
                 # moment; everything up to it is history for the streams.
                 self._last_id = self.store.last_id()
-            self._by_channel.setdefault(channel, set()).add(subscription)
+            if channel not in self._channels:
+                self._channels[channel] = Channel(channel)
+            subscription = Subscription(self._channels[channel], topics, self.buffer_size, self._clock())
+            subscription.channel.subscriptions.add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
-            subs = self._by_channel.get(subscription.channel)
-            if subs is not None:
-                subs.discard(subscription)
-                if not subs:
-                    del self._by_channel[subscription.channel]
+            channel = subscription.channel
+            channel.subscriptions.discard(subscription)
+            if not channel.subscriptions and self._channels.get(channel.name) is channel:
+                del self._channels[channel.name]
 
     def notify_appended(self) -> None:
         """This process committed a message: look now rather than at the next poll."""
@@ -178,8 +205,8 @@ class Dispatcher:
         """End every stream now (their clients reconnect elsewhere) and stop reading."""
         with self._lock:
             self._stopping = True
-            subscriptions = [s for subs in self._by_channel.values() for s in subs]
-            self._by_channel.clear()
+            subscriptions = [s for channel in self._channels.values() for s in channel.subscriptions]
+            self._channels.clear()
         for subscription in subscriptions:
             subscription.close("shutdown")
         self._feed.poke()
@@ -199,28 +226,32 @@ class Dispatcher:
     def _deliver(self, rows: list[Message]) -> None:
         epoch = self.store.epoch
         now = self._clock()
+        woken: dict[str, Channel] = {}
         with self._lock:
             for message in rows:
                 if message.id <= self._last_id:
                     continue
-                subs = self._by_channel.get(message.channel)
-                if subs:
+                channel = self._channels.get(message.channel)
+                if channel is not None:
                     # One bytes object for every subscriber of the channel.
                     frame = sse.message_frame(f"{epoch}-{message.id}", message.topic, message.envelope_json())
-                    for subscription in subs:
-                        subscription.offer(message, frame, now)
-                    self.delivered += len(subs)
+                    queued = sum(s.offer(message, frame, now) for s in channel.subscriptions)
+                    if queued:
+                        woken[channel.name] = channel
+                        self.delivered += queued
                 self._last_id = message.id
+            for channel in woken.values():
+                channel.wake()
 
     def send_keep_alives(self) -> None:
         """Queue `: keep-alive` for every stream that was quiet for about heartbeat_s."""
         now = self._clock()
         quiet_since = now - (self.heartbeat_s - self.tick_s)
         with self._lock:
-            for subs in self._by_channel.values():
-                for subscription in subs:
-                    if subscription.quiet_since <= quiet_since:
-                        subscription.keep_alive(now)
+            for channel in self._channels.values():
+                queued = [s.keep_alive(now) for s in channel.subscriptions if s.quiet_since <= quiet_since]
+                if any(queued):
+                    channel.wake()
 
     def _run(self) -> None:
         backoff = 0.1

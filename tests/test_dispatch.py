@@ -1,11 +1,13 @@
 """In-process fan-out, driven by hand: an injected clock, a fake change feed, no reader thread."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from common.database import make_engine
 from realtime import sse
-from realtime.dispatch import Dispatcher, Subscription
+from realtime.dispatch import Channel, Dispatcher, Subscription
 from realtime.store import Message, MessageStore
 
 
@@ -65,7 +67,7 @@ def _message_ids(subscription: Subscription) -> list[int]:
 
 
 def test_subscription_filters_topics_and_queues_in_order():
-    subscription = Subscription("c", ["a"], limit=10, now=0.0)
+    subscription = Subscription(Channel("c"), ["a"], limit=10, now=0.0)
     subscription.offer(_message(1, "a"), b"f1", now=1.0)
     subscription.offer(_message(2, "b"), b"f2", now=2.0)
     subscription.offer(_message(3, "a"), b"f3", now=3.0)
@@ -74,7 +76,7 @@ def test_subscription_filters_topics_and_queues_in_order():
 
 
 def test_a_subscription_that_is_not_drained_closes_instead_of_growing():
-    subscription = Subscription("c", None, limit=3, now=0.0)
+    subscription = Subscription(Channel("c"), None, limit=3, now=0.0)
     for n in range(1, 5):
         subscription.offer(_message(n), b"f", now=0.0)
     assert subscription.closed_reason == "overflow"
@@ -82,7 +84,7 @@ def test_a_subscription_that_is_not_drained_closes_instead_of_growing():
 
 
 def test_the_buffer_is_bounded_in_bytes_too():
-    subscription = Subscription("c", None, limit=1000, now=0.0)
+    subscription = Subscription(Channel("c"), None, limit=1000, now=0.0)
     big = b"x" * (1024 * 1024)
     for n in range(1, 11):
         subscription.offer(_message(n), big, now=0.0)
@@ -171,3 +173,41 @@ def test_stop_ends_every_subscription(dispatcher):
     assert subscription.take() == []
     assert dispatcher.subscribe("c", None).closed_reason == "shutdown"
     assert dispatcher.stream_count == 0
+
+
+def test_a_batch_wakes_each_channel_once_however_many_streams_and_messages(store, dispatcher, monkeypatch):
+    wakes: list[str] = []
+    wake = Channel.wake
+    monkeypatch.setattr(Channel, "wake", lambda channel: (wakes.append(channel.name), wake(channel)))
+    streams = [dispatcher.subscribe("c", None) for _ in range(3)] + [dispatcher.subscribe("d", None)]
+    for n in range(5):
+        store.append("c", "t", str(n))
+    store.append("d", "t", "1")
+    store.append("nobody-listens", "t", "1")
+    dispatcher.dispatch_new()
+    assert sorted(wakes) == ["c", "d"]
+    assert [s.queued for s in streams] == [5, 5, 5, 1]
+
+
+def test_a_waiting_stream_wakes_when_its_channel_is_woken():
+    channel = Channel("c")
+    subscription = Subscription(channel, None, limit=10, now=0.0)
+    channel.subscriptions.add(subscription)
+    taken: list = []
+    waiter = threading.Thread(target=lambda: taken.append(subscription.take()))
+    waiter.start()
+    subscription.offer(_message(1), b"f1", now=0.0)
+    channel.wake()
+    waiter.join(timeout=30)  # a guard against a hang, not a timing
+    assert taken == [[(1, b"f1")]]
+
+
+def test_closing_wakes_a_waiting_stream_with_nothing():
+    channel = Channel("c")
+    subscription = Subscription(channel, None, limit=10, now=0.0)
+    taken: list = []
+    waiter = threading.Thread(target=lambda: taken.append(subscription.take()))
+    waiter.start()
+    subscription.close("shutdown")
+    waiter.join(timeout=30)
+    assert taken == [[]]
