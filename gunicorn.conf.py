@@ -23,6 +23,13 @@ control_socket_disable = True
 # and must never land in a log file.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 
+# Job steps run on real OS threads beside the gevent hub (jobs/worker.py). The
+# hub gives up the GIL on every socket call and may then wait a whole switch
+# interval to get it back: at Python's default of 5 ms, a CPU-bound step
+# delayed other streams' messages by up to 165 ms; at 1 ms, by up to 45 ms
+# (bench/README.md, bench/cpu_step.py). It only matters while threads compete.
+GIL_SWITCH_INTERVAL_S = float(os.environ.get("GIL_SWITCH_INTERVAL_S", "0.001"))
+
 
 def post_worker_init(worker):
     """Start the app's background work, and end its streams as soon as the worker is told to stop.
@@ -35,8 +42,11 @@ def post_worker_init(worker):
     """
     import gc
     import signal
+    import sys
 
     import gevent
+
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     # Everything loaded so far lives as long as the worker: move it out of
     # the collector's sight, so full collections under load (thousands of

@@ -33,11 +33,14 @@ from server import PUBLISH_KEY, ROOT, BenchServer
 HEARTBEAT_S = 0.5
 
 
-def start_server(database_url: str, pool: str, log_path: Path) -> BenchServer:
+def start_server(database_url: str, pool: str, switch_interval_s: float | None, log_path: Path) -> BenchServer:
     """One gevent worker: the job and both streams share it."""
+    env = {"BENCH_JOBS_POOL": pool}
+    if switch_interval_s is not None:
+        env["GIL_SWITCH_INTERVAL_S"] = str(switch_interval_s)  # read by gunicorn.conf.py
     return BenchServer(
         database_url, log_path, open_files=1024, app="bench.jobs_cpu_app:create_app()",
-        env={"BENCH_JOBS_POOL": pool}, REALTIME_HEARTBEAT_S=HEARTBEAT_S, JOBS_POLL_S=0.05,
+        env=env, REALTIME_HEARTBEAT_S=HEARTBEAT_S, JOBS_POLL_S=0.05,
     ).start()
 
 
@@ -125,17 +128,20 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.02, help="seconds between published ticks")
     parser.add_argument("--pool", choices=["native", "greenlets"], default="native")
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="the worker's GIL switch interval in seconds (default: gunicorn.conf.py's, 0.001)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         database_url = args.database_url or f"sqlite:///{tmp}/bench.sqlite3"
-        server = start_server(database_url, args.pool, Path(tmp) / "gunicorn.log")
+        server = start_server(database_url, args.pool, args.switch_interval, Path(tmp) / "gunicorn.log")
         try:
             result = measure(server.url, args.seconds, args.interval)
         finally:
             server.stop()
 
-    result = {"pool": args.pool, "cpu_step_s": args.seconds, "database": database_url.split(":")[0], **result}
+    result = {"pool": args.pool, "switch_interval_s": args.switch_interval or "gunicorn.conf.py",
+              "cpu_step_s": args.seconds, "database": database_url.split(":")[0], **result}
     during = result["during_step"]
     worst = max(during["message_delay"].get("max_ms", 0), during["heartbeat_lateness"].get("max_ms", 0))
     result["verdict"] = f"worst added delay {worst:.0f} ms: " + ("PASS (<= 100 ms)" if worst <= 100 else "FAIL (> 100 ms)")
