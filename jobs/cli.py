@@ -1,6 +1,7 @@
 """`flask --app app jobs worker`: a standalone worker process with real OS threads."""
 from __future__ import annotations
 
+import logging
 import signal
 
 import click
@@ -14,6 +15,8 @@ group = AppGroup("jobs", help="Background jobs: run a worker.")
 @click.option("--threads", type=int, default=None, help="Threads in the pool (default: JOBS_THREADS).")
 def worker(threads: int | None) -> None:
     """Execute runs until SIGTERM or Ctrl-C; then finish the current steps and hand the runs back."""
+    # One line per run outcome on stderr, unless the app configured logging itself.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     jobs = current_app.extensions["jobs"]
     pool = jobs.new_worker(threads or int(current_app.config["JOBS_THREADS"]))
 

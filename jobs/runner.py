@@ -63,10 +63,12 @@ class Runner:
         assert function is not None, "claims only take registered functions"
         try:
             with self._context():
-                return self._attempt(function, claim, stopping)
+                outcome = self._attempt(function, claim, stopping)
         except LeaseLost:
             log.warning("run %s: lease lost to another worker; stopped without writing", claim.run.id)
             return "lease_lost"
+        log.info("run %s (%s, attempt %d): %s", claim.run.id, function.id, claim.run.attempt, outcome)
+        return outcome
 
     def _attempt(self, function: JobFunction, claim: Claim, stopping: Callable[[], bool]) -> str:
         run, runs = claim.run, self.runs

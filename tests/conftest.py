@@ -127,8 +127,10 @@ def free_port() -> int:
 class LiveServer:
     """`gunicorn -c gunicorn.conf.py "app:create_app()"` with gevent workers on a free port."""
 
-    def __init__(self, log_path: Path, database_url: str, workers: int = 2, **config: object) -> None:
+    def __init__(self, log_path: Path, database_url: str, workers: int = 2,
+                 gunicorn_args: list[str] | None = None, **config: object) -> None:
         self.port = free_port()
+        self.gunicorn_args = gunicorn_args or []
         self.url = f"http://127.0.0.1:{self.port}"
         self.database_url = database_url
         self.log_path = log_path
@@ -149,7 +151,7 @@ class LiveServer:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()",
-             "--bind", f"127.0.0.1:{self.port}"],
+             "--bind", f"127.0.0.1:{self.port}", *self.gunicorn_args],
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

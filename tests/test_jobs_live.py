@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,7 @@ class Worker:
     def __init__(self, log_path: Path, database_url: str, **config: object) -> None:
         env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": "live-test-secret"}
         env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
+        self.log_path = log_path
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flask", "--app", "app", "jobs", "worker"],
@@ -101,6 +103,9 @@ class Worker:
         if self.process.poll() is None:
             self.kill(signal.SIGTERM)
         self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
 
 
 @pytest.fixture
@@ -177,9 +182,11 @@ def test_kill_9_of_a_worker_mid_run_loses_nothing_and_repeats_nothing(database_u
 
 
 def test_two_workers_never_run_the_same_run(database_url, start_server, start_worker):
+    """Two workers of one thread each share 12 runs: each run executes once, and both
+    workers take part (one alone would need 12 x 0.3 s while the other polls every 0.05 s)."""
     server = start_server(database_url, JOBS_EMBEDDED="false")
-    for _ in range(2):
-        start_worker(database_url, DEMO_REPORT_STEP_S=0.02, **WORKER_CONFIG)
+    workers = [start_worker(database_url, DEMO_REPORT_STEP_S=0.1, **{**WORKER_CONFIG, "JOBS_THREADS": 1})
+               for _ in range(2)]
     run_ids = send_report(server, count=12)
     for run_id in run_ids:
         wait_until(lambda: get_run(server, run_id)["status"] in FINISHED, timeout=60, what=f"run {run_id}")
@@ -190,3 +197,8 @@ def test_two_workers_never_run_the_same_run(database_url, start_server, start_wo
         token = server.token(f"run.{run_id}", ["run", "status", "log"])
         history = httpx.get(server.url + "/api/realtime/messages", params={"token": token}, timeout=10).json()
         assert [(m["topic"], m["data"]) for m in history["messages"]] == expected_for(server, run_id)
+    completed_by = [set(re.findall(r"run ([0-9a-f]{16}) \(generate-report, attempt 1\): completed", w.log()))
+                    for w in workers]
+    assert all(completed_by), f"each worker completed some runs: {[len(c) for c in completed_by]}"
+    assert not completed_by[0] & completed_by[1]
+    assert completed_by[0] | completed_by[1] == set(run_ids)

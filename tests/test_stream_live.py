@@ -295,7 +295,9 @@ class Subscriber(threading.Thread):
         self.received: list[int] = []
         self.resets: list[Frame] = []
         self.connections = 0
-        self.open_connections: list[tuple[float, float | None]] = []  # (opened, ended) monotonic
+        # How each connection ended: "shutdown" (the server's last comment said
+        # so), "eof", "dropped" (by us) or "error"; one entry per ended connection.
+        self.endings: list[str] = []
         self.failures: list[str] = []
         self.transport_errors: list[str] = []
         self.stopping = threading.Event()
@@ -321,11 +323,11 @@ class Subscriber(threading.Thread):
                         self.failures.append(f"{response.status_code} {response.read()!r}")
                         continue
                     self.connections += 1
-                    self.open_connections.append((time.monotonic(), None))
+                    ending = "error"
                     try:
-                        self._read(response)
+                        ending = self._read(response)
                     finally:
-                        self.open_connections[-1] = (self.open_connections[-1][0], time.monotonic())
+                        self.endings.append(ending)
             except (httpx.HTTPError, OSError) as exc:
                 # The server went away (kill, reload): reconnect like EventSource does.
                 self.transport_errors.append(type(exc).__name__)
@@ -333,10 +335,12 @@ class Subscriber(threading.Thread):
                 self.failures.append(repr(exc))
             self.stopping.wait(0.05)  # a short `retry:`
 
-    def _read(self, response: httpx.Response) -> None:
+    def _read(self, response: httpx.Response) -> str:
+        shutdown = False
         for item in events_of(response):
             if self.stopping.is_set():
-                return
+                return "dropped"
+            shutdown = isinstance(item, Comment) and item.text.startswith("server shutting down")
             if isinstance(item, Frame) and item.event == "reset":
                 self.resets.append(item)
                 self.cursor = item.id
@@ -344,7 +348,8 @@ class Subscriber(threading.Thread):
                 self.received.append(item.envelope["id"])
                 self.cursor = item.id
             if self.rng.random() < self.drop_probability:
-                return
+                return "dropped"
+        return "shutdown" if shutdown else "eof"
 
 
 def assert_exactly_once(subscribers: list[Subscriber], expected: dict[tuple[str, str], list[int]]) -> None:
@@ -362,14 +367,26 @@ def assert_exactly_once(subscribers: list[Subscriber], expected: dict[tuple[str,
         assert not sub.failures, sub.failures
 
 
-def wait_for_catch_up(subscribers: list[Subscriber], expected_count: dict[str, int], timeout: float = 20) -> None:
-    """Wait until each subscriber holds as many messages as its scope has; on timeout,
-    `assert_exactly_once` then names what is missing."""
+def publish_sentinels(server: LiveServer, subscribers: list[Subscriber]) -> list[dict]:
+    """One last message on every (channel, topic) a subscriber watches, then wait until each has its own.
+
+    Streams deliver in id order, so a subscriber holding the sentinel of its
+    scope holds everything published before it, duplicates included: nothing
+    can arrive late after this. On timeout, `assert_exactly_once` names what
+    is missing.
+    """
+    scopes = sorted({(s.channel, topic) for s in subscribers for topic in s.topics})
+    sentinels = [server.publish(channel, topic, "sentinel") for channel, topic in scopes]
+
+    def has_sentinel(sub: Subscriber) -> bool:
+        last = max(m["id"] for m in sentinels if m["channel"] == sub.channel and m["topic"] in sub.topics)
+        return last in sub.received
+
     try:
-        wait_until(lambda: all(len(s.received) >= expected_count[s.name] for s in subscribers),
-                   timeout=timeout, interval=0.05)
+        wait_until(lambda: all(has_sentinel(s) for s in subscribers), timeout=30, interval=0.05)
     except AssertionError:
         pass
+    return sentinels
 
 
 # -- 1. replay then live ---------------------------------------------------------------------
@@ -490,14 +507,10 @@ def test_chaos_reconnecting_subscribers_get_every_message_once_in_order(shared_s
             assert not publisher.is_alive(), "publisher did not finish in 60 s"
             assert publisher.error is None, repr(publisher.error)
         messages = early + [m for p in publishers for m in p.published]
+        messages += publish_sentinels(server, subscribers)
         expected: dict[tuple[str, str], list[int]] = {}
         for m in sorted(messages, key=lambda m: m["id"]):
             expected.setdefault((m["channel"], m["topic"]), []).append(m["id"])
-        counts = {s.name: sum(len(ids) for (c, t), ids in expected.items() if c == s.channel and t in s.topics)
-                  for s in subscribers}
-        wait_for_catch_up(subscribers, counts)
-        # Settle: nothing extra (a duplicate) arrives late.
-        time.sleep(0.3)
     finally:
         for sub in subscribers:
             sub.stop()
@@ -554,10 +567,9 @@ def run_disruption(server: LiveServer, channel: str, disrupt) -> list[Subscriber
         mark = len(publisher.acknowledged)
         wait_until(lambda: len(publisher.acknowledged) >= mark + 20, what="publishing after the disruption")
         publisher.stop()
+        publish_sentinels(server, subscribers)
         stored = [m["id"] for m in history(server, server.token(channel, ["t"]))]
         assert set(publisher.acknowledged) <= set(stored), "an acknowledged publish was lost"
-        wait_for_catch_up(subscribers, {s.name: len(stored) for s in subscribers})
-        time.sleep(0.3)
     finally:
         publisher.stop()
         for sub in subscribers:
@@ -579,55 +591,59 @@ def test_kill_9_of_workers_loses_nothing(start_server, database_url):
     assert all(s.connections >= 2 for s in subscribers), "every subscriber lost its worker and reconnected"
 
 
-def test_sighup_reload_ends_streams_promptly_and_loses_nothing(start_server, database_url):
-    server = start_server(database_url)
-    timings = {}
+def open_connection(subscriber: Subscriber) -> int | None:
+    """The index of the subscriber's open connection, or None between connections."""
+    index = subscriber.connections - 1
+    return index if index >= 0 and len(subscriber.endings) == index else None
+
+
+def test_sighup_reload_ends_streams_itself_and_loses_nothing(start_server, database_url):
+    """A reload ends every open stream with the shutdown comment: the old workers do not wait
+    for their streams, which never end by themselves, for the whole graceful timeout (set far
+    beyond the test's patience here, so a held reload fails the test)."""
+    server = start_server(database_url, gunicorn_args=["--graceful-timeout", "600"])
+    open_at_reload: dict[Subscriber, int | None] = {}
 
     def reload(subscribers):
         old = set(server.worker_pids())
-        sent = time.monotonic()
+        open_at_reload.update({s: open_connection(s) for s in subscribers})
         server.signal(signal.SIGHUP)
         wait_until(lambda: not old & set(server.worker_pids()) and len(server.worker_pids()) == 2,
-                   timeout=20, what="old workers to exit after SIGHUP")
-        timings["old workers gone"] = time.monotonic() - sent
-        ends = [end for s in subscribers for opened, end in s.open_connections if opened < sent]
-        timings["streams ended"] = max((end or float("inf")) - sent for end in ends)
+                   timeout=60, what="old workers to exit after SIGHUP")
 
     subscribers = run_disruption(server, "reload.1", reload)
-    assert timings["streams ended"] < 5, timings
-    assert timings["old workers gone"] < 8, timings
+    ended = {s.name: s.endings[i] for s, i in open_at_reload.items() if i is not None}
+    assert len(ended) >= len(subscribers) - 1, "nearly every subscriber had a stream open at the reload"
+    assert set(ended.values()) == {"shutdown"}, ended
     assert all(s.connections >= 2 for s in subscribers)
 
 
-def test_sigterm_ends_streams_and_master_exits_promptly(start_server, database_url):
-    server = start_server(database_url)
+def test_sigterm_ends_streams_and_the_master_exits(start_server, database_url):
+    """SIGTERM ends every stream with the shutdown comment, and the master exits cleanly
+    without waiting out a graceful timeout set far beyond the test's patience."""
+    server = start_server(database_url, gunicorn_args=["--graceful-timeout", "600"])
     token = server.token("term.1", ["t"])
-    ended: dict[int, float] = {}
+    last_lines: dict[int, str] = {}
     opened = threading.Barrier(5, timeout=10)
 
     def watch(n: int) -> None:
-        try:
-            with open_stream(server, token) as response:
-                opened.wait()
-                for _ in sse_lines(response):
-                    pass
-        except httpx.HTTPError:
-            pass
-        ended[n] = time.monotonic()
+        with open_stream(server, token) as response:
+            opened.wait()
+            for line in sse_lines(response):
+                if line:
+                    last_lines[n] = line
 
     readers = [threading.Thread(target=watch, args=(n,), daemon=True) for n in range(4)]
     for reader in readers:
         reader.start()
     opened.wait()
     wait_until(lambda: streams_open(server) == 4, what="4 open streams")
-    sent = time.monotonic()
     server.signal(signal.SIGTERM)
     for reader in readers:
-        reader.join(timeout=15)
-    server.process.wait(timeout=25)
-    exited = time.monotonic() - sent
-    assert max(ended.values()) - sent < 3, f"streams ended after {max(ended.values()) - sent:.1f}s"
-    assert exited < 8, f"master exited {exited:.1f}s after SIGTERM"
+        reader.join(timeout=60)
+        assert not reader.is_alive(), "a stream outlived SIGTERM"
+    assert server.process.wait(timeout=60) == 0
+    assert set(last_lines.values()) == {": server shutting down; reconnect with Last-Event-ID"}
 
 
 def streams_open(server: LiveServer) -> int:
@@ -696,20 +712,14 @@ def test_a_client_that_stops_reading_is_cut_off_then_resumes(start_server, tmp_p
 
 
 def test_idle_stream_sends_keep_alive_comments(shared_server):
+    """An idle stream carries only keep-alive comments. Their timing, at least one every
+    REALTIME_HEARTBEAT_S, is tested with an injected clock (tests/test_dispatch.py)."""
     server = shared_server
     token = server.token("idle.1", ["t"])
-    times = []
     with open_stream(server, token) as response:
-        start = time.monotonic()
-        for line in sse_lines(response):
-            if line.startswith(":"):
-                assert line == ": keep-alive"
-                times.append(time.monotonic())
-                if len(times) == 3:
-                    break
-    gaps = [b - a for a, b in zip([start, *times], times)]
-    # 1 s nominal; the margin is for a loaded 2-core CI machine, not for the server.
-    assert max(gaps) < 1.9, f"heartbeat gaps {gaps} with REALTIME_HEARTBEAT_S=1"
+        lines = sse_lines(response)
+        assert [next(lines), next(lines)] == [f"retry: {RETRY_MS}", ""]
+        assert [next(lines) for _ in range(6)] == [": keep-alive", ""] * 3
 
 
 # -- 7. reset frames -------------------------------------------------------------------------
