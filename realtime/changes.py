@@ -45,7 +45,10 @@ class PollingChangeFeed:
 
     def wait(self, timeout: float) -> bool:
         poked = self._poked.wait(max(0.0, min(timeout, self._next_poll - time.monotonic())))
-        self._poked.clear()
+        if poked:
+            # Only what this wait saw: a poke that lands after a timed-out wait
+            # stays set and wakes the next one.
+            self._poked.clear()
         if poked or time.monotonic() >= self._next_poll:
             # Another process may have written since the last look.
             self._next_poll = time.monotonic() + self.poll_s
