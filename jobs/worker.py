@@ -103,7 +103,10 @@ class Worker:
         next_renewal = time.monotonic() + renew_every
         backoff = 0.0
         try:
-            while not self._stopping:
+            # Once stopping, claim nothing more but keep renewing the leases of
+            # the runs still executing: a step may take longer than a lease, and
+            # a lapsed lease would let another worker start it a second time.
+            while not self._stopping or self._held:
                 try:
                     self._fill(executor)
                     if time.monotonic() >= next_renewal:

@@ -1,0 +1,240 @@
+"""`Runner.execute`: how each way a function ends becomes the run's next state (runner.py's table).
+
+Runs are claimed by hand, time is a fake clock: a backoff or a sleep has passed
+when the clock says so, and "not claimable yet" is a claim that returns None.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from common.database import as_utc
+from jobs import NonRetriableError
+from jobs.runner import backoff_s
+from jobs.tables import runs
+from test_jobs import FakeClock
+
+
+@pytest.fixture
+def app(database_url):
+    from app import create_app
+
+    app = create_app({
+        "TESTING": True,
+        "SECRET_KEY": "test-secret",
+        "DATABASE_URL": database_url,
+        "JOBS_EAGER": False,  # these tests claim by hand
+    })
+    yield app
+    app.extensions["jobs"].shutdown(wait=True)
+    app.extensions["realtime"].shutdown()
+    app.extensions["database"].dispose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def jobs(app, clock):
+    jobs = app.extensions["jobs"]
+    jobs.runs.now = clock
+    return jobs
+
+
+@pytest.fixture
+def calls() -> Counter:
+    return Counter()
+
+
+def start(jobs, body, retries: int = 3) -> str:
+    jobs.function(id="job", trigger="test.job", retries=retries)(body)
+    return jobs.send("test.job", {})["runs"][0]["id"]
+
+
+def claim(jobs, owner: str = "w1", lease_s: float = 30):
+    return jobs.runs.claim(jobs.registry.ids, jobs.registry.concurrency_limits, owner=owner, lease_s=lease_s)
+
+
+def execute(jobs, stopping=lambda: False) -> str:
+    held = claim(jobs)
+    assert held is not None, "the run is due"
+    return jobs.runner.execute(held, stopping)
+
+
+def wait_until_due(jobs, clock) -> float:
+    """Advance the clock a quarter second at a time until the run can be claimed; return the wait."""
+    waited = 0.0
+    while (due := claim(jobs, owner="probe")) is None:
+        assert waited < 3600, "never due again"
+        clock.advance(0.25)
+        waited += 0.25
+    jobs.runs.release(due)  # hand it back, due now, for execute()
+    return waited
+
+
+def row(jobs, run_id: str):
+    with jobs.runs.engine.connect() as conn:
+        return conn.execute(select(runs).where(runs.c.id == run_id)).one()
+
+
+def lifecycle(app, run_id: str) -> list[dict]:
+    found = app.extensions["realtime"].store.read_after(f"run.{run_id}", None, 0, 100)
+    return [m.data for m in found if m.topic == "run"]
+
+
+def stored_steps(jobs, run_id: str) -> dict[str, str]:
+    return {s.id: s.status for s in jobs.run(run_id).steps}
+
+
+def test_a_returned_value_completes_the_run_with_its_output(app, jobs, clock):
+    run_id = start(jobs, lambda ctx: {"rows": ctx.step.run("fetch", lambda: (1, 2))})
+    assert execute(jobs) == "completed"
+    run = jobs.run(run_id)
+    assert (run.status, run.attempt, run.output, run.error) == ("completed", 1, {"rows": [1, 2]}, None)
+    assert run.ended_at == clock.now and row(jobs, run_id).lease_owner is None
+    assert lifecycle(app, run_id) == [
+        {"status": "queued"}, {"status": "running"}, {"status": "completed", "output": {"rows": [1, 2]}},
+    ]
+    clock.advance(3600)
+    assert claim(jobs) is None
+
+
+def test_a_non_retriable_error_fails_the_run_at_once(app, jobs, clock, calls):
+    def picky(ctx):
+        calls["picky"] += 1
+        raise NonRetriableError("the input can never work")
+
+    run_id = start(jobs, picky, retries=5)
+    assert execute(jobs) == "failed"
+    run = jobs.run(run_id)
+    assert (run.status, run.attempt, run.error) == ("failed", 1, "NonRetriableError: the input can never work")
+    assert lifecycle(app, run_id)[-1] == {"status": "failed", "error": run.error}
+    clock.advance(3600)
+    assert claim(jobs) is None and calls["picky"] == 1
+
+
+def test_an_exception_retries_after_exponential_backoff(jobs, clock, calls):
+    def flaky(ctx):
+        ctx.step.run("once", lambda: calls.update(["once"]))
+        raise RuntimeError(f"attempt {ctx.attempt} broke")
+
+    jobs.runner.retry_base_s = 2.0
+    run_id = start(jobs, flaky)
+    assert execute(jobs) == "retrying"
+    run, held = jobs.run(run_id), row(jobs, run_id)
+    assert (run.status, run.attempt, run.error) == ("running", 2, "RuntimeError: attempt 1 broke")
+    assert held.lease_owner is None and as_utc(held.available_at) == clock.now + timedelta(seconds=2)
+
+    assert wait_until_due(jobs, clock) == 2.0
+    assert execute(jobs) == "retrying"
+    assert wait_until_due(jobs, clock) == 4.0
+    assert jobs.run(run_id).attempt == 3 and calls["once"] == 1
+
+
+def test_the_backoff_is_capped(jobs, clock):
+    assert [backoff_s(attempt, 1.0, 5.0) for attempt in range(1, 6)] == [1, 2, 4, 5, 5]
+    jobs.runner.retry_base_s, jobs.runner.retry_max_s = 2.0, 3.0
+    start(jobs, lambda ctx: 1 / 0, retries=5)
+    waits = []
+    for _ in range(3):
+        assert execute(jobs) == "retrying"
+        waits.append(wait_until_due(jobs, clock))
+    assert waits == [2.0, 3.0, 3.0]
+
+
+def test_a_run_fails_when_its_retries_are_used_up(app, jobs, clock, calls):
+    def doomed(ctx):
+        calls["doomed"] += 1
+        raise ZeroDivisionError("division by zero")
+
+    run_id = start(jobs, doomed, retries=1)
+    assert execute(jobs) == "retrying"
+    clock.advance(jobs.runner.retry_base_s)
+    assert execute(jobs) == "failed"
+    run = jobs.run(run_id)
+    assert (run.status, run.attempt, run.error) == ("failed", 2, "ZeroDivisionError: division by zero")
+    assert lifecycle(app, run_id)[-1] == {"status": "failed", "error": run.error}
+    clock.advance(3600)
+    assert claim(jobs) is None and calls["doomed"] == 2
+
+
+@pytest.mark.parametrize("lease", ["held", "lapsed"])
+def test_a_cancel_request_cancels_the_run(app, jobs, clock, calls, lease):
+    def body(ctx):
+        calls["function"] += 1
+        ctx.step.run("work", lambda: calls.update(["work"]))
+
+    run_id = start(jobs, body)
+    held = claim(jobs, lease_s=30)
+    jobs.cancel(run_id)
+    if lease == "lapsed":  # its worker died: the next worker sees the request before calling the function
+        clock.advance(30)
+        held = claim(jobs, owner="w2")
+    assert jobs.runner.execute(held) == "cancelled"
+    run = jobs.run(run_id)
+    assert (run.status, run.ended_at) == ("cancelled", clock.now)
+    assert calls["work"] == 0 and calls["function"] == (1 if lease == "held" else 0)
+    assert lifecycle(app, run_id)[-1] == {"status": "cancelled"}
+    assert claim(jobs) is None
+
+
+def test_a_sleep_hands_the_run_back_until_its_wake_up_time(jobs, clock, calls):
+    def napper(ctx):
+        ctx.step.run("before", lambda: calls.update(["before"]))
+        ctx.step.sleep("nap", 30)
+        return "rested"
+
+    run_id = start(jobs, napper)
+    assert execute(jobs) == "sleeping"
+    held = row(jobs, run_id)
+    wake_up = clock.now + timedelta(seconds=30)
+    assert (held.status, held.lease_owner, as_utc(held.available_at)) == ("running", None, wake_up)
+    assert wait_until_due(jobs, clock) == 30.0
+    assert execute(jobs) == "completed"
+    assert jobs.run(run_id).output == "rested" and calls == Counter(before=1)
+
+
+def test_a_stopping_worker_releases_the_run_at_a_step_boundary(app, jobs, clock, calls):
+    def two_steps(ctx):
+        ctx.step.run("a", lambda: calls.update(["a"]))
+        ctx.step.run("b", lambda: calls.update(["b"]))
+        return "done"
+
+    run_id = start(jobs, two_steps)
+    assert execute(jobs, stopping=lambda: calls["a"] > 0) == "released"
+    held = row(jobs, run_id)
+    assert (held.status, held.lease_owner, held.ended_at) == ("running", None, None)
+    assert stored_steps(jobs, run_id) == {"a": "completed"}
+
+    other = claim(jobs, owner="w2")  # at once: no clock advance
+    assert other is not None and other.run.id == run_id
+    assert jobs.runner.execute(other) == "completed"
+    assert calls == Counter(a=1, b=1)
+    assert [m["status"] for m in lifecycle(app, run_id)] == ["queued", "running", "completed"]
+
+
+def test_a_lost_lease_stops_the_execution_without_writing(app, jobs, clock, calls):
+    usurper = []
+
+    def slow():
+        if not usurper:  # the step outlives the lease, and another worker takes the run
+            clock.advance(31)
+            usurper.append(claim(jobs, owner="w2"))
+        calls["slow"] += 1
+        return "slow"
+
+    run_id = start(jobs, lambda ctx: ctx.step.run("slow", slow))
+    assert execute(jobs) == "lease_lost"
+    [other] = usurper
+    held, run = row(jobs, run_id), jobs.run(run_id)
+    assert (held.status, held.lease_owner, run.output, run.error) == ("running", other.token, None, None)
+    assert stored_steps(jobs, run_id) == {"slow": "running"}, "the step's result was not recorded"
+    assert [m["status"] for m in lifecycle(app, run_id)] == ["queued", "running"]
+
+    assert jobs.runner.execute(other) == "completed"
+    assert jobs.run(run_id).output == "slow" and calls["slow"] == 2
