@@ -1,0 +1,147 @@
+"""What `make bench` measures: CPU over a window, settled streams, latency percentiles, exactly-once."""
+from __future__ import annotations
+
+import math
+import time
+from array import array
+
+from server import BenchServer, cpu_seconds, machine_cpu, wait_for
+
+
+class CpuWindow:
+    """CPU used by the server worker, each client process and this process over a window."""
+
+    def __init__(self, server_pid: int, client_pids: list[int]) -> None:
+        self.server_pid, self.client_pids = server_pid, client_pids
+        self.wall = time.monotonic()
+        self.server = cpu_seconds(server_pid)
+        self.clients = [cpu_seconds(pid) for pid in client_pids]
+        self.own = time.process_time()
+        self.machine = machine_cpu()
+
+    def close(self) -> dict:
+        wall = time.monotonic() - self.wall
+        busy0, total0 = self.machine
+        busy1, total1 = machine_cpu()
+
+        def share(seconds: float) -> float:
+            return round(100 * seconds / wall, 1)
+
+        return {
+            "wall_s": round(wall, 2),
+            "server_worker_pct": share(cpu_seconds(self.server_pid) - self.server),
+            "client_procs_pct": [share(cpu_seconds(p) - c) for p, c in zip(self.client_pids, self.clients)],
+            "publisher_pct": share(time.process_time() - self.own),
+            # Share of ALL cores (os.cpu_count()) busy, whoever used them.
+            "machine_busy_pct": round(100 * (busy1 - busy0) / max(1.0, total1 - total0), 1),
+        }
+
+
+def settle(server: BenchServer, streams: int, timeout: float = 60.0) -> dict:
+    """Wait until the server holds `streams` streams and their replay reads are done.
+
+    Done means no store reads within half a second, but for the reads the
+    SQLite change feed makes on its own, one per REALTIME_POLL_S.
+    """
+    interval = 0.5
+    allowance = 0 if server.is_postgres else math.ceil(interval / float(server.env["FLASK_REALTIME_POLL_S"])) + 1
+    previous: dict = {}
+
+    def steady() -> dict | None:
+        nonlocal previous
+        stats = server.stats()
+        done = (
+            stats["streams"] == streams
+            and "store_reads" in previous
+            and stats["store_reads"] - previous["store_reads"] <= allowance
+        )
+        previous = stats
+        return stats if done else None
+
+    return wait_for(steady, timeout, interval=interval, what=f"{streams} settled streams")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def analyse(records: list[tuple], sends: list[tuple[int, float, float]]) -> dict:
+    """Latency of every (subscriber, message) and the exactly-once-in-order check."""
+    expected = sorted(message_id for message_id, _, _ in sends)
+    sent_at = {message_id: t0 for message_id, t0, _ in sends}
+    latencies: list[float] = []
+    first_receive: dict[int, float] = {}  # per message: when its first and last subscriber got it
+    last_receive_of: dict[int, float] = {}
+    complete = missing = duplicates = out_of_order = unexpected = 0
+    closed = heartbeats = others = 0
+    errors: set[str] = set()
+    last_receive = 0.0
+    for ids_bytes, times_bytes, beats, other, was_closed, error in records:
+        ids, times = array("q"), array("d")
+        ids.frombytes(ids_bytes)
+        times.frombytes(times_bytes)
+        got = ids.tolist()
+        heartbeats += beats
+        others += other
+        closed += bool(was_closed)
+        if error:
+            errors.add(error)
+        if got == expected:
+            complete += 1
+        else:
+            seen = set(got)
+            missing += len(set(expected) - seen)
+            duplicates += len(got) - len(seen)
+            unexpected += len(seen - set(expected))
+            out_of_order += sum(1 for a, b in zip(got, got[1:]) if b < a)
+        for message_id, t in zip(got, times):
+            t0 = sent_at.get(message_id)
+            if t0 is not None:
+                latencies.append(t - t0)
+                if t < first_receive.get(message_id, math.inf):
+                    first_receive[message_id] = t
+                if t > last_receive_of.get(message_id, -math.inf):
+                    last_receive_of[message_id] = t
+        if times:
+            last_receive = max(last_receive, max(times))
+    latencies.sort()
+    ms = lambda v: round(1000 * v, 2)  # noqa: E731
+    first_send = min((t0 for _, t0, _ in sends), default=0.0)
+    deliveries = len(latencies)
+    # Where a message's latency comes from: until its first subscriber has it
+    # (publish, store, wake-up) and from then until its last one has it (fan-out).
+    firsts = sorted(first_receive[m] - sent_at[m] for m in first_receive)
+    spreads = sorted(last_receive_of[m] - first_receive[m] for m in first_receive)
+    return {
+        "messages": len(expected),
+        "deliveries": deliveries,
+        "latency_ms": {
+            "p50": ms(percentile(latencies, 0.50)),
+            "p95": ms(percentile(latencies, 0.95)),
+            "p99": ms(percentile(latencies, 0.99)),
+            "max": ms(latencies[-1]) if latencies else None,
+            "mean": ms(sum(latencies) / deliveries) if deliveries else None,
+        },
+        "per_message_ms": {
+            "first_subscriber_p50": ms(percentile(firsts, 0.5)),
+            "first_subscriber_p99": ms(percentile(firsts, 0.99)),
+            "fan_out_spread_p50": ms(percentile(spreads, 0.5)),
+            "fan_out_spread_p99": ms(percentile(spreads, 0.99)),
+        },
+        "delivery_window_s": round(last_receive - first_send, 3) if deliveries else None,
+        "deliveries_per_s": round(deliveries / (last_receive - first_send)) if deliveries else 0,
+        "exactly_once_in_order": {
+            "subscribers": len(records),
+            "complete": complete,
+            "missing": missing,
+            "duplicates": duplicates,
+            "out_of_order": out_of_order,
+            "unexpected": unexpected,
+            "closed_streams": closed,
+            "other_frames": others,
+            "heartbeats": heartbeats,
+            "errors": sorted(errors)[:5],
+        },
+    }

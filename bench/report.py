@@ -1,0 +1,81 @@
+"""The report of `make bench`: the markdown table and the verdict on each target."""
+from __future__ import annotations
+
+import math
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def table(report: dict) -> str:
+    lines = [
+        f"database: {report['database']}, load average at start {report['loadavg_start']}, at end {report['loadavg_end']}, "
+        f"{report['cpus']} CPUs, {report['client_procs']} client processes",
+        "",
+        "| phase | subs | msgs | msg/s | p50 ms | p95 ms | p99 ms | max ms | deliveries/s | reads/msg "
+        "| exactly once, in order | server CPU | client CPU (per proc) | publisher CPU | machine busy "
+        "| server µs/delivery | first sub p50/p99 ms | fan-out spread p50/p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["phases"]:
+        check = r["exactly_once_in_order"]
+        latency = r["latency_ms"]
+        cpu = r["cpu"]
+        lines.append(
+            f"| {r['phase']} | {r['subscribers']} | {r['published']} | {r['publish_rate_per_s']} "
+            f"| {fmt(latency['p50'])} | {fmt(latency['p95'])} | {fmt(latency['p99'])} | {fmt(latency['max'])} "
+            f"| {r['deliveries_per_s']} | {r['reads_per_message']} "
+            f"| {check['complete']}/{check['subscribers']} (missing {check['missing']}, dup {check['duplicates']}, "
+            f"closed {check['closed_streams']}) "
+            f"| {cpu['server_worker_pct']}% | {' + '.join(f'{p}%' for p in cpu['client_procs_pct'])} "
+            f"| {cpu['publisher_pct']}% | {cpu['machine_busy_pct']}% | {cpu['server_us_per_delivery']} "
+            f"| {fmt(r['per_message_ms']['first_subscriber_p50'])}/{fmt(r['per_message_ms']['first_subscriber_p99'])} "
+            f"| {fmt(r['per_message_ms']['fan_out_spread_p50'])}/{fmt(r['per_message_ms']['fan_out_spread_p99'])} |"
+        )
+    memory = report.get("memory")
+    if memory:
+        lines += [
+            "",
+            "| idle streams | opened | stats streams | RSS before | RSS after | per stream | open time | server CPU while opening |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {memory['idle_streams']} | {memory['opened']['ready']} | {memory['stats_streams']} "
+            f"| {memory['rss_before_kib'] / 1024:.1f} MiB | {memory['rss_after_kib'] / 1024:.1f} MiB "
+            f"| {memory['kib_per_stream']} KiB | {memory['open_s']} s | {memory['cpu_while_opening']['server_worker_pct']}% |",
+        ]
+    lines += ["", "targets:"] + [f"- {t}" for t in report["targets"]]
+    return "\n".join(lines)
+
+
+def targets(report: dict) -> list[str]:
+    verdicts = []
+    by_name = {r["phase"]: r for r in report["phases"]}
+    fanout = by_name.get("fanout")
+    if fanout:
+        p99 = fanout["latency_ms"]["p99"]
+        verdicts.append(f"p99 < 100 ms at {fanout['subscribers']} subscribers: {p99} ms -> {'MET' if p99 < 100 else 'MISSED'}")
+        check = fanout["exactly_once_in_order"]
+        ok = check["complete"] == check["subscribers"]
+        verdicts.append(f"every subscriber got every message once, in order: {'YES' if ok else 'NO'}")
+    if fanout and "reads/1" in by_name:
+        # The target is that reads do not grow with subscribers. Fewer is possible:
+        # when the worker lags, several NOTIFYs (or polls) are covered by one read.
+        one, many = by_name["reads/1"]["reads_per_message"], fanout["reads_per_message"]
+        ok = many <= one * 1.1 + 0.02
+        note = " (fewer: one read covered several messages while the worker lagged)" if many < one * 0.9 else ""
+        verdicts.append(
+            f"reads/message do not grow from 1 to {fanout['subscribers']} subscribers: {one} vs {many}"
+            f" -> {'MET' if ok else 'MISSED'}{note}"
+        )
+    memory = report.get("memory")
+    if memory:
+        per = memory["kib_per_stream"]
+        ok = per * 1024 < 50_000 and memory["stats_streams"] == memory["idle_streams"]
+        verdicts.append(f"< 50 KB per idle stream at {memory['idle_streams']}: {per} KiB ({per * 1.024:.1f} KB) -> {'MET' if ok else 'MISSED'}")
+    for r in report["phases"]:
+        busiest = max(r["cpu"]["client_procs_pct"], default=0)
+        if busiest > 70:
+            verdicts.append(f"WARNING {r['phase']}: a client process used {busiest}% of a core; add --client-procs")
+    return verdicts
