@@ -75,6 +75,11 @@ def runner(app):
     return app.test_cli_runner()
 
 
+@pytest.fixture
+def realtime(app):
+    return app.extensions["realtime"]
+
+
 # -- databases ----------------------------------------------------------------------
 
 
@@ -226,3 +231,24 @@ def start_server(tmp_path) -> Iterator[Callable[..., LiveServer]]:
 def live_server(start_server, database_url) -> LiveServer:
     """A 2-worker gevent gunicorn on SQLite, then on PostgreSQL."""
     return start_server(database_url)
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def shared_server(request, tmp_path_factory) -> Iterator[LiveServer]:
+    """One 2-worker gunicorn per backend and test module, for the tests that neither kill nor reconfigure it."""
+    tmp = tmp_path_factory.mktemp(f"shared-{request.param}")
+    pg_name = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp / 'shared.sqlite3'}"
+    else:
+        pg_name = _create_pg_database()
+        if pg_name is None:
+            skip_or_fail("PostgreSQL is not reachable on 127.0.0.1:5432")
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}"
+    server = LiveServer(tmp / "gunicorn.log", url)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        if pg_name:
+            _drop_pg_database(pg_name)

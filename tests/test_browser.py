@@ -6,21 +6,30 @@ it publishes on channel `run.<id>` through the publish API, so they control
 exactly when each message exists relative to the browser's connection. One
 test runs the real job end to end and downloads its PDF.
 
-Screenshots land in test-artifacts/ (gitignored).
+Screenshots land in test-artifacts/ (gitignored). The helpers the tests drive the
+page with (FakeReport, Console, HeldReconnects) are in tests/browser_support.py.
 """
 from __future__ import annotations
 
 import re
 import signal
-import time
-import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from conftest import ROOT, LiveServer, skip_or_fail, wait_until
+from browser_support import (
+    SUBSCRIBE_URL,
+    Console,
+    FakeReport,
+    HeldReconnects,
+    card_of,
+    pump_until,
+    screenshot,
+    shown_log_ids,
+    wait_for_token_expiry,
+)
+from conftest import LiveServer, skip_or_fail
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -33,8 +42,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-sync",
 ]
-ARTIFACTS = ROOT / "test-artifacts"
-SUBSCRIBE_URL = re.compile(r"/api/realtime/subscribe\?")
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +53,6 @@ def browser():
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-class Console:
-    """Everything the page said on its console at level warning or error, and its uncaught errors."""
-
-    def __init__(self, page) -> None:
-        self.page = page
-        self.problems: list[str] = []
-        page.on("console", self._on_console)
-        page.on("pageerror", lambda error: self.problems.append(f"uncaught: {error}"))
-
-    def _on_console(self, message) -> None:
-        if message.type in ("error", "warning"):
-            self.problems.append(f"console.{message.type}: {message.text}")
-
-    def assert_clean(self, allowed: re.Pattern[str] | None = None) -> None:
-        self.page.evaluate("0")  # a round trip, so events sent before now have been dispatched
-        left = [p for p in self.problems if not (allowed and allowed.search(p))]
-        assert left == [], "the page logged problems:\n" + "\n".join(left)
 
 
 @pytest.fixture
@@ -84,83 +72,6 @@ def console(page) -> Console:
 @pytest.fixture
 def server(start_server, tmp_path) -> LiveServer:
     return start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}")
-
-
-class FakeReport:
-    """Publishes what the report job publishes on `run.<id>`, when the test says so."""
-
-    def __init__(self, server: LiveServer) -> None:
-        self.server = server
-        self.run_id = uuid.uuid4().hex
-        self.channel = f"run.{self.run_id}"
-
-    def status(self, stage: str, percent: int, **extra: object) -> dict:
-        return self._publish("status", {"stage": stage, "percent": percent, **extra})
-
-    def log(self, message: str, level: str = "info") -> dict:
-        return self._publish("log", {"level": level, "message": message})
-
-    def run(self, status: str, **extra: object) -> dict:
-        return self._publish("run", {"status": status, **extra})
-
-    def _publish(self, topic: str, data: dict) -> dict:
-        return self.server.publish(self.channel, topic, data, run_id=self.run_id)
-
-    def stored_log_ids(self) -> list[int]:
-        token = self.server.token(self.channel, ["log"])
-        response = httpx.get(
-            self.server.url + "/api/realtime/messages", params={"token": token, "limit": 1000}, timeout=10
-        )
-        assert response.status_code == 200, response.text
-        return [m["id"] for m in response.json()["messages"]]
-
-
-def card_of(page, run_id: str):
-    return page.locator(f'.report[data-run-id="{run_id}"]')
-
-
-def shown_log_ids(card) -> list[int]:
-    return [int(i) for i in card.locator(".log li").evaluate_all("items => items.map(li => li.dataset.id)")]
-
-
-def screenshot(page, name: str, **options: object) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), **options)
-
-
-def pump_until(page, condition, timeout: float = 15.0, what: str = "") -> None:
-    """Like conftest.wait_until, for conditions set by Playwright callbacks.
-
-    The sync API dispatches route, request and console callbacks only while a
-    Playwright call runs, so the wait itself must be one.
-    """
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        page.wait_for_timeout(20)
-
-
-class HeldReconnects:
-    """Hold the page's next stream requests until `release()`, to publish while it is disconnected."""
-
-    def __init__(self, page) -> None:
-        self.page = page
-        self.held: list = []
-        self.urls: list[str] = []
-        page.route(SUBSCRIBE_URL, self._hold)
-
-    def _hold(self, route) -> None:
-        self.held.append(route)
-        self.urls.append(route.request.url)
-
-    def wait(self, what: str) -> None:
-        pump_until(self.page, lambda: self.held, what=what)
-
-    def release(self) -> None:
-        for route in self.held:
-            route.continue_()
-        self.page.unroute(SUBSCRIBE_URL, self._hold)
 
 
 # -- the real job ---------------------------------------------------------------------------------
@@ -332,7 +243,7 @@ def test_the_page_refreshes_an_expired_token_transparently(start_server, tmp_pat
 
     # The open stream outlives its token (checked only when a stream opens).
     # Once it has expired, end the streams: the reconnect needs a new token.
-    _wait_for_token_expiry(server, report)
+    wait_for_token_expiry(server, report)
     held = HeldReconnects(page)
     server.signal(signal.SIGHUP)
     held.wait("the reconnect with a fresh token")
@@ -377,7 +288,7 @@ def test_the_client_probes_a_failed_eventsource_and_refreshes_a_refused_token(st
     )
     page.wait_for_function("window.sub.state === 'open' && window.sub.messages.length === 1")
 
-    _wait_for_token_expiry(server, report)
+    wait_for_token_expiry(server, report)
     server.signal(signal.SIGHUP)
     page.wait_for_function("window.codes.includes('token_expired')")
     report.log("line 2")
@@ -412,18 +323,7 @@ def test_the_page_explains_a_run_it_cannot_watch(server, page, console):
     console.assert_clean(allowed=re.compile(r"status of 400 \(BAD REQUEST\)"))
 
 
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def _wait_for_token_expiry(server: LiveServer, report: FakeReport) -> None:
-    """Until a token issued before now is refused: the server's clock decides, not ours."""
-    token = server.token(report.channel, ["log"])
-
-    def refused() -> bool:
-        response = httpx.get(server.url + "/api/realtime/messages", params={"token": token}, timeout=5)
-        return response.status_code == 401 and response.json()["error"]["code"] == "token_expired"
-
-    wait_until(refused, timeout=10, interval=0.1, what="the token to expire")
+# -- the console watch --------------------------------------------------------------------------
 
 
 def test_console_watch_reports_uncaught_errors(page):
@@ -433,4 +333,3 @@ def test_console_watch_reports_uncaught_errors(page):
     pump_until(page, lambda: console.problems, what="the page error")
     with pytest.raises(AssertionError, match="boom"):
         console.assert_clean()
-
