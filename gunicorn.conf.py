@@ -25,8 +25,8 @@ access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 
 # Job steps run on real OS threads beside the gevent hub (jobs/worker.py). The
 # hub gives up the GIL on every socket call and may then wait a whole switch
-# interval to get it back: at Python's default of 5 ms, a CPU-bound step
-# delayed other streams' messages by up to 165 ms; at 1 ms, by up to 45 ms
+# interval to get it back, so a CPU-bound step delays every stream of the
+# worker; a shorter interval than Python's 5 ms keeps that well under 100 ms
 # (bench/README.md, bench/cpu_step.py). It only matters while threads compete.
 GIL_SWITCH_INTERVAL_S = float(os.environ.get("GIL_SWITCH_INTERVAL_S", "0.001"))
 

@@ -14,7 +14,7 @@ comes after cursor N" can never skip a message that commits late.
   passed 11 would never see 10. `append` therefore takes a transaction-scoped
   advisory lock *before* drawing the id; the lock is released only after the
   commit is visible, so writers commit in id order. The price is that appends
-  are serialized (about 0.3 ms each on a local server; see bench/).
+  are serialized (bench/README.md measures it).
 """
 from __future__ import annotations
 
