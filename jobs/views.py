@@ -1,7 +1,7 @@
 """HTTP endpoints of CONTRACT §3 "Events and runs": translate requests to `Jobs` calls.
 
 Every input is checked before anything is written; failures raise `JobError`s,
-which errors.py turns into JSON. Nothing here touches the database.
+which common/errors.py turns into JSON. Nothing here touches the database.
 """
 from __future__ import annotations
 

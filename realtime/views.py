@@ -1,7 +1,7 @@
 """HTTP endpoints of CONTRACT §3: translate requests to `Realtime` calls.
 
 Everything a client sends is checked here or in the calls below *before* any
-write or any streamed byte; failures raise `RealtimeError`s, which errors.py
+write or any streamed byte; failures raise `RealtimeError`s, which common/errors.py
 turns into JSON. Nothing in this module touches the database.
 """
 from __future__ import annotations

@@ -12,11 +12,15 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,21 +52,33 @@ def skip_or_fail(reason: str) -> None:
 # -- in-process app ---------------------------------------------------------------
 
 
-@pytest.fixture
-def app(tmp_path):
+def app_on(database_url: str, **config: object) -> Iterator["Flask"]:
+    """A TESTING app on `database_url`, stopped and disposed after: what every app fixture yields from."""
     from app import create_app
 
-    app = create_app(
-        {
-            "TESTING": True,
-            "SECRET_KEY": "test-secret",
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'test.sqlite3'}",
-            "REALTIME_PUBLISH_KEY": PUBLISH_KEY,
-        }
-    )
+    app = create_app({"TESTING": True, "SECRET_KEY": "test-secret", "DATABASE_URL": database_url, **config})
     yield app
+    app.extensions["jobs"].shutdown(wait=True)
     app.extensions["realtime"].shutdown()
     app.extensions["database"].dispose()
+
+
+@pytest.fixture
+def app(tmp_path):
+    yield from app_on(f"sqlite:///{tmp_path / 'test.sqlite3'}", REALTIME_PUBLISH_KEY=PUBLISH_KEY)
+
+
+class FakeClock:
+    """An aware UTC clock that moves only when a test says so (the job stores' `now`)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 28, 6, 0, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture

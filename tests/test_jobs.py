@@ -6,26 +6,16 @@ test advances the clock and calls `jobs.drain()`.
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import pytest
 from sqlalchemy import func, select
 
+from conftest import FakeClock
 from jobs import NonRetriableError
 from jobs.tables import events, runs
 
 RUN_KEYS = ["id", "function", "status", "output", "error", "attempt", "steps", "created_at", "started_at", "ended_at"]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 28, 6, 0, tzinfo=timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 class Crash(BaseException):

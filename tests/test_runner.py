@@ -15,23 +15,12 @@ from common.database import as_utc
 from jobs import NonRetriableError
 from jobs.runner import backoff_s
 from jobs.tables import runs
-from test_jobs import FakeClock
+from conftest import FakeClock, app_on
 
 
 @pytest.fixture
 def app(database_url):
-    from app import create_app
-
-    app = create_app({
-        "TESTING": True,
-        "SECRET_KEY": "test-secret",
-        "DATABASE_URL": database_url,
-        "JOBS_EAGER": False,  # these tests claim by hand
-    })
-    yield app
-    app.extensions["jobs"].shutdown(wait=True)
-    app.extensions["realtime"].shutdown()
-    app.extensions["database"].dispose()
+    yield from app_on(database_url, JOBS_EAGER=False)  # these tests claim by hand
 
 
 @pytest.fixture

@@ -8,26 +8,14 @@ import threading
 
 import pytest
 
-from conftest import wait_until
+from conftest import FakeClock, app_on, wait_until
 from jobs.records import LeaseLost
-from test_jobs import FakeClock
 
 
 @pytest.fixture
 def app(database_url):
-    from app import create_app
-
-    app = create_app({
-        "TESTING": True,
-        "SECRET_KEY": "test-secret",
-        "DATABASE_URL": database_url,
-        "JOBS_EAGER": False,  # these tests claim by hand or start the pool themselves
-        "DEMO_REPORT_STEP_S": 0,
-    })
-    yield app
-    app.extensions["jobs"].shutdown(wait=True)
-    app.extensions["realtime"].shutdown()
-    app.extensions["database"].dispose()
+    # These tests claim by hand or start the pool themselves.
+    yield from app_on(database_url, JOBS_EAGER=False, DEMO_REPORT_STEP_S=0)
 
 
 @pytest.fixture

@@ -13,22 +13,13 @@ from sqlalchemy.exc import OperationalError
 
 from jobs import NonRetriableError
 from jobs.steps import CancelRequested, Context, Steps, describe
+from conftest import app_on
 
 
 @pytest.fixture
 def app(tmp_path):
-    from app import create_app
-
-    app = create_app({
-        "TESTING": True,
-        "SECRET_KEY": "test-secret",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'steps.sqlite3'}",
-        "JOBS_EAGER": False,  # sent runs stay queued: the tests claim them by hand
-    })
-    yield app
-    app.extensions["jobs"].shutdown(wait=True)
-    app.extensions["realtime"].shutdown()
-    app.extensions["database"].dispose()
+    # Sent runs stay queued: the tests claim them by hand.
+    yield from app_on(f"sqlite:///{tmp_path / 'steps.sqlite3'}", JOBS_EAGER=False)
 
 
 @pytest.fixture

@@ -12,27 +12,14 @@ import pytest
 from sqlalchemy import func, select
 
 from common.database import as_utc
-from conftest import wait_until
+from conftest import FakeClock, app_on, wait_until
 from jobs.tables import runs
 from jobs.worker import Worker
-from test_jobs import FakeClock
 
 
 @pytest.fixture
 def app(database_url):
-    from app import create_app
-
-    app = create_app({
-        "TESTING": True,
-        "SECRET_KEY": "test-secret",
-        "DATABASE_URL": database_url,
-        "JOBS_EAGER": False,  # runs wait for a worker
-        "JOBS_POLL_S": 0.01,
-    })
-    yield app
-    app.extensions["jobs"].shutdown(wait=True)
-    app.extensions["realtime"].shutdown()
-    app.extensions["database"].dispose()
+    yield from app_on(database_url, JOBS_EAGER=False, JOBS_POLL_S=0.01)  # runs wait for a worker
 
 
 @pytest.fixture
