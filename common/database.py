@@ -1,58 +1,186 @@
-"""One SQLAlchemy engine per app, shared by the realtime store and the job store,
-and the few helpers both stores need.
+"""The app's database: one engine, and the rules every database call follows.
 
 SQLite is the zero-install default (`make run`); PostgreSQL (psycopg 3) is for
-several processes or machines. Only stores use the engine; views never do.
+several processes or machines. Only stores touch the engine, and each of
+their public methods is a `@database_call`, which:
+
+- creates the schema on first use, not at import or in `create_app`: a worker
+  that starts while the database is away boots, serves what needs no
+  database, and creates the tables once it is back;
+- under gevent, bounds the call in time (`call_timeout_s`) and runs SQLite,
+  whose C library blocks the whole thread while it waits for a lock, on one
+  of gevent's native threads, so the other streams of the worker go on;
+- turns "the database is away, stalled or locked" into `DatabaseUnavailable`
+  (503 with `Retry-After`), never a 500.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
-from flask import Flask
-from sqlalchemy import Engine, MetaData, Table, create_engine, event, func, select
+import gevent
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, exc, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from .errors import AppError
+from .greenlets import gevent_hub, native_thread_ident
+
+log = logging.getLogger(__name__)
+
 EXTENSION_KEY = "database"
+T = TypeVar("T")
 
 
-def make_engine(url: str) -> Engine:
+class DatabaseUnavailable(AppError):
+    status = 503
+    code = "database_unavailable"
+    headers = {"Retry-After": "2"}
+
+
+def make_engine(url: str, *, connect_timeout_s: float = 3.0, statement_timeout_s: float = 5.0) -> Engine:
     """Create an engine with the settings this project relies on.
 
     SQLite: WAL so readers never block the writer, a busy timeout so two
-    writers queue instead of failing, connections usable from any thread
-    (`flask run` is threaded). PostgreSQL: `pool_pre_ping` so a restarted
+    writers queue instead of failing (and fail, rather than hang, when another
+    process holds the lock for long), connections usable from any thread.
+    PostgreSQL: a connect timeout; a statement timeout, so a statement stuck
+    behind a lock is cancelled by the server instead of committing after its
+    caller gave up; no server-side prepared statements, which a pooler in
+    transaction mode (PgBouncer) cannot keep; `pool_pre_ping` so a restarted
     server costs one retry, not an error.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        busy_ms = int(statement_timeout_s * 1000)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": statement_timeout_s})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # noqa: ANN001
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = {
+        "connect_timeout": max(1, round(connect_timeout_s)),
+        "prepare_threshold": None,
+        "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
+        # A peer that vanishes without a FIN is noticed within seconds.
+        "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+        "tcp_user_timeout": int(statement_timeout_s * 1000),
+    }
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=connect_timeout_s,
+        connect_args=connect_args,
+    )
 
 
-def engine_for(app: Flask) -> Engine:
-    """The app's engine, created on first use from `DATABASE_URL`."""
-    engine = app.extensions.get(EXTENSION_KEY)
-    if engine is None:
-        engine = make_engine(app.config["DATABASE_URL"])
-        app.extensions[EXTENSION_KEY] = engine
-    return engine
+class Database:
+    """The app's engine, its schemas, and `call`: how every store method runs."""
+
+    def __init__(self, url: str, *, call_timeout_s: float = 8.0) -> None:
+        self.engine = make_engine(url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self.call_timeout_s = call_timeout_s
+        self._schemas: list[Callable[[Engine], None]] = []
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        self._local = threading.local()  # greenlet-local under gevent
+
+    def add_schema(self, create: Callable[[Engine], None]) -> None:
+        """Register what creates a package's tables; run once per process, at the first call."""
+        self._schemas.append(create)
+        self._schema_ready = False
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(*args, **kwargs)`, a unit of database work, by the rules in the module docstring."""
+        return self._call(fn, args, kwargs, self.call_timeout_s)
+
+    def ping(self, timeout_s: float) -> None:
+        """A `SELECT 1` that answers within `timeout_s` or raises DatabaseUnavailable (for /readyz)."""
+        self._call(self._select_one, (), {}, timeout_s)
+
+    def _select_one(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    def _call(self, fn: Callable[..., T], args: tuple, kwargs: dict, timeout_s: float) -> T:
+        if getattr(self._local, "inside", False):
+            return fn(*args, **kwargs)  # nested in a call already (a publish inside a job's transaction)
+        hub = gevent_hub()
+        if hub is None or hub.thread_ident != native_thread_ident():
+            return self._run(fn, args, kwargs)  # a plain thread (flask run, a job thread): no hub to keep free
+        # gevent's own Timeout, a BaseException: SQLAlchemy then discards the
+        # connection it interrupted instead of rolling back on a stalled socket.
+        timeout = gevent.Timeout(timeout_s)
+        timeout.start()
+        try:
+            if self.is_sqlite:
+                return hub.threadpool.apply(self._run, (fn, args, kwargs))
+            return self._run(fn, args, kwargs)
+        except gevent.Timeout as error:
+            if error is not timeout:
+                raise
+            log.warning("database call timed out after %g s", timeout_s)
+            raise DatabaseUnavailable(f"the database did not answer within {timeout_s:g} s; try again shortly") from None
+        finally:
+            timeout.close()
+
+    def _run(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        self._local.inside = True
+        try:
+            self.ensure_schema()
+            return fn(*args, **kwargs)
+        except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError) as error:
+            # The server is away, stalled, or holds a lock too long: the
+            # request is fine, the moment is not. Details stay in the log.
+            log.warning("database unavailable: %s", type(getattr(error, "orig", None) or error).__name__)
+            raise DatabaseUnavailable("the database is unavailable; try again shortly") from error
+        finally:
+            self._local.inside = False
+
+    def ensure_schema(self) -> None:
+        """Create every registered schema, once per process (every call does this first)."""
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if not self._schema_ready:
+                for create in self._schemas:
+                    create(self.engine)
+                self._schema_ready = True
+
+    def dispose(self) -> None:
+        self.engine.dispose()
 
 
-# Small helpers both stores need, whatever the database.
+def database_call(method: Callable[..., T]) -> Callable[..., T]:
+    """Mark a store method as one unit of database work, run through its store's `Database.call`."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> T:
+        return self.db.call(method, self, *args, **kwargs)
+
+    return call
+
+
+def database_for(app: Any) -> Database:
+    """The app's Database, created on first use from `DATABASE_URL`."""
+    database = app.extensions.get(EXTENSION_KEY)
+    if database is None:
+        database = Database(app.config["DATABASE_URL"])
+        app.extensions[EXTENSION_KEY] = database
+    return database
+
+
+# Small helpers the stores share, whatever the database.
 
 
 def utcnow() -> datetime:

@@ -2,10 +2,11 @@
 
 `{"error": {"code": "snake_case_code", "message": "what went wrong and what to do"}}`
 
-Package errors (`RealtimeError`, `JobError`, both `AppError`s) carry `status`,
-`code` and `message`; Werkzeug's HTTP errors (404, 405, 413 ...) are translated; anything
-unexpected is logged with its traceback and answered with a bare 500 that says
-nothing about the internals.
+Package errors (`RealtimeError`, `JobError`, `DatabaseUnavailable`, all
+`AppError`s) carry `status`, `code` and `message`; Werkzeug's HTTP errors
+(404, 405, 413 ...) and gunicorn's errors reading a malformed body are
+translated; anything unexpected is logged with its traceback and answered
+with a bare 500 that says nothing about the internals.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 import re
 
 from flask import Flask, Response, jsonify
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ class AppError(Exception):
 
     status = 400
     code = "bad_request"
+    #: Extra response headers, such as `Retry-After` on a 503.
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -51,7 +55,15 @@ def _http_code(exc: HTTPException) -> str:
 def init_app(app: Flask) -> None:
     @app.errorhandler(AppError)
     def _app_error(exc: AppError) -> Response:
-        return error_response(exc.status, exc.code, exc.message)
+        response = error_response(exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers)
+        return response
+
+    @app.errorhandler(ParseException)
+    def _malformed_body(exc: ParseException) -> Response:
+        # gunicorn reads the body lazily, inside the view: a bad chunk
+        # surfaces here, and is the client's mistake.
+        return error_response(400, "malformed_request", f"the request is not valid HTTP: {type(exc).__name__}")
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from common import database
+from common.database import database_for
 from jobs import Jobs
 
 from .files import FileStore
@@ -27,7 +27,6 @@ class Demo:
     def init_app(self, app: Flask, *, jobs: Jobs | None = None) -> None:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
-        self.files = FileStore(database.engine_for(app))
-        self.files.create_schema()
+        self.files = FileStore(database_for(app))
         (jobs or app.extensions["jobs"]).register(generate_report)
         app.extensions["demo"] = self

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Column, DateTime, Engine, LargeBinary, MetaData, String, Table, select
+from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, select
 
-from common.database import create_tables, upsert, utcnow, write_session
+from common.database import Database, create_tables, database_call, upsert, utcnow, write_session
 
 metadata = MetaData()
 
@@ -29,12 +29,12 @@ class StoredFile:
 
 
 class FileStore:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.engine = db.engine
+        db.add_schema(lambda engine: create_tables(engine, metadata))
 
-    def create_schema(self) -> None:
-        create_tables(self.engine, metadata)
-
+    @database_call
     def save(self, run_id: str, name: str, content_type: str, content: bytes) -> None:
         """Store (or replace) a file produced by a run."""
         statement = upsert(self.engine, files).values(
@@ -46,6 +46,7 @@ class FileStore:
                 set_={"content_type": statement.excluded.content_type, "content": statement.excluded.content},
             ))
 
+    @database_call
     def load(self, run_id: str, name: str) -> StoredFile | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(files).where(files.c.run_id == run_id, files.c.name == name)).first()

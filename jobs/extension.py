@@ -1,6 +1,6 @@
 """`Jobs`, the Flask extension: the Python API and the glue between the parts.
 
-    jobs = Jobs(app, engine=engine, realtime=realtime)   # or Jobs() then init_app(...)
+    jobs = Jobs(app, realtime=realtime)   # or Jobs() then init_app(...)
 
     @jobs.function(id="generate-report", trigger="report.requested", retries=3)
     def generate_report(ctx): ...
@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from flask import Flask
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from common import database, jsontext
+from common import jsontext
+from common.database import Database, database_for
 from common.config import flag
 from realtime.errors import MessageTooLarge
 
@@ -64,7 +64,7 @@ class Jobs:
         if app is not None:
             self.init_app(app, **kwargs)
 
-    def init_app(self, app: Flask, *, engine: Engine | None = None, realtime: Any = None) -> None:
+    def init_app(self, app: Flask, *, db: Database | None = None, realtime: Any = None) -> None:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
         # Eager mode runs each run inline when it is sent; the default in tests.
@@ -78,9 +78,9 @@ class Jobs:
         self.poll_s = float(config["JOBS_POLL_S"])
         self.realtime = realtime or app.extensions["realtime"]
 
-        engine = engine or database.engine_for(app)
-        create_schema(engine)
-        self.runs = RunStore(engine, on_status=self._announce)
+        db = db or database_for(app)
+        db.add_schema(create_schema)  # made at the first call, not here: see common/database.py
+        self.runs = RunStore(db, on_status=self._announce)
         self.journal = StepJournal(self.runs)
         self.runner = Runner(
             self.runs,

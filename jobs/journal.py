@@ -15,6 +15,8 @@ from typing import Any, Callable
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from common.database import database_call
+
 from .records import COMPLETED, FAILED, RUNNING, Claim, Step
 from .runs import RunStore, step_from_row
 from .tables import steps
@@ -26,16 +28,19 @@ SLEEPING = "sleeping"
 class StepJournal:
     def __init__(self, runs: RunStore) -> None:
         self.runs = runs
+        self.db = runs.db
         self.engine = runs.engine
 
     def now(self) -> datetime:
         return self.runs.now()
 
+    @database_call
     def steps_of(self, run_id: str) -> dict[str, Step]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(steps).where(steps.c.run_id == run_id)).all()
         return {row.id: step_from_row(row) for row in rows}
 
+    @database_call
     def start(self, claim: Claim, step_id: str) -> bool:
         """Count one more execution of a step; False (and nothing written) if cancel was requested."""
         with self.runs.write() as session:
@@ -50,16 +55,19 @@ class StepJournal:
                 self._update(session, claim.run.id, step_id, status=RUNNING, attempts=existing.attempts + 1)
         return True
 
+    @database_call
     def complete(self, claim: Claim, step_id: str, output_json: str) -> None:
         with self.runs.write() as session:
             self.runs.fence(session, claim)
             self._update(session, claim.run.id, step_id, status=COMPLETED, output=output_json, error=None)
 
+    @database_call
     def fail(self, claim: Claim, step_id: str, error: str) -> None:
         with self.runs.write() as session:
             self.runs.fence(session, claim)
             self._update(session, claim.run.id, step_id, status=FAILED, error=error)
 
+    @database_call
     def record_effect(self, claim: Claim, step_id: str, effect: Callable[[Session], JSON]) -> bool:
         """Run `effect(session)` and record its result as a completed step, atomically.
 
@@ -74,6 +82,7 @@ class StepJournal:
             self._insert(session, claim.run.id, step_id, status=COMPLETED, attempts=1, output=output)
         return True
 
+    @database_call
     def sleep(self, claim: Claim, step_id: str, until: datetime) -> bool:
         """Record a sleep and hand the run back until `until`, atomically; False if cancel was requested."""
         with self.runs.write() as session:

@@ -27,10 +27,10 @@ from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import Engine, and_, func, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from common.database import as_utc, utcnow, write_session
+from common.database import Database, as_utc, database_call, utcnow, write_session
 
 from .errors import RunFinished, RunNotFound
 from .records import CANCELLED, FINISHED, QUEUED, RUNNING, Claim, Event, LeaseLost, NewEvent, Run, Step, new_id
@@ -68,9 +68,10 @@ def step_from_row(row: Any) -> Step:
 class RunStore:
     """Events, runs and their leases. `now` is the clock; tests replace it."""
 
-    def __init__(self, engine: Engine, *, on_status: StatusHook, now: Clock = utcnow) -> None:
-        self.engine = engine
-        self.is_postgres = engine.dialect.name == "postgresql"
+    def __init__(self, db: Database, *, on_status: StatusHook, now: Clock = utcnow) -> None:
+        self.db = db
+        self.engine = db.engine
+        self.is_postgres = self.engine.dialect.name == "postgresql"
         self.on_status = on_status
         self.now = now
 
@@ -80,6 +81,7 @@ class RunStore:
 
     # -- events in, runs queued ---------------------------------------------------
 
+    @database_call
     def add_events(self, new_events: Sequence[NewEvent]) -> list[tuple[Event, list[Run]]]:
         """Store events and queue one run per triggered function, all in one transaction."""
         now = self.now()
@@ -106,11 +108,13 @@ class RunStore:
                 created.append((event, event_runs))
         return created
 
+    @database_call
     def event(self, event_id: str) -> Event:
         with self.engine.connect() as conn:
             row = conn.execute(select(events).where(events.c.id == event_id)).one()
         return Event(row.id, row.name, json.loads(row.data), as_utc(row.created_at))
 
+    @database_call
     def run(self, run_id: str) -> Run | None:
         """The run with its steps in the order they first ran, or None."""
         with self.engine.connect() as conn:
@@ -124,6 +128,7 @@ class RunStore:
 
     # -- claims and leases --------------------------------------------------------
 
+    @database_call
     def claim(
         self, function_ids: Sequence[str], limits: dict[str, int], *, owner: str, lease_s: float
     ) -> Claim | None:
@@ -172,6 +177,7 @@ class RunStore:
             ).first()
         return None if row is None else Claim(run_from_row(row), token, lease_s)
 
+    @database_call
     def renew(self, tokens: Sequence[str], lease_s: float) -> int:
         """Extend the leases of these claims; return how many are still held."""
         if not tokens:
@@ -197,6 +203,7 @@ class RunStore:
 
     # -- what a held run becomes ------------------------------------------------------
 
+    @database_call
     def mark_started(self, claim: Claim) -> None:
         """Record the first start of a run, and announce `running`, exactly once."""
         with self.write() as session:
@@ -208,6 +215,7 @@ class RunStore:
                 ).one()
                 self.on_status(session, run_from_row(row))
 
+    @database_call
     def finish(self, claim: Claim, status: str, *, output_json: str | None = None, error: str | None = None) -> None:
         """End the run `completed`, `failed` or `cancelled`, and announce it."""
         assert status in FINISHED
@@ -220,6 +228,7 @@ class RunStore:
             ).one()
             self.on_status(session, run_from_row(row))
 
+    @database_call
     def retry(self, claim: Claim, *, at: datetime, error: str) -> None:
         """Count a failed attempt and make the run due again at `at`."""
         with self.write() as session:
@@ -229,6 +238,7 @@ class RunStore:
                 .values(attempt=runs.c.attempt + 1, error=error, lease_owner=None, available_at=at)
             )
 
+    @database_call
     def release(self, claim: Claim, *, at: datetime | None = None, session: Session | None = None) -> None:
         """Give the run back unfinished, due again at `at` (default: now, for another worker).
 
@@ -243,6 +253,7 @@ class RunStore:
             update(runs).where(runs.c.id == claim.run.id).values(lease_owner=None, available_at=at or self.now())
         )
 
+    @database_call
     def cancel(self, run_id: str) -> None:
         """Cancel a run: at once if no worker holds it, else ask its worker to stop before the next step."""
         with self.write() as session:

@@ -7,6 +7,7 @@ new rows itself, once for all its streams. Two implementations:
   NOTIFY in its transaction, which PostgreSQL delivers at commit to every
   listener, whichever process or machine wrote. psycopg >= 3.1.14 waits on the
   socket cooperatively under gevent, so this costs a worker nothing while idle.
+  A safety poll covers the moments LISTEN is lost.
 - `PollingChangeFeed` (SQLite): SQLite cannot notify other processes, so the
   feed wakes up every `poll_s` seconds, and at once when this process appends
   (`poke`). One indexed read per poll per process, however many streams.
@@ -69,32 +70,63 @@ class PollingChangeFeed:
 
 
 class PostgresChangeFeed:
-    def __init__(self, url: URL, channel: str) -> None:
-        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    """LISTEN on its own connection, plus a safety poll.
+
+    The connection may be lost (a restart, a pooler in between, an idle
+    timeout in a firewall): the feed then reconnects by itself, and meanwhile
+    `wait` still says "look" every `safety_poll_s`, so new messages reach the
+    streams within that time whatever happens to LISTEN. `listen_url` is a
+    direct connection (REALTIME_LISTEN_URL): LISTEN does not work through
+    PgBouncer in transaction mode.
+    """
+
+    def __init__(self, listen_url: URL, channel: str, *, safety_poll_s: float = 1.0) -> None:
+        self._conninfo = listen_url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._channel = channel
         self._conn: psycopg.Connection | None = None
+        self.safety_poll_s = safety_poll_s
+        self._next_look = time.monotonic()
+
+    @property
+    def listening(self) -> bool:
+        return self._conn is not None
 
     def wait(self, timeout: float) -> bool:
+        if self._conn is None and not self._connect():
+            threading.Event().wait(min(timeout, 1.0))
+            return self._look_now()
         if self._conn is None:
-            try:
-                self._conn = psycopg.connect(self._conninfo, autocommit=True)
-                self._conn.execute(f"LISTEN {self._channel}")
-            except psycopg.Error as exc:
-                log.warning("cannot LISTEN for new messages (%s); retrying", type(exc).__name__)
-                self._conn = None
-                threading.Event().wait(min(timeout, 1.0))
-            # Notifications sent while we were not listening are lost: look.
-            return True
+            return self._look_now()  # notifications sent while we were not listening are lost: look
         try:
-            woke = bool(list(self._conn.notifies(timeout=timeout, stop_after=1)))
+            wait_s = max(0.0, min(timeout, self._next_look - time.monotonic()))
+            woke = bool(list(self._conn.notifies(timeout=wait_s, stop_after=1)))
             # Coalesce a burst: one read covers every NOTIFY already queued.
             for _ in self._conn.notifies(timeout=0):
                 pass
-            return woke
         except psycopg.Error as exc:
             log.warning("LISTEN connection lost (%s); reconnecting", type(exc).__name__)
             self.close()
+            return self._look_now()
+        if woke or time.monotonic() >= self._next_look:
+            return self._look_now()
+        return False
+
+    def _connect(self) -> bool:
+        try:
+            self._conn = psycopg.connect(
+                self._conninfo, autocommit=True, connect_timeout=3,
+                keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+            )
+            self._conn.execute(f"LISTEN {self._channel}")
             return True
+        except psycopg.Error as exc:
+            log.warning("cannot LISTEN for new messages (%s); retrying", type(exc).__name__)
+            self.close()
+            return False
+
+    def _look_now(self) -> bool:
+        self._next_look = time.monotonic() + self.safety_poll_s
+        return True
 
     def poke(self) -> None:
         pass  # our own NOTIFY arrives on the LISTEN connection like anyone else's

@@ -16,11 +16,10 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
 
 from flask import Flask
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from common import database
 from common import jsontext
+from common.database import Database, database_for
 
 from .cursor import Cursor
 from .dispatch import Dispatcher
@@ -42,19 +41,21 @@ DEFAULTS = {
     "REALTIME_MAX_MESSAGE_BYTES": 524288,
     "REALTIME_PUBLISH_KEY": None,
     # Beyond the contract: tuning knobs with safe defaults.
-    "REALTIME_POLL_S": 0.25,  # SQLite only: how often other processes' appends are looked for
+    "REALTIME_LISTEN_URL": None,  # PostgreSQL: a direct connection for LISTEN (default: DATABASE_URL)
+    "REALTIME_POLL_S": 0.25,  # SQLite: how often other processes' appends are looked for
+    "REALTIME_SAFETY_POLL_S": 1.0,  # PostgreSQL: a look without a NOTIFY, in case LISTEN is lost
     "REALTIME_STREAM_BUFFER": 1000,  # frames queued for a slow client before its stream ends
     "REALTIME_PRUNE_INTERVAL_S": 300,
 }
 
 
 class Realtime:
-    def __init__(self, app: Flask | None = None, *, engine: Engine | None = None) -> None:
+    def __init__(self, app: Flask | None = None, *, db: Database | None = None) -> None:
         self._policy: Policy | None = None
         if app is not None:
-            self.init_app(app, engine=engine)
+            self.init_app(app, db=db)
 
-    def init_app(self, app: Flask, *, engine: Engine | None = None) -> None:
+    def init_app(self, app: Flask, *, db: Database | None = None) -> None:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
         config = app.config
@@ -68,11 +69,11 @@ class Realtime:
         if config.get("MAX_CONTENT_LENGTH") is None:
             config["MAX_CONTENT_LENGTH"] = self.max_message_bytes + 64 * 1024
 
-        self.store = MessageStore(engine or database.engine_for(app))
-        self.store.create_schema()
+        self.store = MessageStore(db or database_for(app))  # no SQL yet: the schema is made at first use
+        poll_s = float(config["REALTIME_SAFETY_POLL_S" if self.store.is_postgres else "REALTIME_POLL_S"])
         self.dispatcher = Dispatcher(
             self.store,
-            self.store.change_feed(poll_s=float(config["REALTIME_POLL_S"])),
+            self.store.change_feed(poll_s, listen_url=config["REALTIME_LISTEN_URL"]),
             heartbeat_s=self.heartbeat_s,
             buffer_size=int(config["REALTIME_STREAM_BUFFER"]),
         )

@@ -41,10 +41,10 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session
 
-from common.database import as_utc, upsert, utcnow
+from common.database import Database, as_utc, database_call, upsert, utcnow
 
 from .changes import ChangeFeed, PostgresChangeFeed, PollingChangeFeed
 
@@ -116,6 +116,17 @@ class Message:
         )
 
 
+def create_schema(engine: Engine) -> None:
+    """Create the tables if missing and the database's epoch once. Safe to race."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        metadata.create_all(conn)
+        conn.execute(upsert(engine, meta).values(key="epoch", value=secrets.token_hex(4)).on_conflict_do_nothing())
+
+
 def _message(row: Any) -> Message:
     return Message(row.id, row.channel, row.topic, row.data, row.run_id, as_utc(row.created_at))
 
@@ -123,39 +134,30 @@ def _message(row: Any) -> Message:
 class MessageStore:
     """Append-only log of messages with per-channel reads and age-based pruning."""
 
-    def __init__(self, engine: Engine, *, now: Callable[[], datetime] = utcnow) -> None:
-        self.engine = engine
-        self.is_postgres = engine.dialect.name == "postgresql"
+    def __init__(self, db: Database, *, now: Callable[[], datetime] = utcnow) -> None:
+        self.db = db
+        self.engine = db.engine
+        self.is_postgres = self.engine.dialect.name == "postgresql"
         self._now = now
         self._epoch: str | None = None
         self.reads = 0  # SELECTs issued, for /api/realtime/stats and bench/
-
-    # -- schema -----------------------------------------------------------
-
-    def create_schema(self) -> None:
-        """Create the tables if missing and load the database's epoch. Safe to race."""
-        with self.engine.begin() as conn:
-            self._lock(conn, _SCHEMA_LOCK)
-            metadata.create_all(conn)
-            conn.execute(
-                upsert(self.engine, meta)
-                .values(key="epoch", value=secrets.token_hex(4))
-                .on_conflict_do_nothing()
-            )
-            self._epoch = conn.execute(select(meta.c.value).where(meta.c.key == "epoch")).scalar_one()
+        db.add_schema(create_schema)
 
     @property
     def epoch(self) -> str:
         """A random tag of this database, part of every cursor (see cursor.py)."""
         if self._epoch is None:
-            with self.engine.connect() as conn:
-                self._epoch = conn.execute(
-                    select(meta.c.value).where(meta.c.key == "epoch")
-                ).scalar_one()
+            self._epoch = self._load_epoch()
         return self._epoch
+
+    @database_call
+    def _load_epoch(self) -> str:
+        with self.engine.connect() as conn:
+            return conn.execute(select(meta.c.value).where(meta.c.key == "epoch")).scalar_one()
 
     # -- writing ----------------------------------------------------------
 
+    @database_call
     def append(
         self,
         channel: str,
@@ -199,6 +201,7 @@ class MessageStore:
             conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(row.id))))
         return Message(row.id, channel, topic, data_json, run_id, created_at)
 
+    @database_call
     def prune(self, max_age: timedelta) -> int:
         """Delete messages older than `max_age`; return how many.
 
@@ -236,6 +239,7 @@ class MessageStore:
 
     # -- reading ----------------------------------------------------------
 
+    @database_call
     def read_after(
         self, channel: str, topics: Sequence[str] | None, after_id: int, limit: int
     ) -> list[Message]:
@@ -245,15 +249,18 @@ class MessageStore:
             query = query.where(messages.c.topic.in_(topics))
         return self._read(query.order_by(messages.c.id).limit(limit))
 
+    @database_call
     def read_new(self, after_id: int, limit: int) -> list[Message]:
         """Up to `limit` messages of every channel with id > after_id, oldest first (the dispatcher's read)."""
         return self._read(messages.select().where(messages.c.id > after_id).order_by(messages.c.id).limit(limit))
 
+    @database_call
     def last_id(self) -> int:
         self.reads += 1
         with self.engine.connect() as conn:
             return conn.execute(select(func.max(messages.c.id))).scalar() or 0
 
+    @database_call
     def pruned_through(self, channel: str) -> int:
         """The highest id pruned from `channel`, 0 when nothing was."""
         self.reads += 1
@@ -269,10 +276,14 @@ class MessageStore:
 
     # -- change notification ----------------------------------------------
 
-    def change_feed(self, poll_s: float) -> ChangeFeed:
-        """What wakes the dispatcher when another process appends: LISTEN/NOTIFY or a poll."""
+    def change_feed(self, poll_s: float, listen_url: str | None = None) -> ChangeFeed:
+        """What wakes the dispatcher when another process appends: LISTEN/NOTIFY or a poll.
+
+        On PostgreSQL `poll_s` is the safety poll beside LISTEN, on SQLite the only wake-up.
+        """
         if self.is_postgres:
-            return PostgresChangeFeed(self.engine.url, NOTIFY_CHANNEL)
+            url = make_url(listen_url) if listen_url else self.engine.url
+            return PostgresChangeFeed(url, NOTIFY_CHANNEL, safety_poll_s=poll_s)
         return PollingChangeFeed(poll_s)
 
     # -- helpers ----------------------------------------------------------

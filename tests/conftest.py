@@ -57,6 +57,7 @@ def app_on(database_url: str, **config: object) -> Iterator["Flask"]:
     from app import create_app
 
     app = create_app({"TESTING": True, "SECRET_KEY": "test-secret", "DATABASE_URL": database_url, **config})
+    app.extensions["database"].ensure_schema()  # tests look at the tables before any call made them
     yield app
     app.extensions["jobs"].shutdown(wait=True)
     app.extensions["realtime"].shutdown()

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from common.database import make_engine
+from common.database import Database
 from realtime import sse
 from realtime.dispatch import Channel, Dispatcher, Subscription
 from realtime.store import Message, MessageStore
@@ -39,11 +39,9 @@ class Feed:
 
 @pytest.fixture
 def store(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'd.sqlite3'}")
-    store = MessageStore(engine)
-    store.create_schema()
-    yield store
-    engine.dispose()
+    db = Database(f"sqlite:///{tmp_path / 'd.sqlite3'}")
+    yield MessageStore(db)
+    db.dispose()
 
 
 @pytest.fixture

@@ -117,7 +117,7 @@ def test_bad_events_are_refused_and_nothing_is_written(app, client, jobs, body, 
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == code
     assert response.get_json()["error"]["message"]
-    with app.extensions["database"].connect() as conn:
+    with app.extensions["database"].engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(events)).scalar() == 0
         assert conn.execute(select(func.count()).select_from(runs)).scalar() == 0
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy.orm import Session
 
-from common.database import make_engine
+from common.database import Database
 from realtime.store import MessageStore
 
 
@@ -28,11 +28,9 @@ def clock():
 
 @pytest.fixture
 def store(database_url, clock):
-    engine = make_engine(database_url)
-    store = MessageStore(engine, now=clock)
-    store.create_schema()
-    yield store
-    engine.dispose()
+    db = Database(database_url)
+    yield MessageStore(db, now=clock)
+    db.dispose()
 
 
 def test_append_then_read_after_in_id_order(store):
@@ -59,10 +57,14 @@ def test_envelope_is_contract_json(store):
 
 
 def test_schema_creation_is_idempotent_and_keeps_the_epoch(store, database_url):
-    again = MessageStore(store.engine)
-    again.create_schema()
-    assert again.epoch == store.epoch
-    assert len(store.epoch) == 8
+    epoch = store.epoch  # the first call created the schema
+    db = Database(database_url)
+    try:
+        again = MessageStore(db)
+        assert again.epoch == epoch and again.last_id() == 0
+        assert len(epoch) == 8
+    finally:
+        db.dispose()
 
 
 def test_prune_deletes_old_messages_and_remembers_where_per_channel(store, clock):
@@ -102,15 +104,15 @@ def test_append_in_callers_transaction_exists_only_if_it_commits(store, commit):
 
 
 def _slow_writer(database_url: str, writer: int, count: int) -> None:
-    engine = make_engine(database_url)
-    store = MessageStore(engine)
+    db = Database(database_url)
+    store = MessageStore(db)
     rng = random.Random(writer)
     for n in range(count):
-        with Session(engine) as session:
+        with Session(db.engine) as session:
             store.append("race", "t", str(n), session=session)
             time.sleep(rng.random() * 0.003)
             session.commit()
-    engine.dispose()
+    db.dispose()
 
 
 def test_a_tailing_reader_never_skips_a_late_commit(store):
