@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from flask import Flask
 
-from common import errors
+from common import errors, health
+from common.database import DatabaseUnavailable, database_for
 from demo import Demo
 from demo import views as demo_views
 from jobs import Jobs
@@ -58,6 +59,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     jobs = Jobs(app, realtime=realtime)
     Demo(app, jobs=jobs)
 
+    probes = health.Health(app)
+    probes.add("database", lambda: _database_problem(app))
+    probes.add("change_feed", realtime.change_feed_problem)
+
+    app.register_blueprint(health.blueprint)
     app.register_blueprint(realtime_views.blueprint)
     app.register_blueprint(jobs_views.blueprint)
     app.register_blueprint(demo_views.blueprint)
@@ -83,6 +89,14 @@ class RedactTokens(logging.Filter):
 
 
 logging.getLogger("werkzeug").addFilter(RedactTokens())
+
+
+def _database_problem(app: Flask) -> str | None:
+    try:
+        database_for(app).ping(timeout_s=2.0)  # /readyz turns 503 within seconds of a stall
+    except DatabaseUnavailable as exc:
+        return exc.message
+    return None
 
 
 def _require_secret_key(app: Flask) -> None:

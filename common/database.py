@@ -102,7 +102,21 @@ class Database:
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(*args, **kwargs)`, a unit of database work, by the rules in the module docstring."""
-        return self._call(fn, args, kwargs, self.call_timeout_s)
+        return self._call(fn, args, kwargs, getattr(self._local, "time_limit_s", None) or self.call_timeout_s)
+
+    @contextmanager
+    def time_limit(self, seconds: float) -> Iterator[None]:
+        """Bound the calls this greenlet makes in the block by `seconds` instead of `call_timeout_s`.
+
+        A stream replaying history uses its heartbeat: it would rather send a
+        keep-alive and try again than keep its client waiting in silence.
+        """
+        previous = getattr(self._local, "time_limit_s", None)
+        self._local.time_limit_s = seconds
+        try:
+            yield
+        finally:
+            self._local.time_limit_s = previous
 
     def ping(self, timeout_s: float) -> None:
         """A `SELECT 1` that answers within `timeout_s` or raises DatabaseUnavailable (for /readyz)."""
@@ -126,8 +140,10 @@ class Database:
             if self.is_sqlite:
                 return hub.threadpool.apply(self._run, (fn, args, kwargs))
             return self._run(fn, args, kwargs)
-        except gevent.Timeout as error:
-            if error is not timeout:
+        except BaseException as error:
+            # Ours, or whatever the driver raised while it was interrupted
+            # (psycopg cannot reset a connection that was mid-query).
+            if error is not timeout and timeout.pending:
                 raise
             log.warning("database call timed out after %g s", timeout_s)
             raise DatabaseUnavailable(f"the database did not answer within {timeout_s:g} s; try again shortly") from None
@@ -223,3 +239,33 @@ def create_tables(engine: Engine, metadata: MetaData) -> None:
         if engine.dialect.name == "postgresql":
             session.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
         metadata.create_all(session.connection())
+
+
+def add_missing_columns(engine: Engine, table: Table) -> None:
+    """Add the columns of `table` that its database table lacks: a database made by an older version.
+
+    `create_all` makes missing tables but never touches existing ones. A new
+    column must therefore be nullable or have a `server_default`, so that the
+    rows already there get a value. Under the schema lock, like `create_tables`.
+    """
+    from sqlalchemy import inspect
+    from sqlalchemy.schema import CreateColumn
+
+    with write_session(engine) as session:
+        if engine.dialect.name == "postgresql":
+            session.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+        conn = session.connection()
+        present = {column["name"] for column in inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable and column.server_default is None:
+                raise RuntimeError(
+                    f"{table.name}.{column.name} is missing and NOT NULL without a server_default: "
+                    "existing rows would have no value; add it by hand"
+                )
+            # The column as CREATE TABLE would spell it, in this dialect: name, type, DEFAULT, NOT NULL.
+            spec = CreateColumn(column).compile(dialect=engine.dialect)
+            name = engine.dialect.identifier_preparer.format_table(table)
+            log.info("adding column %s.%s", table.name, column.name)
+            conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {spec}")

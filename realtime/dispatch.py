@@ -15,11 +15,14 @@ after registering. Overlap is possible and removed by id in stream.py.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
 from collections import deque
 from typing import Callable, Iterable
+
+from common.greenlets import current_greenlet, interrupt
 
 from . import sse
 from .changes import ChangeFeed
@@ -62,13 +65,21 @@ class Subscription:
 
     max_pending_bytes = 8 * 1024 * 1024
 
-    __slots__ = ("channel", "topics", "closed_reason", "quiet_since", "_limit", "_pending", "_pending_bytes")
+    __slots__ = (
+        "channel", "topics", "closed_reason", "quiet_since", "writer", "writing_since",
+        "_limit", "_pending", "_pending_bytes",
+    )
 
     def __init__(self, channel: Channel, topics: Iterable[str] | None, limit: int, now: float) -> None:
         self.channel = channel
         self.topics = frozenset(topics) if topics is not None else None
         self.closed_reason: str | None = None
         self.quiet_since = now  # when a frame was last queued
+        # The greenlet that writes this stream to its client (None outside
+        # gevent), and since when it has been handing bytes to the server: a
+        # client that stops reading leaves it blocked there (see cut_stalled).
+        self.writer = current_greenlet()
+        self.writing_since: float | None = None
         self._limit = limit
         self._pending: deque[Frame] = deque()
         self._pending_bytes = 0
@@ -126,6 +137,14 @@ class Subscription:
         self._pending_bytes = 0
         self.channel.wake()
 
+    def cut(self, reason: str) -> None:
+        """Close, and if the stream is blocked writing to its client, end that write now."""
+        self.close(reason)
+        if self.writing_since is not None and self.writer is not None:
+            # gunicorn treats a reset as a client that went away: it closes
+            # the connection and logs nothing above debug.
+            interrupt(self.writer, ConnectionResetError(errno.ECONNRESET, f"stream cut: {reason}"))
+
 
 class Dispatcher:
     """Reads new rows once per process and offers each frame to the streams of its channel.
@@ -136,6 +155,7 @@ class Dispatcher:
     """
 
     batch_size = 500
+    batch_bytes = 4 * 1024 * 1024
 
     def __init__(
         self,
@@ -144,11 +164,13 @@ class Dispatcher:
         *,
         heartbeat_s: float = 15.0,
         buffer_size: int = 1000,
+        send_timeout_s: float = 10.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self.store = store
         self.buffer_size = buffer_size
         self.heartbeat_s = heartbeat_s
+        self.send_timeout_s = send_timeout_s
         # Look for quiet streams often enough that none stays silent longer
         # than heartbeat_s, whatever the phase of this loop.
         self.tick_s = min(1.0, heartbeat_s / 4)
@@ -158,8 +180,16 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
         self._last_id: int | None = None  # set by the first subscriber
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stopping = False
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def feed(self) -> ChangeFeed:
+        return self._feed
 
     @property
     def stream_count(self) -> int:
@@ -167,23 +197,39 @@ class Dispatcher:
             return sum(len(channel.subscriptions) for channel in self._channels.values())
 
     def start(self) -> None:
-        """Start the reader thread once (lazily: never at import, always after a fork)."""
+        """Start the reader and the ticker once (lazily: never at import, always after a fork).
+
+        Two threads, so that keep-alives and send timeouts depend on nothing
+        but the clock: the reader may wait on a database that is away.
+        """
         with self._lock:
-            if self._thread is not None or self._stopping:
+            if self._threads or self._stopping:
                 return
-            self._thread = threading.Thread(target=self._run, name="realtime-dispatcher", daemon=True)
-            self._thread.start()
+            self._threads = [
+                threading.Thread(target=self._read_forever, name="realtime-reader", daemon=True),
+                threading.Thread(target=self._tick_forever, name="realtime-ticker", daemon=True),
+            ]
+            for thread in self._threads:
+                thread.start()
+
+    def prime(self) -> None:
+        """Fix where live delivery starts, once: after the newest message of this moment.
+
+        Everything up to it is history, which each stream reads itself. It
+        needs the database, so streams call it before their response starts.
+        """
+        if self._last_id is None:
+            with self._lock:
+                if self._last_id is None:
+                    self._last_id = self.store.last_id()
 
     def subscribe(self, channel: str, topics: Iterable[str] | None) -> Subscription:
+        self.prime()
         with self._lock:
             if self._stopping:
                 subscription = Subscription(Channel(channel), topics, self.buffer_size, self._clock())
                 subscription.close("shutdown")
                 return subscription
-            if self._last_id is None:
-                # Live delivery starts after the newest message of this
-                # moment; everything up to it is history for the streams.
-                self._last_id = self.store.last_id()
             if channel not in self._channels:
                 self._channels[channel] = Channel(channel)
             subscription = Subscription(self._channels[channel], topics, self.buffer_size, self._clock())
@@ -208,18 +254,20 @@ class Dispatcher:
             subscriptions = [s for channel in self._channels.values() for s in channel.subscriptions]
             self._channels.clear()
         for subscription in subscriptions:
-            subscription.close("shutdown")
+            # A stream blocked on a client that stopped reading must not hold
+            # the reload or shutdown for the whole graceful timeout.
+            subscription.cut("shutdown")
         self._feed.poke()
 
     def dispatch_new(self) -> int:
         """Read every row after `last_id` once and deliver it; return how many rows."""
         total = 0
         while self._last_id is not None:
-            rows = self.store.read_new(self._last_id, self.batch_size)
+            rows = self.store.read_new(self._last_id, self.batch_size, self.batch_bytes)
             if rows:
                 self._deliver(rows)
                 total += len(rows)
-            if len(rows) < self.batch_size:
+            if not rows.more:
                 break
         return total
 
@@ -253,19 +301,45 @@ class Dispatcher:
                 if any(queued):
                     channel.wake()
 
-    def _run(self) -> None:
+    def cut_stalled(self) -> int:
+        """End the streams blocked writing to a client for send_timeout_s; return how many.
+
+        A client that stops reading fills its socket buffers, and the stream's
+        write then waits: the queue bound cannot see it, and the stream would
+        hold its greenlet, its buffers and any reload until the client goes.
+        """
+        stalled_since = self._clock() - self.send_timeout_s
+        with self._lock:
+            stalled = [
+                s for channel in self._channels.values() for s in channel.subscriptions
+                if s.writing_since is not None and s.writing_since <= stalled_since
+            ]
+        for subscription in stalled:
+            subscription.cut("send_timeout")
+        return len(stalled)
+
+    def _read_forever(self) -> None:
         backoff = 0.1
-        next_beat = self._clock() + self.tick_s
         while not self._stopping:
             try:
+                self.prime()  # at once, so streams opened later need no database to start
                 if self._feed.wait(timeout=self.tick_s) and not self._stopping:
                     self.dispatch_new()
-                if self._clock() >= next_beat:
-                    self.send_keep_alives()
-                    next_beat = self._clock() + self.tick_s
                 backoff = 0.1
-            except Exception:
-                log.exception("realtime dispatcher failed; retrying in %.1f s", backoff)
+            except Exception as exc:
+                # The database is away: the streams stay open on keep-alives,
+                # and get every message from last_id on once it is back.
+                log.warning("realtime reader: %s; retrying in %.1f s", type(exc).__name__, backoff)
                 threading.Event().wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
         self._feed.close()
+
+    def _tick_forever(self) -> None:
+        stopped = threading.Event()
+        while not self._stopping:
+            stopped.wait(self.tick_s)
+            try:
+                self.send_keep_alives()
+                self.cut_stalled()
+            except Exception:
+                log.exception("realtime ticker failed")

@@ -21,17 +21,20 @@ from sqlalchemy.orm import Session
 from common import jsontext
 from common.database import Database, database_for
 
+from .changes import PostgresChangeFeed
 from .cursor import Cursor
 from .dispatch import Dispatcher
 from .errors import Forbidden, InvalidRequest, MessageTooLarge
-from .names import check_channel, check_run_id, check_topic
+from .names import check_channel, check_idempotency_key, check_run_id, check_topic
 from .store import Message, MessageStore
-from .stream import Reset, event_stream, resolve_cursor
+from .stream import Reset, open_stream, resolve_cursor
 from .tokens import Grant, TokenIssuer
 
 log = logging.getLogger(__name__)
 
 Policy = Callable[[str, Sequence[str]], bool]
+
+HISTORY_BYTES = 4 * 1024 * 1024  # of message data in one GET /api/realtime/messages, but its first
 
 DEFAULTS = {
     "REALTIME_TOKEN_TTL_S": 60,
@@ -45,6 +48,7 @@ DEFAULTS = {
     "REALTIME_POLL_S": 0.25,  # SQLite: how often other processes' appends are looked for
     "REALTIME_SAFETY_POLL_S": 1.0,  # PostgreSQL: a look without a NOTIFY, in case LISTEN is lost
     "REALTIME_STREAM_BUFFER": 1000,  # frames queued for a slow client before its stream ends
+    "REALTIME_SEND_TIMEOUT_S": 10,  # a write to a client that stopped reading is cut after this
     "REALTIME_PRUNE_INTERVAL_S": 300,
 }
 
@@ -76,6 +80,7 @@ class Realtime:
             self.store.change_feed(poll_s, listen_url=config["REALTIME_LISTEN_URL"]),
             heartbeat_s=self.heartbeat_s,
             buffer_size=int(config["REALTIME_STREAM_BUFFER"]),
+            send_timeout_s=float(config["REALTIME_SEND_TIMEOUT_S"]),
         )
         self.tokens = TokenIssuer(config["SECRET_KEY"], ttl_s=float(config["REALTIME_TOKEN_TTL_S"]))
         self._prune_interval_s = float(config["REALTIME_PRUNE_INTERVAL_S"])
@@ -98,16 +103,22 @@ class Realtime:
         *,
         run_id: str | None = None,
         session: Session | None = None,
+        idempotency_key: str | None = None,
     ) -> Message:
         """Store a message and wake every stream of its channel.
 
         With `session`, the message is part of the caller's transaction: it
-        is stored, and streamed, only if that transaction commits.
+        is stored, and streamed, only if that transaction commits. With
+        `idempotency_key`, a repeat on the same channel within the retention
+        stores nothing and returns the first message (`replayed` set): a
+        client that timed out may safely publish again.
         """
         check_channel(channel)
         check_topic(topic)
         if run_id is not None:
             check_run_id(run_id)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         try:
             data_json = jsontext.encode(data, max_bytes=self.max_message_bytes)
         except jsontext.NotJSON as exc:
@@ -118,7 +129,7 @@ class Realtime:
             ) from None
         return self.store.append(
             channel, topic, data_json, run_id=run_id, session=session,
-            on_commit=self.dispatcher.notify_appended,
+            on_commit=self.dispatcher.notify_appended, idempotency_key=idempotency_key,
         )
 
     # -- subscribing ------------------------------------------------------
@@ -151,14 +162,15 @@ class Realtime:
             check_topic(topic)
         parsed = Cursor.parse(cursor) if cursor else None
         self.dispatcher.start()  # `flask realtime tail` streams without the rest of start()
-        return event_stream(self.dispatcher, channel, topics, parsed, retry_ms=self.retry_ms)
+        return open_stream(self.dispatcher, channel, topics, parsed, retry_ms=self.retry_ms)
 
     def history(
         self, channel: str, topics: Sequence[str] | None, after: str | None, limit: int
     ) -> tuple[list[Message], str, Reset | None]:
-        """Up to `limit` messages after `after`: (messages, the cursor to continue from, reset or None)."""
+        """Up to `limit` messages after `after`, and about HISTORY_BYTES of data at most:
+        (messages, the cursor to continue from, reset or None)."""
         after_id, reset = resolve_cursor(self.store, channel, Cursor.parse(after) if after else None)
-        found = self.store.read_after(channel, topics, after_id, limit)
+        found = self.store.read_after(channel, topics, after_id, limit, HISTORY_BYTES)
         last_id = found[-1].id if found else after_id
         return found, str(Cursor(self.store.epoch, last_id)), reset
 
@@ -183,6 +195,14 @@ class Realtime:
         """End all open streams now, so clients resume on another process (gunicorn.conf.py)."""
         self._stopped.set()
         self.dispatcher.stop()
+
+    def change_feed_problem(self) -> str | None:
+        """For /readyz: None when other processes' messages reach this one as they should."""
+        if self._stopped.is_set():
+            return "stopped"
+        if isinstance(self.dispatcher.feed, PostgresChangeFeed) and not self.dispatcher.feed.listening:
+            return "the LISTEN connection is down; reconnecting (messages still arrive by the safety poll)"
+        return None
 
     def stats(self) -> dict[str, int]:
         return {

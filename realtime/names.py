@@ -13,6 +13,7 @@ from .errors import InvalidRequest
 CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,200}")  # visible ASCII, as a header value allows
 MAX_TOPICS = 50
 
 
@@ -49,5 +50,14 @@ def check_run_id(value: Any) -> str:
         raise InvalidRequest(
             "'run_id' must be a string of 1-64 characters from A-Z a-z 0-9 _ . : -",
             code="invalid_run_id",
+        )
+    return value
+
+
+def check_idempotency_key(value: Any) -> str:
+    if not isinstance(value, str) or not IDEMPOTENCY_KEY_PATTERN.fullmatch(value):
+        raise InvalidRequest(
+            "'Idempotency-Key' must be 1-200 visible ASCII characters (a UUID will do)",
+            code="invalid_idempotency_key",
         )
     return value

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Sequence
 
@@ -31,11 +31,13 @@ from sqlalchemy import (
     Engine,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
     Text,
     case,
+    cast,
     event,
     func,
     insert,
@@ -76,6 +78,17 @@ pruned = Table(
     Column("through_id", _Id, nullable=False),
 )
 
+# Idempotency-Key -> the message its first publish stored, kept as long as messages are.
+idempotency = Table(
+    "realtime_idempotency",
+    metadata,
+    Column("channel", String(200), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("message_id", _Id, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_realtime_idempotency_created_at", "created_at"),
+)
+
 meta = Table(
     "realtime_meta",
     metadata,
@@ -87,6 +100,7 @@ meta = Table(
 _APPEND_LOCK = 0x5EA1_0001
 _SCHEMA_LOCK = 0x5EA1_0002
 NOTIFY_CHANNEL = "realtime_messages"
+PAGE_BYTES = 4 * 1024 * 1024  # the most message data one read returns, but for its first message
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,7 @@ class Message:
     data_json: str
     run_id: str | None
     created_at: datetime
+    replayed: bool = False  # an Idempotency-Key repeat: stored by an earlier publish
 
     @property
     def data(self) -> Any:
@@ -125,6 +140,13 @@ def create_schema(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         metadata.create_all(conn)
         conn.execute(upsert(engine, meta).values(key="epoch", value=secrets.token_hex(4)).on_conflict_do_nothing())
+
+
+class Page(list):
+    """Messages of one read, oldest first; `more` when the read stopped at its row or byte
+    limit, so the next read (after the last id) may find more."""
+
+    more: bool = False
 
 
 def _message(row: Any) -> Message:
@@ -167,6 +189,7 @@ class MessageStore:
         run_id: str | None = None,
         session: Session | None = None,
         on_commit: Callable[[], None] | None = None,
+        idempotency_key: str | None = None,
     ) -> Message:
         """Store one message and return it with its id; call `on_commit` once it is committed.
 
@@ -174,28 +197,44 @@ class MessageStore:
         exists only if the caller commits (a transactional outbox); on
         PostgreSQL the append lock is then held until that commit, so keep
         such transactions short.
+
+        With `idempotency_key`, a repeat on the same channel stores nothing
+        and returns the message the first one stored, `replayed` set.
         """
         if session is not None:
-            message = self._append(session.connection(), channel, topic, data_json, run_id)
-            if on_commit is not None:
+            message = self._append(session.connection(), channel, topic, data_json, run_id, idempotency_key)
+            if on_commit is not None and not message.replayed:
                 event.listen(session, "after_commit", lambda _session: on_commit(), once=True)
             return message
         with self.engine.begin() as conn:
-            message = self._append(conn, channel, topic, data_json, run_id)
-        if on_commit is not None:
+            message = self._append(conn, channel, topic, data_json, run_id, idempotency_key)
+        if on_commit is not None and not message.replayed:
             on_commit()
         return message
 
     def _append(
-        self, conn: Connection, channel: str, topic: str, data_json: str, run_id: str | None
+        self, conn: Connection, channel: str, topic: str, data_json: str, run_id: str | None,
+        idempotency_key: str | None,
     ) -> Message:
         self._lock(conn, _APPEND_LOCK)
         created_at = self._now()
+        if idempotency_key is not None:
+            # Under the append lock, so two publishes with one key cannot both store.
+            first = conn.execute(
+                select(messages).join(idempotency, idempotency.c.message_id == messages.c.id)
+                .where(idempotency.c.channel == channel, idempotency.c.key == idempotency_key)
+            ).first()
+            if first is not None:
+                return replace(_message(first), replayed=True)
         row = conn.execute(
             insert(messages)
             .values(channel=channel, topic=topic, data=data_json, run_id=run_id, created_at=created_at)
             .returning(messages.c.id)
         ).one()
+        if idempotency_key is not None:
+            conn.execute(insert(idempotency).values(
+                channel=channel, key=idempotency_key, message_id=row.id, created_at=created_at
+            ))
         if self.is_postgres:
             # Delivered to every LISTENer when (and only if) this transaction commits.
             conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(row.id))))
@@ -222,6 +261,7 @@ class MessageStore:
                 .where(messages.c.id <= newest_expired)
                 .group_by(messages.c.channel)
             ).all()
+            conn.execute(idempotency.delete().where(idempotency.c.created_at < cutoff))
             statement = upsert(self.engine, pruned)
             conn.execute(
                 statement.on_conflict_do_update(
@@ -241,18 +281,51 @@ class MessageStore:
 
     @database_call
     def read_after(
-        self, channel: str, topics: Sequence[str] | None, after_id: int, limit: int
-    ) -> list[Message]:
-        """Up to `limit` messages of `channel` (and `topics`, None = all) with id > after_id, oldest first."""
-        query = messages.select().where(messages.c.channel == channel, messages.c.id > after_id)
+        self, channel: str, topics: Sequence[str] | None, after_id: int, limit: int,
+        max_bytes: int = PAGE_BYTES,
+    ) -> Page:
+        """Messages of `channel` (and `topics`, None = all) with id > after_id, oldest first:
+        at most `limit` of them, and no more than `max_bytes` of data but the first."""
+        where = [messages.c.channel == channel, messages.c.id > after_id]
         if topics is not None:
-            query = query.where(messages.c.topic.in_(topics))
-        return self._read(query.order_by(messages.c.id).limit(limit))
+            where.append(messages.c.topic.in_(topics))
+        return self._read_bounded(where, limit, max_bytes)
 
     @database_call
-    def read_new(self, after_id: int, limit: int) -> list[Message]:
-        """Up to `limit` messages of every channel with id > after_id, oldest first (the dispatcher's read)."""
-        return self._read(messages.select().where(messages.c.id > after_id).order_by(messages.c.id).limit(limit))
+    def read_new(self, after_id: int, limit: int, max_bytes: int = PAGE_BYTES) -> Page:
+        """The same for every channel: the dispatcher's read."""
+        return self._read_bounded([messages.c.id > after_id], limit, max_bytes)
+
+    def _read_bounded(self, where: list[Any], limit: int, max_bytes: int) -> Page:
+        # Pages are bounded in bytes as well as rows: 500 rows of the largest
+        # message would be 250 MB in memory, per stream replaying them. The
+        # database sums the sizes over the page (a window over at most
+        # `limit` ids, never their data) and returns the rows that start
+        # before the budget is spent, so at least one.
+        data_size = (
+            func.octet_length(messages.c.data) if self.is_postgres
+            else func.length(cast(messages.c.data, LargeBinary))
+        )
+        first = select(messages.c.id, data_size.label("size")).where(*where).order_by(messages.c.id).limit(limit).subquery()
+        sized = select(
+            first.c.id,
+            first.c.size,
+            func.sum(first.c.size).over(order_by=first.c.id).label("through"),
+            func.count().over().label("rows"),
+        ).subquery()
+        query = (
+            select(messages, sized.c.rows)
+            .join(sized, messages.c.id == sized.c.id)
+            .where(sized.c.through - sized.c.size < max_bytes)
+            .order_by(messages.c.id)
+        )
+        self.reads += 1
+        with self.engine.connect() as conn:
+            found = conn.execute(query).all()
+        page = Page(_message(row) for row in found)
+        # Full in rows (more may follow), or cut short by the byte budget.
+        page.more = bool(found) and (found[0].rows >= limit or len(found) < found[0].rows)
+        return page
 
     @database_call
     def last_id(self) -> int:
@@ -268,11 +341,6 @@ class MessageStore:
             return conn.execute(
                 select(pruned.c.through_id).where(pruned.c.channel == channel)
             ).scalar() or 0
-
-    def _read(self, query: Any) -> list[Message]:
-        self.reads += 1
-        with self.engine.connect() as conn:
-            return [_message(row) for row in conn.execute(query)]
 
     # -- change notification ----------------------------------------------
 

@@ -12,20 +12,29 @@ endpoint and `flask realtime tail`. Its four phases, in order:
    `: keep-alive` comments it queues on quiet streams; everything queued
    since the last wake-up goes out as one write.
 
+While the database is away, replay waits and sends keep-alives, and live
+frames wait in the dispatcher: the stream stays open and misses nothing.
 It ends when the process shuts down (the client reconnects elsewhere with its
-cursor) or when the client stopped reading and its queue overflowed.
+cursor) or when the client stopped reading: its queue overflowed, or a write
+waited REALTIME_SEND_TIMEOUT_S (dispatch.py cuts it).
 """
 from __future__ import annotations
 
+import itertools
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
+
+from common.database import DatabaseUnavailable
 
 from . import sse
 from .cursor import Cursor
-from .dispatch import Dispatcher
+from .dispatch import Clock, Dispatcher, Subscription
 from .store import MessageStore
 
-REPLAY_PAGE = 500
+REPLAY_PAGE = 500  # messages per replay read ...
+REPLAY_PAGE_BYTES = 256 * 1024  # ... and bytes of data, but its first message
+WRITE_BYTES = 64 * 1024  # frames joined into one write up to about this size
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ def resolve_cursor(store: MessageStore, channel: str, cursor: Cursor | None) -> 
     return through, Reset(reason, str(Cursor(store.epoch, through)))
 
 
-def event_stream(
+def open_stream(
     dispatcher: Dispatcher,
     channel: str,
     topics: Sequence[str] | None,
@@ -74,44 +83,96 @@ def event_stream(
     *,
     retry_ms: int,
 ) -> Iterator[bytes]:
-    store = dispatcher.store
+    """Place the cursor now, then return the stream's frames.
+
+    What needs the database before the first byte happens here, so a
+    database that is away is a 503 with Retry-After, not a stream that opens
+    and then says nothing.
+    """
+    dispatcher.prime()
+    start = resolve_cursor(dispatcher.store, channel, cursor)
+    return event_stream(dispatcher, channel, topics, cursor, start, retry_ms=retry_ms)
+
+
+def event_stream(
+    dispatcher: Dispatcher,
+    channel: str,
+    topics: Sequence[str] | None,
+    cursor: Cursor | None,
+    start: tuple[int, Reset | None],
+    *,
+    retry_ms: int,
+) -> Iterator[bytes]:
+    store, clock = dispatcher.store, dispatcher.clock
     yield sse.retry_frame(retry_ms)
     subscription = dispatcher.subscribe(channel, topics)
     try:
-        last_id, reset = resolve_cursor(store, channel, cursor)
-        if reset is not None:
-            yield reset.frame()
-
+        last_id, reset = start
         epoch = store.epoch
-        first_page = True
-        while True:
-            page = store.read_after(channel, topics, last_id, REPLAY_PAGE)
-            if first_page and cursor is not None and reset is None:
-                # A prune between resolve_cursor() and this read would have
-                # removed messages right after the cursor: look once more.
-                through = store.pruned_through(channel)
-                if through > last_id:
-                    yield Reset("history_truncated", str(Cursor(epoch, through))).frame()
-            first_page = False
-            for message in page:
-                yield sse.message_frame(f"{epoch}-{message.id}", message.topic, message.envelope_json())
-                last_id = message.id
-            if len(page) < REPLAY_PAGE:
+        replayed: list[bytes] = [reset.frame()] if reset is not None else []
+        recheck_prune = cursor is not None and reset is None
+        quiet_since = clock()
+        while subscription.closed_reason is None:
+            try:
+                # A replay read waits at most a heartbeat: a stream opened as
+                # the database stalls keeps its client with keep-alives.
+                with store.db.time_limit(dispatcher.heartbeat_s):
+                    page = store.read_after(channel, topics, last_id, REPLAY_PAGE, REPLAY_PAGE_BYTES)
+                    # A prune between resolve_cursor() and this read would have
+                    # removed messages right after the cursor: look once more.
+                    through = store.pruned_through(channel) if recheck_prune else 0
+            except DatabaseUnavailable:
+                if clock() - quiet_since >= dispatcher.heartbeat_s - dispatcher.tick_s:
+                    replayed.append(sse.KEEP_ALIVE)
+                yield from _write(subscription, clock, replayed)
+                replayed, quiet_since = [], clock()
+                threading.Event().wait(dispatcher.tick_s)  # the database is away: do not spin
+                continue
+            if recheck_prune and through > last_id:
+                replayed.append(Reset("history_truncated", str(Cursor(epoch, through))).frame())
+            recheck_prune = False
+            # Frames built as they are written: a stalled client holds one page, not two.
+            frames = (sse.message_frame(f"{epoch}-{m.id}", m.topic, m.envelope_json()) for m in page)
+            yield from _write(subscription, clock, itertools.chain(replayed, frames))
+            last_id = page[-1].id if page else last_id
+            replayed, quiet_since = [], clock()
+            if not page.more:
                 break
 
         while True:
             queued = subscription.take()
             if subscription.closed_reason is not None:
                 break
-            chunk = []
+            frames = []
             for message_id, frame in queued:
                 if message_id == 0 or message_id > last_id:  # 0: a keep-alive
-                    chunk.append(frame)
+                    frames.append(frame)
                     last_id = max(last_id, message_id)
-            if chunk:
-                yield b"".join(chunk)
+            yield from _write(subscription, clock, frames)
 
         if subscription.closed_reason == "shutdown":
             yield sse.SHUTDOWN
     finally:
         dispatcher.unsubscribe(subscription)
+
+
+def _write(subscription: Subscription, clock: Clock, frames: Iterable[bytes]) -> Iterator[bytes]:
+    """Frames as few writes as possible, none much over WRITE_BYTES, each timed.
+
+    Small frames are joined (one write per wake-up); a large frame goes out
+    on its own, the very bytes object every subscriber shares, never a copy.
+    `writing_since` lets the dispatcher cut a client that stopped reading.
+    """
+    batch: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if batch and size + len(frame) > WRITE_BYTES:
+            subscription.writing_since = clock()
+            yield batch[0] if len(batch) == 1 else b"".join(batch)
+            batch, size = [], 0
+        batch.append(frame)
+        size += len(frame)
+    if batch:
+        subscription.writing_since = clock()
+        yield batch[0] if len(batch) == 1 else b"".join(batch)
+    subscription.writing_since = None

@@ -300,11 +300,12 @@ class Subscriber(threading.Thread):
         self.endings: list[str] = []
         self.failures: list[str] = []
         self.transport_errors: list[str] = []
+        self.unavailable = 0  # 503s while the database was away: the client waits and tries again
         self.stopping = threading.Event()
 
     def stop(self) -> None:
         self.stopping.set()
-        self.join(timeout=10)
+        self.join(timeout=30)
         assert not self.is_alive(), f"{self.name} did not stop"
 
     def run(self) -> None:
@@ -312,12 +313,17 @@ class Subscriber(threading.Thread):
         while not self.stopping.is_set():
             try:
                 if token is None:
-                    token = self.server.token(self.channel, self.topics)
+                    token = self.server.token(self.channel, self.topics)  # needs no database
                 cursor = self.cursor
                 kwargs = {"query_cursor": cursor} if self.cursor_in_query else {"header_cursor": cursor}
                 with open_stream(self.server, token, bearer=self.rng.random() < 0.3, **kwargs) as response:
                     if response.status_code == 401:
                         token = None
+                        continue
+                    if response.status_code == 503 and "Retry-After" in response.headers:
+                        self.unavailable += 1
+                        response.read()
+                        self.stopping.wait(0.2)
                         continue
                     if response.status_code != 200:
                         self.failures.append(f"{response.status_code} {response.read()!r}")

@@ -209,3 +209,14 @@ def test_closing_wakes_a_waiting_stream_with_nothing():
     subscription.close("shutdown")
     waiter.join(timeout=30)
     assert taken == [[]]
+
+
+def test_a_stream_blocked_writing_for_the_send_timeout_is_cut(dispatcher, clock):
+    writing = dispatcher.subscribe("c", None)
+    idle = dispatcher.subscribe("c", None)
+    writing.writing_since = clock()
+    clock.now += dispatcher.send_timeout_s - 0.1
+    assert dispatcher.cut_stalled() == 0
+    clock.now += 0.1
+    assert dispatcher.cut_stalled() == 1
+    assert (writing.closed_reason, idle.closed_reason) == ("send_timeout", None)

@@ -138,3 +138,18 @@ def test_a_tailing_reader_never_skips_a_late_commit(store):
     stored = [m.id for m in store.read_after("race", None, 0, 10_000)]
     assert len(stored) == writers * per_writer
     assert seen == stored  # every committed id, each once, in order
+
+
+def test_pages_are_bounded_in_bytes_but_hold_at_least_one_message(store):
+    big = '"' + "x" * 1000 + '"'  # 1,002 bytes of JSON
+    ids = [store.append("c", "t", big).id for _ in range(5)]
+    page = store.read_after("c", None, 0, 100, max_bytes=2500)
+    assert [m.id for m in page] == ids[:3], "the third starts before 2,500 bytes are spent"
+    assert page.more
+    assert [m.id for m in store.read_after("c", None, 0, 100, max_bytes=10)] == ids[:1]
+    rest = store.read_after("c", None, ids[2], 100, max_bytes=2500)
+    assert [m.id for m in rest] == ids[3:] and not rest.more
+    full = store.read_after("c", None, 0, 5)
+    assert len(full) == 5 and full.more, "as many as the limit: there may be more"
+    assert [m.id for m in store.read_new(ids[0], 100, max_bytes=1500)] == ids[1:3]
+    assert not store.read_after("c", None, ids[-1], 100).more

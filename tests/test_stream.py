@@ -9,7 +9,8 @@ import pytest
 from realtime import sse
 from realtime.cursor import Cursor
 from realtime.dispatch import Dispatcher
-from realtime.stream import Reset, event_stream, resolve_cursor
+from common.database import DatabaseUnavailable
+from realtime.stream import WRITE_BYTES, Reset, open_stream, resolve_cursor
 from test_dispatch import Clock, Feed, store  # noqa: F401 - the shared fixture
 
 
@@ -20,18 +21,20 @@ def clock():
 
 @pytest.fixture
 def dispatcher(store, clock):  # noqa: F811
-    dispatcher = Dispatcher(store, Feed(), heartbeat_s=4.0, buffer_size=50, clock=clock)
+    dispatcher = Dispatcher(store, Feed(), heartbeat_s=0.2, buffer_size=50, clock=clock)
     yield dispatcher
     dispatcher.stop()
 
 
-def _ids(frames: list[bytes]) -> list[int]:
-    return [json.loads(f.split(b"data: ", 1)[1])["id"] for f in frames if f.startswith(b"id: ")]
+def _ids(writes: list[bytes]) -> list[int]:
+    """The message ids in what the stream wrote, one write holding one or more frames."""
+    frames = [f for write in writes for f in write.split(b"\n\n") if f.startswith(b"id: ")]
+    return [json.loads(f.split(b"data: ", 1)[1])["id"] for f in frames if b"event: reset" not in f]
 
 
 def test_retry_first_then_replay_then_live(store, dispatcher):  # noqa: F811
     old = store.append("c", "t", "1")
-    stream = event_stream(dispatcher, "c", None, None, retry_ms=100)
+    stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
     assert next(stream) == b"retry: 100\n\n"
     assert next(stream) == sse.message_frame(f"{store.epoch}-{old.id}", "t", old.envelope_json())
     live = store.append("c", "t", "2")
@@ -44,7 +47,7 @@ def test_retry_first_then_replay_then_live(store, dispatcher):  # noqa: F811
 def test_only_the_given_topics_are_replayed_and_streamed(store, dispatcher):  # noqa: F811
     store.append("c", "skip", "1")
     wanted = store.append("c", "keep", "2")
-    stream = event_stream(dispatcher, "c", ["keep"], None, retry_ms=100)
+    stream = open_stream(dispatcher, "c", ["keep"], None, retry_ms=100)
     next(stream)
     assert _ids([next(stream)]) == [wanted.id]
     store.append("c", "skip", "3")
@@ -68,8 +71,8 @@ def test_a_message_committed_during_replay_is_sent_once(store, dispatcher, clock
         return read_after(*args, **kwargs)
 
     monkeypatch.setattr(store, "read_after", read_after_while_someone_publishes)
-    stream = event_stream(dispatcher, "c", None, None, retry_ms=100)
-    frames = [next(stream) for _ in range(3)]  # retry, then the two replayed messages
+    stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
+    frames = [next(stream) for _ in range(2)]  # retry, then the two replayed messages in one write
     live = store.append("c", "t", "3")
     dispatcher.dispatch_new()
     frames.append(next(stream))  # the queued copy of message 2 is skipped
@@ -83,7 +86,7 @@ def test_a_message_committed_during_replay_is_sent_once(store, dispatcher, clock
 def live_stream(store, dispatcher):  # noqa: F811
     """A stream past its replay: the next frames it yields come from the dispatcher."""
     store.append("c", "t", "history")
-    stream = event_stream(dispatcher, "c", None, None, retry_ms=100)
+    stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
     next(stream)  # retry:
     next(stream)  # the one replayed message; the stream is subscribed
     return stream
@@ -101,7 +104,7 @@ def test_frames_queued_since_the_last_wake_up_go_out_as_one_write(store, dispatc
 
 
 def test_shutdown_ends_the_stream_with_a_comment(dispatcher):
-    stream = event_stream(dispatcher, "c", None, None, retry_ms=100)
+    stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
     next(stream)
     dispatcher.stop()
     assert next(stream) == sse.SHUTDOWN
@@ -121,10 +124,10 @@ def test_an_overflowing_stream_ends_without_the_shutdown_comment(store, dispatch
 
 def test_stream_from_a_cursor_of_another_database_resets(store, dispatcher):  # noqa: F811
     kept = store.append("c", "t", "1")
-    stream = event_stream(dispatcher, "c", None, Cursor("0" * 8, 99), retry_ms=100)
+    stream = open_stream(dispatcher, "c", None, Cursor("0" * 8, 99), retry_ms=100)
     next(stream)
-    assert next(stream) == sse.reset_frame("unknown_cursor", f"{store.epoch}-0")
-    assert _ids([next(stream)]) == [kept.id]
+    reset = sse.reset_frame("unknown_cursor", f"{store.epoch}-0")
+    assert next(stream) == reset + sse.message_frame(f"{store.epoch}-{kept.id}", "t", kept.envelope_json())
     stream.close()
 
 
@@ -156,9 +159,56 @@ def test_a_prune_between_cursor_check_and_replay_is_reported(store, dispatcher, 
         return read_after(*args, **kwargs)
 
     monkeypatch.setattr(store, "read_after", read_after_a_prune)
-    stream = event_stream(dispatcher, "c", None, Cursor(store.epoch, old.id), retry_ms=100)
+    stream = open_stream(dispatcher, "c", None, Cursor(store.epoch, old.id), retry_ms=100)
     next(stream)
-    assert next(stream) == sse.reset_frame("history_truncated", f"{store.epoch}-{kept_before.id}")
+    write = next(stream)
     assert pruned == [2]
-    assert _ids([next(stream)]) == [kept_before.id + 1]
+    assert write.startswith(sse.reset_frame("history_truncated", f"{store.epoch}-{kept_before.id}"))
+    assert _ids([write]) == [kept_before.id + 1]
     stream.close()
+
+
+def test_a_large_frame_is_written_alone_as_the_object_every_subscriber_shares(store, dispatcher):  # noqa: F811
+    store.append("c", "t", "history")
+    streams = [open_stream(dispatcher, "c", None, None, retry_ms=100) for _ in range(2)]
+    for stream in streams:
+        next(stream), next(stream)  # retry:, the replay: now live
+    big = store.append("c", "t", '"' + "x" * (WRITE_BYTES + 10) + '"')
+    small = store.append("c", "t", "1")
+    dispatcher.dispatch_new()
+    writes = [[next(stream), next(stream)] for stream in streams]
+    assert writes[0][0] is writes[1][0], "the big frame is the same bytes object for both"
+    assert _ids(writes[0]) == [big.id, small.id]
+    for stream in streams:
+        stream.close()
+
+
+def test_replay_waits_for_the_database_with_keep_alives_and_misses_nothing(
+    store, dispatcher, clock, monkeypatch  # noqa: F811
+):
+    kept = store.append("c", "t", "1")
+    read_after = store.read_after
+    failures = [DatabaseUnavailable("away"), DatabaseUnavailable("still away")]
+
+    def read_after_an_outage(*args, **kwargs):
+        if failures:
+            clock.now += dispatcher.heartbeat_s  # each failed read takes a while
+            raise failures.pop(0)
+        return read_after(*args, **kwargs)
+
+    monkeypatch.setattr(store, "read_after", read_after_an_outage)
+    stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
+    assert next(stream) == b"retry: 100\n\n"
+    assert [next(stream), next(stream)] == [sse.KEEP_ALIVE, sse.KEEP_ALIVE]
+    assert _ids([next(stream)]) == [kept.id]
+    stream.close()
+
+
+def test_opening_a_stream_needs_the_database_before_any_byte(store, dispatcher, monkeypatch):  # noqa: F811
+    def away(*args, **kwargs):
+        raise DatabaseUnavailable("away")
+
+    monkeypatch.setattr(store, "pruned_through", away)
+    with pytest.raises(DatabaseUnavailable):
+        open_stream(dispatcher, "c", None, Cursor(store.epoch, 1), retry_ms=100)
+    assert dispatcher.stream_count == 0
