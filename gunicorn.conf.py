@@ -11,6 +11,10 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_connections = 10000  # open streams per worker (gunicorn's default, 1000, is too few)
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 graceful_timeout = 30
+# A worker that misses its heartbeat this long is aborted. On a reload (SIGHUP)
+# this, not graceful_timeout, bounds how long an old worker may finish its job
+# steps (worker_exit below): keep the two equal.
+timeout = graceful_timeout
 keepalive = 5
 # Browsers send the subscription token in the URL (EventSource cannot set
 # headers); a token for 50 long topics needs more than the default 4094 bytes.
@@ -57,7 +61,7 @@ def post_worker_init(worker):
 
     def stop_then(handler):
         def on_signal(signum, frame):
-            for name in ("realtime", "jobs"):
+            for name in ("health", "realtime", "jobs"):
                 if name in extensions:
                     # Not inside the signal handler: it may have interrupted
                     # the very code that holds the dispatcher's lock.
@@ -75,3 +79,21 @@ def post_worker_init(worker):
     signal.signal(signal.SIGTERM, stop_then(worker.handle_exit))
     signal.signal(signal.SIGQUIT, stop_then(worker.handle_quit))
     signal.signal(signal.SIGINT, stop_then(worker.handle_quit))
+
+
+def worker_exit(server, worker):
+    """Let the embedded job pool finish its steps in progress and hand their runs back.
+
+    gunicorn calls this in the worker process after its own graceful shutdown
+    (on SIGTERM, also what old workers get on SIGHUP), just before it exits.
+    Exiting at once would kill a step midway: its run would wait a whole lease
+    for another worker, run that step again and count a crash (CONTRACT §5).
+    The pool stopped claiming at the signal (post_worker_init); its loop keeps
+    renewing leases until the steps end. The master bounds the wait: on
+    shutdown it SIGKILLs the worker `graceful_timeout` after its SIGTERM; on
+    reload it aborts it `timeout` after its last heartbeat (none come from here).
+    """
+    # Also called in the master, for a worker that was already gone: it has no app there.
+    jobs = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("jobs")
+    if jobs is not None:
+        jobs.shutdown(wait=True)

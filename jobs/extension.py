@@ -37,6 +37,7 @@ DEFAULTS = {
     "JOBS_THREADS": 4,
     "JOBS_EVENT_KEY": None,
     "JOBS_MAX_EVENT_BYTES": 524288,  # a larger event `data` is refused (413)
+    "JOBS_MAX_CRASHES": 3,  # a run whose worker died this many times mid-run fails (CONTRACT §5)
     # Beyond the contract: tuning knobs with safe defaults.
     "JOBS_LEASE_S": 30,  # a killed worker's runs resume this long after its last renewal
     "JOBS_POLL_S": 0.5,  # how often a worker looks for runs queued by other processes
@@ -80,7 +81,7 @@ class Jobs:
 
         db = db or database_for(app)
         db.add_schema(create_schema)  # made at the first call, not here: see common/database.py
-        self.runs = RunStore(db, on_status=self._announce)
+        self.runs = RunStore(db, on_status=self._announce, max_crashes=int(config["JOBS_MAX_CRASHES"]))
         self.journal = StepJournal(self.runs)
         self.runner = Runner(
             self.runs,

@@ -13,6 +13,11 @@ make runs durable live here:
   executes, its wake-up time while it sleeps or backs off. Either way it is
   the earliest moment another worker may claim the run, so a killed worker's
   run is claimed again once its lease lapses.
+- **Crashes.** Runs handed back on purpose (a sleep, a retry, a stopping
+  worker) have no `lease_owner`; a due run that still has one was held by a
+  worker that died or stalled mid-run. Such a claim counts a crash, and the
+  run fails once its worker died `max_crashes` times (CONTRACT §5), instead of
+  killing one worker after another forever.
 - **Fencing.** Every write a worker makes for a run (a step, the outcome) is
   conditioned on still holding the lease (`fence`). A worker that lost its
   lease gets `LeaseLost` and stops without writing.
@@ -22,6 +27,7 @@ make runs durable live here:
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
@@ -33,9 +39,13 @@ from sqlalchemy.orm import Session
 from common.database import Database, as_utc, database_call, utcnow, write_session
 
 from .errors import RunFinished, RunNotFound
-from .records import CANCELLED, FINISHED, QUEUED, RUNNING, Claim, Event, LeaseLost, NewEvent, Run, Step, new_id
+from .records import (
+    CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, Claim, Event, LeaseLost, NewEvent, Run, Step, new_id,
+)
 from .tables import events, runs, steps
 from .types import Clock
+
+log = logging.getLogger(__name__)
 
 # Called inside the transaction that changed a run's status, with the new run.
 StatusHook = Callable[[Session, Run], None]
@@ -66,13 +76,17 @@ def step_from_row(row: Any) -> Step:
 
 
 class RunStore:
-    """Events, runs and their leases. `now` is the clock; tests replace it."""
+    """Events, runs and their leases. `now` is the clock; tests replace it.
 
-    def __init__(self, db: Database, *, on_status: StatusHook, now: Clock = utcnow) -> None:
+    A run whose worker died `max_crashes` times mid-run ends `failed` (JOBS_MAX_CRASHES).
+    """
+
+    def __init__(self, db: Database, *, on_status: StatusHook, max_crashes: int = 3, now: Clock = utcnow) -> None:
         self.db = db
         self.engine = db.engine
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self.on_status = on_status
+        self.max_crashes = max_crashes
         self.now = now
 
     def write(self) -> AbstractContextManager[Session]:
@@ -137,7 +151,8 @@ class RunStore:
         A run is due when it is queued, or running but not held (a lapsed
         lease, the end of a sleep or of a retry's backoff). Only functions in
         `function_ids` are taken; a function in `limits` only while fewer than
-        its limit of runs are held.
+        its limit of runs are held. A lapsed lease counts a crash; a run that
+        has crashed too often ends `failed` here and the next due run is taken.
         """
         if not function_ids:
             return None
@@ -160,7 +175,8 @@ class RunStore:
                 runs.c.function_id.not_in(list(limits)),
                 *(and_(runs.c.function_id == fid, held_count < limit) for fid, limit in limits.items()),
             ))
-        candidate = select(runs.c.id).where(due).order_by(runs.c.available_at, runs.c.id).limit(1)
+        candidate = select(runs.c.id, runs.c.lease_owner, runs.c.crashes, runs.c.cancel_requested).where(due)
+        candidate = candidate.order_by(runs.c.available_at, runs.c.id).limit(1)
         if self.is_postgres:
             candidate = candidate.with_for_update(skip_locked=True)
         with self.write() as session:
@@ -169,13 +185,35 @@ class RunStore:
                 # claim as not yet made and exceed a limit; claims of limited
                 # functions therefore queue on one lock, held until commit.
                 session.execute(select(func.pg_advisory_xact_lock(_LIMITED_CLAIM_LOCK)))
-            row = session.execute(
-                update(runs)
-                .where(runs.c.id == candidate.scalar_subquery())
-                .values(status=RUNNING, lease_owner=token, available_at=now + timedelta(seconds=lease_s))
-                .returning(*runs.c)
-            ).first()
-        return None if row is None else Claim(run_from_row(row), token, lease_s)
+            # The candidate stays locked until commit: the row lock on
+            # PostgreSQL, the database's write lock on SQLite (BEGIN IMMEDIATE).
+            while (found := session.execute(candidate).first()) is not None:
+                crashed = found.lease_owner is not None  # due, yet held: its lease lapsed mid-run
+                crashes = found.crashes + crashed
+                # A run to cancel is claimed anyway: the runner cancels it without calling the function.
+                if crashed and crashes >= self.max_crashes and not found.cancel_requested:
+                    self._fail_crashed(session, found.id, crashes)
+                    continue
+                row = session.execute(
+                    update(runs)
+                    .where(runs.c.id == found.id)
+                    .values(status=RUNNING, lease_owner=token, crashes=crashes,
+                            available_at=now + timedelta(seconds=lease_s))
+                    .returning(*runs.c)
+                ).one()
+                return Claim(run_from_row(row), token, lease_s)
+        return None
+
+    def _fail_crashed(self, session: Session, run_id: str, crashes: int) -> None:
+        """End a run whose worker died once too often, and announce it, in `session`'s transaction."""
+        error = f"WorkerCrashed: the run's worker died {crashes} times mid-run (JOBS_MAX_CRASHES={self.max_crashes})"
+        log.warning("run %s failed: %s", run_id, error)
+        row = session.execute(
+            update(runs).where(runs.c.id == run_id)
+            .values(status=FAILED, error=error, crashes=crashes, lease_owner=None, ended_at=self.now())
+            .returning(*runs.c)
+        ).one()
+        self.on_status(session, run_from_row(row))
 
     @database_call
     def renew(self, tokens: Sequence[str], lease_s: float) -> int:

@@ -1,9 +1,9 @@
 """The job tables: events, the runs they start, and each run's steps."""
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import Boolean, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, text
 
-from common.database import create_tables
+from common.database import add_missing_columns, create_tables
 
 metadata = MetaData()
 
@@ -28,6 +28,9 @@ runs = Table(
     Column("error", Text),  # the last error, "ExceptionName: message"
     Column("cancel_requested", Boolean, nullable=False),
     Column("lease_owner", String(64)),  # the claim token of the worker executing it
+    # Times its worker died (or stalled) mid-run: claims of a lapsed lease (runs.py).
+    # A server default, so databases made before this column get it (create_schema).
+    Column("crashes", Integer, nullable=False, server_default=text("0")),
     # The earliest moment a worker may claim the run: the lease's expiry while
     # it executes, its wake-up time while it sleeps or backs off (runs.py).
     Column("available_at", DateTime(timezone=True), nullable=False),
@@ -52,5 +55,6 @@ steps = Table(
 
 
 def create_schema(engine: Engine) -> None:
-    """Create the tables if missing. Safe to race with other processes."""
+    """Create the tables if missing, and the columns later versions added. Safe to race with other processes."""
     create_tables(engine, metadata)
+    add_missing_columns(engine, runs)  # job_runs.crashes, missing from databases made before it

@@ -1,5 +1,6 @@
 """The real thing: gunicorn with gevent workers, standalone `flask jobs worker` processes,
-kill -9, reconnecting subscribers; each test on SQLite and on PostgreSQL.
+kill -9, a job that kills its workers, a reload mid-step, reconnecting subscribers; each
+test on SQLite and on PostgreSQL.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from conftest import ROOT, LiveServer, wait_until
+from conftest import ROOT, LiveServer, app_on, wait_until
+from crashing_app import crash_worker
 
 pytestmark = pytest.mark.integration
 
@@ -82,15 +84,15 @@ def run_finished(envelope: dict) -> bool:
 
 
 class Worker:
-    """`flask --app app jobs worker`, stopped by its pid."""
+    """`flask --app <app> jobs worker`, stopped by its pid."""
 
-    def __init__(self, log_path: Path, database_url: str, **config: object) -> None:
+    def __init__(self, log_path: Path, database_url: str, app: str = "app", **config: object) -> None:
         env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": "live-test-secret"}
         env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "app", "jobs", "worker"],
+            [sys.executable, "-m", "flask", "--app", app, "jobs", "worker"],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -112,8 +114,8 @@ class Worker:
 def start_worker(tmp_path):
     workers: list[Worker] = []
 
-    def start(database_url: str, **config: object) -> Worker:
-        worker = Worker(tmp_path / f"worker-{len(workers)}.log", database_url, **config)
+    def start(database_url: str, app: str = "app", **config: object) -> Worker:
+        worker = Worker(tmp_path / f"worker-{len(workers)}.log", database_url, app, **config)
         workers.append(worker)
         return worker
 
@@ -202,3 +204,56 @@ def test_two_workers_never_run_the_same_run(database_url, start_server, start_wo
     assert all(completed_by), f"each worker completed some runs: {[len(c) for c in completed_by]}"
     assert not completed_by[0] & completed_by[1]
     assert completed_by[0] | completed_by[1] == set(run_ids)
+
+
+@pytest.fixture
+def sender(database_url):
+    """The app in this process, to send events and read runs; it executes none."""
+    yield from app_on(database_url, JOBS_EAGER=False, JOBS_EMBEDDED=False)
+
+
+def test_a_run_that_kills_its_worker_fails_after_max_crashes(database_url, sender, start_worker):
+    """CONTRACT §5: each worker that takes the run dies in its step, until JOBS_MAX_CRASHES (3)
+    deaths; then the next worker ends the run `failed` instead of dying too."""
+    jobs = sender.extensions["jobs"]
+    jobs.register(crash_worker)
+    [run_id] = [run["id"] for run in jobs.send("test.crash", {})["runs"]]
+    for deaths in range(4):
+        worker = start_worker(database_url, app="tests.crashing_app", JOBS_LEASE_S=1, JOBS_POLL_S=0.05)
+        wait_until(lambda: worker.process.poll() is not None or jobs.run(run_id).status == "failed",
+                   timeout=30, what=f"worker {deaths} to die or the run to fail")
+        if worker.process.poll() is None:
+            break
+        assert worker.process.returncode == 1, worker.log()
+    assert deaths == 3, "three workers died; the fourth failed the run"
+    run = jobs.run(run_id)
+    assert run.status == "failed"
+    assert run.error == "WorkerCrashed: the run's worker died 3 times mid-run (JOBS_MAX_CRASHES=3)"
+    assert [(s.id, s.status, s.attempts) for s in run.steps] == [("exit", "running", 3)]
+    announced = sender.extensions["realtime"].store.read_after(f"run.{run_id}", None, 0, 100)
+    assert [m.data for m in announced if m.topic == "run"] == [
+        {"status": "queued"}, {"status": "running"}, {"status": "failed", "error": run.error},
+    ]
+    worker.stop()
+    assert worker.process.returncode == 0
+
+
+def test_a_reload_mid_step_finishes_the_step_and_hands_the_run_back(database_url, start_server):
+    """SIGHUP makes gunicorn SIGTERM its old workers: each finishes the step in progress and
+    releases its run, which a new worker resumes at once. With a 600 s lease, a run that was
+    not handed back would time this test out; a step run again would show 2 attempts."""
+    server = start_server(database_url, DEMO_REPORT_STEP_S=3, JOBS_LEASE_S=600, JOBS_POLL_S=0.05)
+    old_workers = set(server.worker_pids())
+    [run_id] = send_report(server)
+    wait_until(lambda: {"id": "process", "status": "running", "attempts": 1} in get_run(server, run_id)["steps"],
+               what="the second step to start")
+    server.signal(signal.SIGHUP)
+
+    wait_until(lambda: get_run(server, run_id)["status"] in FINISHED, timeout=60, what="the run to finish")
+    run = get_run(server, run_id)
+    assert run["status"] == "completed"
+    assert all(step["attempts"] == 1 for step in run["steps"]), run["steps"]
+    wait_until(lambda: not old_workers & set(server.worker_pids()), what="the old workers to exit")
+    token = server.token(f"run.{run_id}", ["run", "status", "log"])
+    history = httpx.get(server.url + "/api/realtime/messages", params={"token": token}, timeout=10).json()
+    assert [(m["topic"], m["data"]) for m in history["messages"]] == expected_for(server, run_id)
