@@ -2,12 +2,19 @@
 
 One encoder for messages and events alike: compact UTF-8 (no `\\uXXXX` for
 every accent), no NaN or Infinity (browsers cannot parse them), no lone
-surrogates (not UTF-8), and a size limit checked on the bytes as stored.
+surrogates (not UTF-8), no nesting deeper than `MAX_DEPTH`, and a size limit
+checked on the bytes as stored.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
+
+#: Deepest nesting of arrays and objects accepted (CONTRACT §5 "Bounds"): every
+#: client's JSON parser, and the encoder's own recursion, stays far from its limit.
+MAX_DEPTH = 64
+
+_CONTAINERS = (dict, list, tuple)  # what json.dumps writes as objects and arrays
 
 
 class NotJSON(ValueError):
@@ -21,6 +28,7 @@ class TooLarge(ValueError):
 
 
 def encode(value: Any, *, max_bytes: int | None = None) -> str:
+    check_depth(value)
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False)
         # U+0085, U+2028 and U+2029 as escapes: the same JSON, but safe for
@@ -33,3 +41,26 @@ def encode(value: Any, *, max_bytes: int | None = None) -> str:
     if max_bytes is not None and size > max_bytes:
         raise TooLarge(size, max_bytes)
     return text
+
+
+def check_depth(value: Any) -> None:
+    """`NotJSON` if arrays and objects nest deeper than `MAX_DEPTH`.
+
+    Depth counts containers: a scalar is 0, `[]` and `{"a": 1}` are 1,
+    `[[1]]` is 2. The walk goes one level at a time, without recursion, so
+    no nesting an in-process caller builds can exhaust the stack; each level
+    keeps a container once (by identity), so shared or circular references
+    cannot multiply the work (a cycle simply ends up too deep).
+    """
+    level = {id(value): value} if isinstance(value, _CONTAINERS) else {}
+    depth = 0
+    while level:
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise NotJSON(f"arrays and objects are nested deeper than {MAX_DEPTH} levels, the limit")
+        level = {
+            id(child): child
+            for container in level.values()
+            for child in (container.values() if isinstance(container, dict) else container)
+            if isinstance(child, _CONTAINERS)
+        }

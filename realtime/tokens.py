@@ -11,14 +11,15 @@ move the clock instead of sleeping.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadData, URLSafeSerializer
 
-from .errors import InvalidToken, TokenExpired
+from .errors import InvalidRequest, InvalidToken, TokenExpired
 from .names import check_channel, check_topics
 
 
@@ -59,11 +60,10 @@ class TokenIssuer:
         return Grant(token, channel, topics_, expires_at)
 
     def verify(self, token: str) -> Grant:
-        """The grant a token carries; `InvalidToken` if forged or garbled, `TokenExpired` if late."""
+        """The grant a token carries; `InvalidToken` if forged, garbled or odd, `TokenExpired` if late."""
         try:
-            payload = self._serializer.loads(token)
-            channel, topics, expires_at = payload["c"], tuple(payload["t"]), float(payload["e"])
-        except (BadSignature, KeyError, TypeError, ValueError):
+            channel, topics, expires_at = _read_payload(self._serializer.loads(token))
+        except (BadData, InvalidRequest, ValueError, OverflowError):
             raise InvalidToken(
                 "the subscription token is missing, malformed or not signed by this server; "
                 "ask POST /api/realtime/token for a new one"
@@ -73,3 +73,18 @@ class TokenIssuer:
                 "the subscription token has expired; ask POST /api/realtime/token for a new one"
             )
         return Grant(token, channel, topics, expires_at)
+
+
+def _read_payload(payload: Any) -> tuple[str, tuple[str, ...], float]:
+    """What `issue` signed, checked by the same rules as there.
+
+    A good signature proves who signed a payload (this key, maybe an older
+    version or another caller of the serializer), not its shape: an odd
+    name or type must be refused here, not fail downstream as a 500.
+    """
+    if not isinstance(payload, dict) or payload.keys() != {"c", "t", "e"}:
+        raise ValueError("not a subscription token payload")
+    expires_at = payload["e"]
+    if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)) or not math.isfinite(expires_at):
+        raise ValueError("the expiry is not a time")  # NaN would never expire; 10**400 overflows math.isfinite
+    return check_channel(payload["c"]), check_topics(payload["t"]), float(expires_at)

@@ -1,6 +1,10 @@
 """Subscription tokens with an injected clock: no sleeping to test expiry."""
-import pytest
+from __future__ import annotations
 
+import pytest
+from itsdangerous import Signer, URLSafeSerializer
+
+from json_errors import MESSAGES, SUBSCRIBE, assert_json_error
 from realtime.errors import InvalidRequest, InvalidToken, TokenExpired
 from realtime.tokens import TokenIssuer
 
@@ -75,3 +79,60 @@ def test_the_secret_is_not_in_the_token():
 def test_issue_validates_names(channel, topics):
     with pytest.raises(InvalidRequest):
         TokenIssuer("secret").issue(channel, topics)
+
+
+# -- signed by this key, but not a token `issue` would make ------------------------------------
+
+EXPIRES = 2_000_000.0
+ODD_PAYLOADS = {
+    "topic an object": {"c": "run.1", "t": [{"a": 1}], "e": EXPIRES},
+    "topics a string": {"c": "run.1", "t": "status", "e": EXPIRES},
+    "topics an object": {"c": "run.1", "t": {"status": 1}, "e": EXPIRES},
+    "topics empty": {"c": "run.1", "t": [], "e": EXPIRES},
+    "topic with LF": {"c": "run.1", "t": ["a\nevent: x"], "e": EXPIRES},
+    "channel a number": {"c": 1, "t": ["status"], "e": EXPIRES},
+    "channel a list": {"c": ["run.1"], "t": ["status"], "e": EXPIRES},
+    "channel with CRLF": {"c": "run.1\r\n", "t": ["status"], "e": EXPIRES},
+    "expiry a string": {"c": "run.1", "t": ["status"], "e": "2030-01-01"},
+    "expiry a bool": {"c": "run.1", "t": ["status"], "e": True},
+    "expiry null": {"c": "run.1", "t": ["status"], "e": None},
+    "expiry NaN": {"c": "run.1", "t": ["status"], "e": float("nan")},
+    "expiry Infinity": {"c": "run.1", "t": ["status"], "e": float("inf")},
+    "expiry overflows a float": {"c": "run.1", "t": ["status"], "e": 10**400},
+    "extra key": {"c": "run.1", "t": ["status"], "e": EXPIRES, "admin": True},
+    "missing key": {"c": "run.1", "t": ["status"]},
+    "a list": ["run.1", ["status"], EXPIRES],
+    "a string": "run.1",
+    "null": None,
+}
+
+
+def sign(secret: str, payload: object) -> str:
+    """A token signed like `TokenIssuer.issue` does, whatever the payload."""
+    return URLSafeSerializer(secret, salt=TokenIssuer.salt).dumps(payload)
+
+
+def test_payload_signed_the_issuers_way_verifies():
+    """The control for the table below: `sign` makes tokens the issuer accepts."""
+    grant = TokenIssuer("secret", now=Clock()).verify(sign("secret", {"c": "run.1", "t": ["status"], "e": EXPIRES}))
+    assert (grant.channel, grant.topics, grant.expires_at) == ("run.1", ("status",), EXPIRES)
+
+
+@pytest.mark.parametrize("payload", ODD_PAYLOADS.values(), ids=ODD_PAYLOADS.keys())
+def test_signed_payload_of_the_wrong_shape_is_invalid(payload):
+    with pytest.raises(InvalidToken) as caught:
+        TokenIssuer("secret", now=Clock()).verify(sign("secret", payload))
+    assert (caught.value.status, caught.value.code) == (401, "invalid_token")
+
+
+def test_signed_bytes_that_are_not_json_are_invalid():
+    token = Signer("secret", salt=TokenIssuer.salt).sign(b"bm90IGpzb24").decode()  # base64 of "not json"
+    with pytest.raises(InvalidToken):
+        TokenIssuer("secret").verify(token)
+
+
+@pytest.mark.parametrize("path", [SUBSCRIBE, MESSAGES])
+def test_endpoints_answer_odd_signed_payloads_with_401(client, app, path):
+    for payload in ODD_PAYLOADS.values():
+        token = sign(app.config["SECRET_KEY"], payload)
+        assert_json_error(client.get(path, query_string={"token": token}), 401, "invalid_token")
