@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 from typing import Any, Mapping
 
 from flask import Flask
 
-from common import errors, health
+from common import errors, health, logs, metrics
 from common.database import DatabaseUnavailable, database_for
 from demo import Demo
 from demo import views as demo_views
@@ -27,7 +26,7 @@ from realtime import views as realtime_views
 
 log = logging.getLogger(__name__)
 
-SECRET_KEYS = ("SECRET_KEY", "REALTIME_PUBLISH_KEY", "JOBS_EVENT_KEY")
+SECRET_KEYS = ("SECRET_KEY", "REALTIME_PUBLISH_KEY", "JOBS_EVENT_KEY", "METRICS_KEY")
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -39,7 +38,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # instance/config.py (the Flask tutorial's place for a local SECRET_KEY;
     # `make run` writes one), then the environment, which wins.
     app.config.from_pyfile("config.py", silent=True)
-    for key in ("DATABASE_URL", "SECRET_KEY"):
+    for key in ("DATABASE_URL", "SECRET_KEY", "METRICS_KEY"):
         if os.environ.get(key):
             app.config[key] = os.environ[key]
     # FLASK_REALTIME_HEARTBEAT_S=1 -> REALTIME_HEARTBEAT_S = 1 (values parsed as JSON).
@@ -51,6 +50,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.config.update(config)
     _require_secret_key(app)
 
+    logs.configure()  # LOG_FORMAT=json: one JSON object per line
+    logs.init_app(app)
     errors.init_app(app)
     realtime = Realtime(app)
     # The demo lets anyone subscribe to any channel. A real app decides here,
@@ -64,31 +65,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     probes.add("change_feed", realtime.change_feed_problem)
 
     app.register_blueprint(health.blueprint)
+    app.register_blueprint(metrics.blueprint)
     app.register_blueprint(realtime_views.blueprint)
     app.register_blueprint(jobs_views.blueprint)
     app.register_blueprint(demo_views.blueprint)
     app.cli.add_command(realtime_cli.group)
     app.cli.add_command(jobs_cli.group)
     return app
-
-
-class RedactTokens(logging.Filter):
-    """Blank `token=...` in log lines: EventSource can only send its token in the URL.
-
-    gunicorn.conf.py logs paths without query strings; this covers the request
-    log of `flask run` (Werkzeug's logger) and anything else that logs a URL.
-    """
-
-    _TOKEN = re.compile(r"(token=)[^&\s\"]+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = self._TOKEN.sub(r"\1[redacted]", message), ()
-        return True
-
-
-logging.getLogger("werkzeug").addFilter(RedactTokens())
 
 
 def _database_problem(app: Flask) -> str | None:

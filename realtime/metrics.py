@@ -1,0 +1,34 @@
+"""What the realtime package counts (CONTRACT §6), for `GET /metrics`.
+
+Only bounded labels: a resume's result, a stream's close reason. Never a
+channel, a topic or a token.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STREAMS_OPEN = Gauge(
+    "realtime_streams_open", "Event streams open now.", multiprocess_mode="livesum"
+)
+STREAMS_OPENED = Counter("realtime_streams_opened_total", "Event streams opened.")
+STREAMS_CLOSED = Counter(
+    "realtime_streams_closed_total",
+    "Event streams ended, by reason: client_gone, shutdown, overflow (the client read too slowly), "
+    "send_timeout (it stopped reading).",
+    ["reason"],
+)
+RESUMES = Counter(
+    "realtime_resumes_total",
+    "Streams and history reads that came with a cursor, by how it was honoured.",
+    ["result"],
+)
+MESSAGES_PUBLISHED = Counter("realtime_messages_published_total", "Messages stored by this instance.")
+FRAMES_SENT = Counter(
+    "realtime_frames_sent_total", "Message frames handed to streams, replayed or live (not keep-alives)."
+)
+PUBLISH_TO_SEND = Histogram(
+    "realtime_publish_to_send_seconds",
+    "From a message's creation to its live frame handed to the streams of this process.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+STORE_READS = Counter("realtime_store_reads_total", "SELECTs of messages: replays, history, the dispatcher.")
