@@ -4,6 +4,8 @@ Command-line flags and GUNICORN_CMD_ARGS override everything here (gunicorn's
 own precedence), so `--bind` and `--workers` work as usual.
 """
 import os
+import shutil
+import tempfile
 
 # gevent: each open stream is a greenlet, not a thread; thousands fit in a worker.
 worker_class = "gevent"
@@ -25,7 +27,18 @@ accesslog = "-"
 control_socket_disable = True
 # The path without its query string: subscription tokens travel in `?token=`
 # and must never land in a log file.
-access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms %({x-request-id}o)s'
+if os.environ.get("LOG_FORMAT", "").lower() == "json":
+    from common.logs import gunicorn_logconfig
+
+    logconfig_dict = gunicorn_logconfig()
+
+# /metrics sums every worker's samples: prometheus_client keeps them in files
+# in this directory, which must exist before a worker imports it.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="realtime-metrics-")
+    os.environ["REALTIME_METRICS_DIR_MADE"] = "1"  # ours to remove at exit (the file is read again on SIGHUP)
+METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 # Job steps run on real OS threads beside the gevent hub (jobs/worker.py). The
 # hub gives up the GIL on every socket call and may then wait a whole switch
@@ -33,6 +46,24 @@ access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 # worker; a shorter interval than Python's 5 ms keeps that well under 100 ms
 # (bench/README.md, bench/cpu_step.py). It only matters while threads compete.
 GIL_SWITCH_INTERVAL_S = float(os.environ.get("GIL_SWITCH_INTERVAL_S", "0.001"))
+
+
+def on_starting(server):
+    """A fresh start counts from zero: remove the samples of an earlier run of this instance."""
+    shutil.rmtree(METRICS_DIR, ignore_errors=True)
+    os.makedirs(METRICS_DIR, exist_ok=True)
+
+
+def on_exit(server):
+    if os.environ.get("REALTIME_METRICS_DIR_MADE"):
+        shutil.rmtree(METRICS_DIR, ignore_errors=True)
+
+
+def child_exit(server, worker):
+    """A worker's live gauges (open streams) leave /metrics with it."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_worker_init(worker):

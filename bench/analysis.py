@@ -41,10 +41,12 @@ def settle(server: BenchServer, streams: int, timeout: float = 60.0) -> dict:
     """Wait until the server holds `streams` streams and their replay reads are done.
 
     Done means no store reads within half a second, but for the reads the
-    SQLite change feed makes on its own, one per REALTIME_POLL_S.
+    change feed makes on its own: SQLite's poll every REALTIME_POLL_S, the
+    PostgreSQL feed's safety poll every REALTIME_SAFETY_POLL_S (1 s).
     """
     interval = 0.5
-    allowance = 0 if server.is_postgres else math.ceil(interval / float(server.env["FLASK_REALTIME_POLL_S"])) + 1
+    poll_s = 1.0 if server.is_postgres else float(server.env["FLASK_REALTIME_POLL_S"])
+    allowance = math.ceil(interval / poll_s) + 1
     previous: dict = {}
 
     def steady() -> dict | None:

@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from prometheus_client.parser import text_string_to_metric_families
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 PUBLISH_KEY = "bench-publish-key"
@@ -216,7 +218,15 @@ class BenchServer:
             return json.loads(response.read())
 
     def stats(self) -> dict:
-        return self._request("GET", "/api/realtime/stats")
+        """Open streams, frames handed to streams and message reads, from /metrics (summed over workers)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        return {
+            "streams": int(values.get("realtime_streams_open", 0)),
+            "delivered": int(values.get("realtime_frames_sent_total", 0)),
+            "store_reads": int(values.get("realtime_store_reads_total", 0)),
+        }
 
     def history(self, token: str) -> dict:
         return self._request("GET", f"/api/realtime/messages?token={token}")

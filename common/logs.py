@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Mapping
 
 from flask import Flask, g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter
@@ -49,6 +50,53 @@ def json_formatter() -> logging.Formatter:
         rename_fields={"levelname": "level", "name": "logger"},
         timestamp="time",
     )
+
+
+class AccessJsonFormatter(JsonFormatter):
+    """gunicorn's access log as JSON: only atoms that cannot hold a secret.
+
+    gunicorn logs each request with a dict of "atoms"; `r` (the request line)
+    and `q` (the query string) would carry `?token=`, so they are never read.
+    """
+
+    ATOMS = {"h": "remote", "m": "method", "U": "path", "s": "status", "B": "bytes", "M": "duration_ms",
+             "{x-request-id}o": "request_id"}
+
+    def add_fields(self, log_record, record, message_dict):  # noqa: ANN001
+        super().add_fields(log_record, record, message_dict)
+        atoms = record.args if isinstance(record.args, Mapping) else {}
+        log_record["message"] = "request"
+        for atom, field in self.ATOMS.items():
+            value = atoms.get(atom) if atoms else None
+            if value not in (None, "-"):
+                log_record[field] = int(value) if field in ("status", "bytes", "duration_ms") and str(value).isdigit() else value
+
+
+def access_json_formatter() -> logging.Formatter:
+    return AccessJsonFormatter("{levelname}{name}", style="{", rename_fields={"levelname": "level", "name": "logger"},
+                               timestamp="time")
+
+
+def gunicorn_logconfig() -> dict:
+    """`logconfig_dict` for gunicorn.conf.py with LOG_FORMAT=json: its error and access logs as JSON lines."""
+    stream = {"class": "logging.StreamHandler"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {"()": "common.logs.json_formatter"},
+            "access": {"()": "common.logs.access_json_formatter"},
+        },
+        "handlers": {
+            "error": {**stream, "formatter": "json", "stream": "ext://sys.stderr"},
+            "access": {**stream, "formatter": "access", "stream": "ext://sys.stdout"},
+        },
+        "root": {"level": "INFO", "handlers": []},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["error"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
+        },
+    }
 
 
 def configure(log_format: str | None = None) -> None:

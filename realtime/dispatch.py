@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 from common.greenlets import current_greenlet, interrupt
 
-from . import sse
+from . import metrics, sse
 from .changes import ChangeFeed
 from .store import Message, MessageStore
 
@@ -67,7 +67,7 @@ class Subscription:
 
     __slots__ = (
         "channel", "topics", "closed_reason", "quiet_since", "writer", "writing_since",
-        "_limit", "_pending", "_pending_bytes",
+        "sent_frames", "sent_bytes", "_limit", "_pending", "_pending_bytes",
     )
 
     def __init__(self, channel: Channel, topics: Iterable[str] | None, limit: int, now: float) -> None:
@@ -80,6 +80,7 @@ class Subscription:
         # client that stops reading leaves it blocked there (see cut_stalled).
         self.writer = current_greenlet()
         self.writing_since: float | None = None
+        self.sent_frames = self.sent_bytes = 0  # for the log line a stream writes when it ends
         self._limit = limit
         self._pending: deque[Frame] = deque()
         self._pending_bytes = 0
@@ -287,6 +288,8 @@ class Dispatcher:
                     if queued:
                         woken[channel.name] = channel
                         self.delivered += queued
+                        metrics.FRAMES_SENT.inc(queued)
+                        metrics.PUBLISH_TO_SEND.observe(max(0.0, time.time() - message.created_at.timestamp()))
                 self._last_id = message.id
             for channel in woken.values():
                 channel.wake()

@@ -152,7 +152,9 @@ class Realtime:
             raise Forbidden(f"this client may not subscribe to channel {channel!r} with these topics")
         return self.create_token(channel, topics)
 
-    def stream(self, channel: str, topics: Sequence[str] | None, cursor: str | None) -> Iterator[bytes]:
+    def stream(
+        self, channel: str, topics: Sequence[str] | None, cursor: str | None, *, request_id: str | None = None
+    ) -> Iterator[bytes]:
         """The frames of one subscriber, from `cursor` (a `Last-Event-ID`) on; never ends by itself.
 
         A bad name or a malformed cursor raises here, before any frame.
@@ -162,7 +164,7 @@ class Realtime:
             check_topic(topic)
         parsed = Cursor.parse(cursor) if cursor else None
         self.dispatcher.start()  # `flask realtime tail` streams without the rest of start()
-        return open_stream(self.dispatcher, channel, topics, parsed, retry_ms=self.retry_ms)
+        return open_stream(self.dispatcher, channel, topics, parsed, retry_ms=self.retry_ms, request_id=request_id)
 
     def history(
         self, channel: str, topics: Sequence[str] | None, after: str | None, limit: int
@@ -203,13 +205,6 @@ class Realtime:
         if isinstance(self.dispatcher.feed, PostgresChangeFeed) and not self.dispatcher.feed.listening:
             return "the LISTEN connection is down; reconnecting (messages still arrive by the safety poll)"
         return None
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "streams": self.dispatcher.stream_count,
-            "delivered": self.dispatcher.delivered,
-            "store_reads": self.store.reads,
-        }
 
     def _prune_forever(self) -> None:
         while not self._stopped.wait(self._prune_interval_s):

@@ -48,6 +48,7 @@ from sqlalchemy.orm import Session
 
 from common.database import Database, as_utc, database_call, upsert, utcnow
 
+from . import metrics
 from .changes import ChangeFeed, PostgresChangeFeed, PollingChangeFeed
 
 metadata = MetaData()
@@ -162,7 +163,7 @@ class MessageStore:
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self._now = now
         self._epoch: str | None = None
-        self.reads = 0  # SELECTs issued, for /api/realtime/stats and bench/
+        self.reads = 0  # SELECTs issued by this store (tests; /metrics counts them for operators)
         db.add_schema(create_schema)
 
     @property
@@ -201,15 +202,20 @@ class MessageStore:
         With `idempotency_key`, a repeat on the same channel stores nothing
         and returns the message the first one stored, `replayed` set.
         """
+        def committed() -> None:
+            metrics.MESSAGES_PUBLISHED.inc()
+            if on_commit is not None:
+                on_commit()
+
         if session is not None:
             message = self._append(session.connection(), channel, topic, data_json, run_id, idempotency_key)
-            if on_commit is not None and not message.replayed:
-                event.listen(session, "after_commit", lambda _session: on_commit(), once=True)
+            if not message.replayed:
+                event.listen(session, "after_commit", lambda _session: committed(), once=True)
             return message
         with self.engine.begin() as conn:
             message = self._append(conn, channel, topic, data_json, run_id, idempotency_key)
-        if on_commit is not None and not message.replayed:
-            on_commit()
+        if not message.replayed:
+            committed()
         return message
 
     def _append(
@@ -320,6 +326,7 @@ class MessageStore:
             .order_by(messages.c.id)
         )
         self.reads += 1
+        metrics.STORE_READS.inc()
         with self.engine.connect() as conn:
             found = conn.execute(query).all()
         page = Page(_message(row) for row in found)
@@ -330,6 +337,7 @@ class MessageStore:
     @database_call
     def last_id(self) -> int:
         self.reads += 1
+        metrics.STORE_READS.inc()
         with self.engine.connect() as conn:
             return conn.execute(select(func.max(messages.c.id))).scalar() or 0
 
@@ -337,6 +345,7 @@ class MessageStore:
     def pruned_through(self, channel: str) -> int:
         """The highest id pruned from `channel`, 0 when nothing was."""
         self.reads += 1
+        metrics.STORE_READS.inc()
         with self.engine.connect() as conn:
             return conn.execute(
                 select(pruned.c.through_id).where(pruned.c.channel == channel)

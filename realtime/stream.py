@@ -20,17 +20,21 @@ waited REALTIME_SEND_TIMEOUT_S (dispatch.py cuts it).
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 from common.database import DatabaseUnavailable
 
-from . import sse
+from . import metrics, sse
 from .cursor import Cursor
 from .dispatch import Clock, Dispatcher, Subscription
 from .store import MessageStore
+
+log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500  # messages per replay read ...
 REPLAY_PAGE_BYTES = 256 * 1024  # ... and bytes of data, but its first message
@@ -82,6 +86,7 @@ def open_stream(
     cursor: Cursor | None,
     *,
     retry_ms: int,
+    request_id: str | None = None,
 ) -> Iterator[bytes]:
     """Place the cursor now, then return the stream's frames.
 
@@ -91,7 +96,11 @@ def open_stream(
     """
     dispatcher.prime()
     start = resolve_cursor(dispatcher.store, channel, cursor)
-    return event_stream(dispatcher, channel, topics, cursor, start, retry_ms=retry_ms)
+    resume = None if cursor is None else (start[1].reason if start[1] is not None else "exact")
+    if resume is not None:
+        metrics.RESUMES.labels(resume).inc()
+    return event_stream(dispatcher, channel, topics, cursor, start, retry_ms=retry_ms,
+                        log_context={"request_id": request_id, "resume": resume})
 
 
 def event_stream(
@@ -102,10 +111,14 @@ def event_stream(
     start: tuple[int, Reset | None],
     *,
     retry_ms: int,
+    log_context: dict[str, Any] | None = None,
 ) -> Iterator[bytes]:
     store, clock = dispatcher.store, dispatcher.clock
     yield sse.retry_frame(retry_ms)
     subscription = dispatcher.subscribe(channel, topics)
+    opened = clock()
+    metrics.STREAMS_OPENED.inc()
+    metrics.STREAMS_OPEN.inc()
     try:
         last_id, reset = start
         epoch = store.epoch
@@ -134,6 +147,7 @@ def event_stream(
             # Frames built as they are written: a stalled client holds one page, not two.
             frames = (sse.message_frame(f"{epoch}-{m.id}", m.topic, m.envelope_json()) for m in page)
             yield from _write(subscription, clock, itertools.chain(replayed, frames))
+            metrics.FRAMES_SENT.inc(len(page))
             last_id = page[-1].id if page else last_id
             replayed, quiet_since = [], clock()
             if not page.more:
@@ -154,6 +168,19 @@ def event_stream(
             yield sse.SHUTDOWN
     finally:
         dispatcher.unsubscribe(subscription)
+        reason = subscription.closed_reason or "client_gone"
+        metrics.STREAMS_OPEN.dec()
+        metrics.STREAMS_CLOSED.labels(reason).inc()
+        duration = clock() - opened
+        # The channel's hash, never its name: channel names may name users or runs.
+        channel_hash = hashlib.sha256(channel.encode()).hexdigest()[:12]
+        log.info(
+            "stream ended: channel %s, %s, %d frames, %d bytes in %.1f s",
+            channel_hash, reason, subscription.sent_frames, subscription.sent_bytes, duration,
+            extra={**(log_context or {}), "channel_hash": channel_hash, "close_reason": reason,
+                   "duration_s": round(duration, 3), "frames": subscription.sent_frames,
+                   "bytes": subscription.sent_bytes},
+        )
 
 
 def _write(subscription: Subscription, clock: Clock, frames: Iterable[bytes]) -> Iterator[bytes]:
@@ -166,6 +193,8 @@ def _write(subscription: Subscription, clock: Clock, frames: Iterable[bytes]) ->
     batch: list[bytes] = []
     size = 0
     for frame in frames:
+        subscription.sent_frames += frame is not sse.KEEP_ALIVE  # frames that carry an event
+        subscription.sent_bytes += len(frame)
         if batch and size + len(frame) > WRITE_BYTES:
             subscription.writing_since = clock()
             yield batch[0] if len(batch) == 1 else b"".join(batch)

@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
 from common.request_input import bearer_matches, bearer_token, json_object
 
@@ -107,7 +107,7 @@ def subscribe() -> Response:
     # The header (sent by EventSource on reconnect) wins over the query
     # parameter (used for the first connection of a resuming client).
     cursor = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
-    frames = _realtime().stream(grant.channel, topics, cursor)
+    frames = _realtime().stream(grant.channel, topics, cursor, request_id=g.get("request_id"))
     return Response(
         frames,
         # The frames are bytes already: hand the generator itself to the
@@ -120,9 +120,3 @@ def subscribe() -> Response:
             "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
         },
     )
-
-
-@blueprint.get("/stats")
-def stats() -> dict[str, int]:
-    """Counters for operators and bench/: open streams, frames delivered, store reads."""
-    return _realtime().stats()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -150,7 +151,8 @@ class LiveServer:
     """`gunicorn -c gunicorn.conf.py "app:create_app()"` with gevent workers on a free port."""
 
     def __init__(self, log_path: Path, database_url: str, workers: int = 2,
-                 gunicorn_args: list[str] | None = None, **config: object) -> None:
+                 gunicorn_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 **config: object) -> None:
         self.port = free_port()
         self.gunicorn_args = gunicorn_args or []
         self.url = f"http://127.0.0.1:{self.port}"
@@ -167,6 +169,7 @@ class LiveServer:
             "FLASK_REALTIME_POLL_S": "0.05",
         }
         self.env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
+        self.env.update(env or {})
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "LiveServer":
@@ -185,7 +188,7 @@ class LiveServer:
         if self.process.poll() is not None:
             raise AssertionError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
         try:
-            return httpx.get(self.url + "/api/realtime/stats", timeout=1).status_code == 200
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -212,6 +215,20 @@ class LiveServer:
         self._log.close()
 
     # conveniences for tests
+
+    def metrics(self) -> dict[str, float]:
+        """GET /metrics, summed over the workers: `{'name{label="value"}': value}` (no label: just the name)."""
+        response = httpx.get(self.url + "/metrics", timeout=30)
+        assert response.status_code == 200, response.text
+        samples = {}
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
+    def metric(self, name: str) -> float:
+        return self.metrics().get(name, 0.0)
 
     def publish(self, channel: str, topic: str, data: object, **extra: object) -> dict:
         response = httpx.post(

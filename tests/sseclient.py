@@ -179,20 +179,8 @@ def serving_worker(server: LiveServer, sock) -> int | None:
 
 
 def streams_open(server: LiveServer) -> int:
-    """Open streams summed over workers: ask /stats on connections until both workers answered."""
-    seen: dict[int, int] = {}
-    for _ in range(40):
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-        try:
-            conn.request("GET", "/api/realtime/stats")
-            response = conn.getresponse()
-            streams = json.loads(response.read())["streams"]
-            seen[serving_worker(server, conn.sock)] = streams
-        finally:
-            conn.close()
-        if len(seen) >= len(server.worker_pids()):
-            break
-    return sum(seen.values())
+    """Open streams summed over the workers (`realtime_streams_open` in /metrics)."""
+    return int(server.metric("realtime_streams_open"))
 
 
 # -- publishers and subscribers in threads ---------------------------------------------------

@@ -144,7 +144,7 @@ def test_bad_history_limit_is_400(client, realtime, limit):
     ("GET", TOKEN, 405),
     ("POST", SUBSCRIBE, 405),
     ("DELETE", MESSAGES, 405),
-    ("PATCH", "/api/realtime/stats", 405),
+    ("PATCH", "/metrics", 405),
 ])
 def test_unknown_routes_and_wrong_methods_are_json(client, method, path, status):
     assert_json_error(client.open(path, method=method), status)
