@@ -175,7 +175,6 @@ class Dispatcher:
         # Look for quiet streams often enough that none stays silent longer
         # than heartbeat_s, whatever the phase of this loop.
         self.tick_s = min(1.0, heartbeat_s / 4)
-        self.delivered = 0  # frames handed to subscriptions, for stats
         self._feed = feed
         self._clock = clock
         self._lock = threading.Lock()
@@ -287,7 +286,6 @@ class Dispatcher:
                     queued = sum(s.offer(message, frame, now) for s in channel.subscriptions)
                     if queued:
                         woken[channel.name] = channel
-                        self.delivered += queued
                         metrics.FRAMES_SENT.inc(queued)
                         metrics.PUBLISH_TO_SEND.observe(max(0.0, time.time() - message.created_at.timestamp()))
                 self._last_id = message.id
