@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from flask import Flask
 
 from common import errors, health, logs, metrics
+from common.config import flag
 from common.database import DatabaseUnavailable, database_for
 from demo import Demo
 from demo import views as demo_views
@@ -35,6 +36,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     os.makedirs(app.instance_path, exist_ok=True)
 
     app.config["DATABASE_URL"] = "sqlite:///" + os.path.join(app.instance_path, "realtime.sqlite3")
+    app.config["DEMO_ENABLED"] = True  # the demo page and its report job; off on an API-only server
     # instance/config.py (the Flask tutorial's place for a local SECRET_KEY;
     # `make run` writes one), then the environment, which wins.
     app.config.from_pyfile("config.py", silent=True)
@@ -49,6 +51,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if config:
         app.config.update(config)
     _require_secret_key(app)
+    demo_enabled = flag(app.config["DEMO_ENABLED"])
 
     logs.configure()  # LOG_FORMAT=json: one JSON object per line
     logs.init_app(app)
@@ -58,7 +61,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # from its own session or API key, who may watch what.
     realtime.authorize(lambda channel, topics: True)
     jobs = Jobs(app, realtime=realtime)
-    Demo(app, jobs=jobs)
+    if demo_enabled:
+        Demo(app, jobs=jobs)
 
     probes = health.Health(app)
     probes.add("database", lambda: _database_problem(app))
@@ -68,7 +72,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(metrics.blueprint)
     app.register_blueprint(realtime_views.blueprint)
     app.register_blueprint(jobs_views.blueprint)
-    app.register_blueprint(demo_views.blueprint)
+    if demo_enabled:
+        app.register_blueprint(demo_views.blueprint)
     app.cli.add_command(realtime_cli.group)
     app.cli.add_command(jobs_cli.group)
     return app

@@ -48,7 +48,10 @@ def error_response(status: int, code: str, message: str) -> Response:
 
 def _http_code(exc: HTTPException) -> str:
     if exc.code == 413:
-        return "message_too_large"
+        # Werkzeug's "Request Entity Too Large": a body over a limit nobody named
+        # (the endpoints' own limits raise their codes: message_too_large,
+        # event_too_large; common/request_input.py).
+        return "body_too_large"
     return re.sub(r"[^a-z0-9]+", "_", (exc.name or "error").lower()).strip("_")
 
 

@@ -1,9 +1,18 @@
 """Reading what a client sent, the same strict way for every endpoint.
 
-Bodies are JSON in strict UTF-8 (whatever the Content-Type says), with no
-NaN or Infinity, which JSON does not have and browsers cannot parse. Size
-limits come from Flask's MAX_CONTENT_LENGTH; time limits from
-`BODY_TIMEOUT_S` (CONTRACT §5 "Bounds").
+Bodies are JSON in strict UTF-8, declared as `Content-Type: application/json`
+(415 otherwise), with no NaN or Infinity, which JSON does not have and
+browsers cannot parse. Each endpoint passes its own size limit (CONTRACT §6:
+a token request is small, a batch of events is not) and the error that names
+what was too large; time limits come from `BODY_TIMEOUT_S` (CONTRACT §5
+"Bounds").
+
+Why the Content-Type matters: a web page on another site can make a browser
+POST `text/plain`, `application/x-www-form-urlencoded` or
+`multipart/form-data` anywhere without asking (no CORS preflight), but not
+`application/json`. Refusing every other type keeps such cross-site form
+posts from starting or cancelling runs, e.g. on a server only the victim's
+browser can reach.
 """
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ import hmac
 import json
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 from gevent import Timeout
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
@@ -22,6 +31,9 @@ from common.greenlets import gevent_is_patched
 #: byte now and then would otherwise hold its connection (and greenlet) forever.
 BODY_TIMEOUT_S = 10.0
 
+#: The body limit of endpoints that take a few small fields (a token request, a run id).
+SMALL_BODY_BYTES = 64 * 1024
+
 
 class BodyTimeout(AppError):
     """The body trickled in too slowly (408; CONTRACT §5 "Bounds")."""
@@ -30,14 +42,65 @@ class BodyTimeout(AppError):
     code = "request_timeout"
 
 
-def json_body() -> Any:
-    """The request body as a JSON value; 400 `invalid_json`, 408 or 413 otherwise."""
-    raw = _read_body()
-    limit = request.max_content_length
-    if request.content_length is None and limit is not None and len(raw) >= limit:
+class BodyTooLarge(AppError):
+    """A body over its endpoint's limit (413); endpoints with a more telling code pass their own."""
+
+    status = 413
+    code = "body_too_large"
+
+
+class UnsupportedMediaType(AppError):
+    status = 415
+    code = "unsupported_media_type"
+    headers = {"Accept-Post": "application/json"}  # the type that would do, as a 405's Allow names methods
+
+
+def check_content_type() -> None:
+    """415 unless a body, if any, is declared `application/json` (parameters such as a charset allowed).
+
+    `json_body` calls it; so do POST views that read no body but change state
+    (cancel a run, start a report), since a cross-site form can reach them too.
+    A POST with no body and no Content-Type (`curl -X POST`, `fetch` without
+    a body) passes; any other declared type is refused even with an empty
+    body, which is what a cross-site form without fields sends.
+    """
+    declared = request.headers.get("Content-Type")
+    if declared is None and not _has_body():
+        return
+    if request.mimetype != "application/json":  # lowercase, without parameters
+        raise UnsupportedMediaType(
+            f"the body must be JSON sent as 'Content-Type: application/json', not {declared or 'no Content-Type'!r}"
+        )
+
+
+def _has_body() -> bool:
+    if request.content_length is not None:
+        return request.content_length > 0
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+def json_body(max_bytes: int = SMALL_BODY_BYTES, too_large: type[AppError] = BodyTooLarge) -> Any:
+    """The request body as a JSON value, at most `max_bytes` long.
+
+    415 when it is not declared JSON, 413 `too_large` when it is longer, 408
+    when it trickles in, 400 `invalid_json` when it does not parse. Nothing is
+    read before the Content-Type and a declared Content-Length are checked.
+    """
+    check_content_type()
+    # An operator's app-wide MAX_CONTENT_LENGTH, if any, stays a ceiling.
+    ceiling = current_app.config.get("MAX_CONTENT_LENGTH")
+    limit = max_bytes if ceiling is None else min(max_bytes, ceiling)
+    request.max_content_length = limit  # read by Werkzeug when it opens the body stream, next
+    message = f"the request body is over {limit} bytes, the limit of this endpoint"
+    try:
+        raw = _read_body()
+    except RequestEntityTooLarge:  # a Content-Length over the limit, or a chunked body that went past it
+        raise too_large(message) from None
+    if request.content_length is None and len(raw) >= limit:
         # A chunked body is cut at the limit rather than refused (Werkzeug's
-        # LimitedStream): refuse it here, or it would fail as broken JSON.
-        raise RequestEntityTooLarge()
+        # LimitedStream stops reading there): refuse it here, or it would fail
+        # as broken JSON. One of exactly `limit` bytes cannot be told apart.
+        raise too_large(message)
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -72,9 +135,9 @@ def _read_body() -> bytes:
             deadline.close()
 
 
-def json_object() -> dict[str, Any]:
-    """The request body, which must be a JSON object."""
-    body = json_body()
+def json_object(max_bytes: int = SMALL_BODY_BYTES, too_large: type[AppError] = BodyTooLarge) -> dict[str, Any]:
+    """The request body, which must be a JSON object (see `json_body`)."""
+    body = json_body(max_bytes, too_large)
     if not isinstance(body, dict):
         raise AppError("the body must be a JSON object", code="invalid_json")
     return body

@@ -28,5 +28,7 @@ class Demo:
         for key, value in DEFAULTS.items():
             app.config.setdefault(key, value)
         self.files = FileStore(database_for(app))
-        (jobs or app.extensions["jobs"]).register(generate_report)
+        jobs = jobs or app.extensions["jobs"]
+        jobs.register(generate_report)
+        jobs.on_prune(self.files.delete_for_runs)  # a report goes with its run (JOBS_RETENTION_S)
         app.extensions["demo"] = self

@@ -1,9 +1,11 @@
-"""Files the demo's runs produce (the report PDF), kept in the app's database."""
+"""Files the demo's runs produce (the report PDF), kept in the app's database as long as their run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
-from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, select
+from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, delete, select
+from sqlalchemy.orm import Session
 
 from common.database import Database, create_tables, database_call, upsert, utcnow, write_session
 
@@ -51,3 +53,8 @@ class FileStore:
         with self.engine.connect() as conn:
             row = conn.execute(select(files).where(files.c.run_id == run_id, files.c.name == name)).first()
         return None if row is None else StoredFile(row.run_id, row.name, row.content_type, bytes(row.content))
+
+    def delete_for_runs(self, session: Session, run_ids: Sequence[str]) -> None:
+        """Delete the files of these runs, in `session`'s transaction: the one deleting the runs
+        (`Jobs.on_prune`), so a file never outlives its run nor goes before it."""
+        session.execute(delete(files).where(files.c.run_id.in_(run_ids)))

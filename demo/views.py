@@ -8,6 +8,10 @@
 The browser gets tokens, never the SECRET_KEY that signs them. Like the app's
 authorization policy (app.py), the demo lets anyone watch any run; a real app
 would check here that the run belongs to the signed-in user.
+
+Starting a report starts a run, so it needs JOBS_EVENT_KEY when that key is
+set, like `POST /api/events`. The page cannot send it (keys never go to a
+browser): a server with that key runs with DEMO_ENABLED off (app.py).
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from flask import Blueprint, Response, current_app, render_template
 from flask.typing import ResponseReturnValue
 
 from common.errors import AppError, error_response
-from common.request_input import json_object
+from common.request_input import bearer_matches, check_content_type, json_object
+from jobs.errors import InvalidEventKey
 from jobs.records import is_id
 from realtime import Grant
 
@@ -51,6 +56,13 @@ def start_report() -> ResponseReturnValue:
             "the job runner is not installed in this app, so no report can start; "
             "runs already started can still be watched with /?run=<id>",
         )
+    if jobs.event_key and not bearer_matches(jobs.event_key):
+        raise InvalidEventKey(
+            "this server sets JOBS_EVENT_KEY, which the demo page cannot send (keys never go to a browser). "
+            "The demo needs JOBS_EVENT_KEY unset, or DEMO_ENABLED off on a server that keeps the key; "
+            "a script may send 'Authorization: Bearer <JOBS_EVENT_KEY>'"
+        )
+    check_content_type()  # the page sends `{}`, which is not read; a cross-site form must not get here
     sent = jobs.send("report.requested", {"title": "Sales report"})
     runs = sent.get("runs") or []
     if not runs:

@@ -9,8 +9,9 @@ Modules, one idea each: `registry` (functions and their triggers), `records`
 events in; claims, leases, fencing, outcomes), `journal` (what each step did),
 `steps` (what a function sees: `ctx.step.run`, `ctx.step.sleep`,
 `ctx.publish`), `runner` (one execution and its outcome), `worker` (threads,
-the claim loop, lease renewal, eager mode), `extension` (the Flask extension
-and Python API), `views` (HTTP), `cli` (`flask jobs worker`).
+the claim loop, lease renewal, retention's schedule, eager mode), `extension`
+(the Flask extension and Python API), `metrics` (what /metrics shows of runs),
+`views` (HTTP), `cli` (`flask jobs worker`, `flask jobs prune`).
 """
 from .errors import JobError, NonRetriableError
 from .extension import Jobs

@@ -13,6 +13,7 @@ worker, which never look at Flask.
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 from flask import Flask
@@ -21,16 +22,18 @@ from sqlalchemy.orm import Session
 from common import jsontext
 from common.database import Database, database_for
 from common.config import flag
+from common.metrics import add_scrape_collector
 from realtime.errors import MessageTooLarge
 
+from . import metrics
 from .errors import EventTooLarge, InvalidEvent, RunNotFound
 from .registry import EVENT_NAME_PATTERN, Handler, JobFunction, Registry, function
 from .runner import Runner
 from .journal import StepJournal
-from .records import COMPLETED, FAILED, NewEvent, Run, is_id
-from .runs import RunStore
+from .records import COMPLETED, FAILED, FINISHED, NewEvent, Run, is_id
+from .runs import PruneHook, RunStore
 from .tables import create_schema
-from .worker import Worker
+from .worker import PRUNE_BATCH, Retention, Worker
 
 DEFAULTS = {
     "JOBS_EMBEDDED": True,
@@ -38,6 +41,8 @@ DEFAULTS = {
     "JOBS_EVENT_KEY": None,
     "JOBS_MAX_EVENT_BYTES": 524288,  # a larger event `data` is refused (413)
     "JOBS_MAX_CRASHES": 3,  # a run whose worker died this many times mid-run fails (CONTRACT §5)
+    "JOBS_RETENTION_S": 7 * 24 * 3600,  # ended runs, their steps and events are deleted after this
+    "JOBS_PRUNE_INTERVAL_S": 300,  # how often one of the workers prunes
     # Beyond the contract: tuning knobs with safe defaults.
     "JOBS_LEASE_S": 30,  # a killed worker's runs resume this long after its last renewal
     "JOBS_POLL_S": 0.5,  # how often a worker looks for runs queued by other processes
@@ -46,6 +51,8 @@ DEFAULTS = {
 }
 
 MAX_EVENTS_PER_REQUEST = 100
+#: Room in a `POST /api/events` body for what surrounds the events' data: names, brackets, spaces.
+EVENTS_BODY_ROOM = 64 * 1024
 
 
 def check_event(name: Any, data: Any) -> None:
@@ -77,11 +84,16 @@ class Jobs:
         self.max_event_bytes = int(config["JOBS_MAX_EVENT_BYTES"])
         self.lease_s = float(config["JOBS_LEASE_S"])
         self.poll_s = float(config["JOBS_POLL_S"])
+        self.retention = Retention(
+            max_age=timedelta(seconds=float(config["JOBS_RETENTION_S"])),
+            interval_s=float(config["JOBS_PRUNE_INTERVAL_S"]),
+        )
         self.realtime = realtime or app.extensions["realtime"]
 
         db = db or database_for(app)
         db.add_schema(create_schema)  # made at the first call, not here: see common/database.py
         self.runs = RunStore(db, on_status=self._announce, max_crashes=int(config["JOBS_MAX_CRASHES"]))
+        add_scrape_collector(app, metrics.due_runs_collector(self.runs))  # jobs_runs_due, read at scrape time
         self.journal = StepJournal(self.runs)
         self.runner = Runner(
             self.runs,
@@ -107,7 +119,10 @@ class Jobs:
             self.worker.start()
 
     def new_worker(self, threads: int) -> Worker:
-        return Worker(self.runs, self.runner, threads=threads, lease_s=self.lease_s, poll_s=self.poll_s)
+        return Worker(
+            self.runs, self.runner, threads=threads, lease_s=self.lease_s, poll_s=self.poll_s,
+            retention=self.retention,
+        )
 
     # -- functions ------------------------------------------------------------------
 
@@ -122,6 +137,11 @@ class Jobs:
         return lambda handler: self.register(describe(handler))
 
     # -- events and runs ----------------------------------------------------------
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The body limit of `POST /api/events`: a full batch of the largest events (CONTRACT §6)."""
+        return MAX_EVENTS_PER_REQUEST * self.max_event_bytes + EVENTS_BODY_ROOM
 
     def send(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
         """Send one event; the body of CONTRACT §3's `POST /api/events` 202."""
@@ -166,6 +186,24 @@ class Jobs:
             raise RunNotFound(f"there is no run {run_id!r}; run ids come from POST /api/events")
         self.runs.cancel(run_id)
 
+    # -- retention ------------------------------------------------------------------
+
+    def on_prune(self, hook: PruneHook) -> PruneHook:
+        """Register `hook(session, run_ids)`, called in the transaction that deletes those runs,
+        so what an app keeps per run (the demo's report files) is deleted with them."""
+        self.runs.on_prune.append(hook)
+        return hook
+
+    def prune(self) -> int:
+        """Delete every run that ended more than JOBS_RETENTION_S ago now, batch after batch
+        (the workers also do it on a schedule); return how many runs."""
+        total = 0
+        while True:
+            removed_runs, removed_events = self.runs.prune(self.retention.max_age, PRUNE_BATCH)
+            total += removed_runs
+            if max(removed_runs, removed_events) < PRUNE_BATCH:
+                return total
+
     def drain(self) -> int:
         """Eager mode: execute every due run now, inline (e.g. after advancing a test clock)."""
         return self.worker.drain()
@@ -177,7 +215,10 @@ class Jobs:
     # -- lifecycle messages ---------------------------------------------------------
 
     def _announce(self, session: Session, run: Run) -> None:
-        """Publish the run's new status on `run.<id>`, topic `run`, in the transaction that set it."""
+        """Publish the run's new status on `run.<id>`, topic `run`, in the transaction that set it;
+        count an end in the metrics once that transaction commits."""
+        if run.status in FINISHED:
+            metrics.count_when_committed(session, run)
         data: dict[str, Any] = {"status": run.status}
         if run.status == COMPLETED:
             data["output"] = run.output

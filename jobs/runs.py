@@ -23,6 +23,9 @@ make runs durable live here:
   lease gets `LeaseLost` and stops without writing.
 - **Announcing.** A status change calls `on_status` with this transaction's
   Session, so the realtime message saying so commits with it, or not at all.
+- **Retention.** `prune` deletes ended runs past their retention with their
+  steps and events, a small batch per transaction, and calls `on_prune` in
+  that transaction so what others keep per run (the demo's files) goes with it.
 """
 from __future__ import annotations
 
@@ -33,22 +36,24 @@ from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from common.database import Database, as_utc, database_call, utcnow, write_session
+from common.database import Database, as_utc, database_call, upsert, utcnow, write_session
 
 from .errors import RunFinished, RunNotFound
 from .records import (
     CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, Claim, Event, LeaseLost, NewEvent, Run, Step, new_id,
 )
-from .tables import events, runs, steps
+from .tables import events, runs, schedule, steps
 from .types import Clock
 
 log = logging.getLogger(__name__)
 
 # Called inside the transaction that changed a run's status, with the new run.
 StatusHook = Callable[[Session, Run], None]
+# Called inside the transaction that deletes runs, with their ids.
+PruneHook = Callable[[Session, Sequence[str]], None]
 
 # An arbitrary constant naming the lock of limited-concurrency claims on PostgreSQL.
 _LIMITED_CLAIM_LOCK = 0x70B5_0002
@@ -86,6 +91,7 @@ class RunStore:
         self.engine = db.engine
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self.on_status = on_status
+        self.on_prune: list[PruneHook] = []
         self.max_crashes = max_crashes
         self.now = now
 
@@ -313,3 +319,68 @@ class RunStore:
             ).one()
             if not held:
                 self.on_status(session, run_from_row(row))
+
+    # -- retention ------------------------------------------------------------------
+
+    @database_call
+    def prune(self, max_age: timedelta, limit: int) -> tuple[int, int]:
+        """Delete up to `limit` runs that ended more than `max_age` ago, and up to `limit`
+        events that old which no run refers to any more; return (runs, events) deleted.
+
+        One short transaction: callers loop while either count is `limit`, so
+        claims and writes of live runs wait for one batch at most.
+        """
+        cutoff = self.now() - max_age
+        with self.write() as session:
+            run_ids = session.execute(
+                # Only ended runs have an ended_at.
+                select(runs.c.id).where(runs.c.ended_at < cutoff).order_by(runs.c.ended_at).limit(limit)
+            ).scalars().all()
+            if run_ids:
+                for hook in self.on_prune:
+                    hook(session, run_ids)
+                session.execute(delete(steps).where(steps.c.run_id.in_(run_ids)))
+                session.execute(delete(runs).where(runs.c.id.in_(run_ids)))
+            # An event goes once no run of it remains: with its last run, or on
+            # its own when it started none. Its runs are newer than it, so an
+            # event whose runs were just deleted is past the cutoff too.
+            orphans = (
+                select(events.c.id)
+                .where(events.c.created_at < cutoff, ~exists().where(runs.c.event_id == events.c.id))
+                .order_by(events.c.created_at).limit(limit)
+            )
+            removed_events = session.execute(delete(events).where(events.c.id.in_(orphans))).rowcount
+        return len(run_ids), removed_events
+
+    @database_call
+    def take_turn(self, task: str, every_s: float) -> bool:
+        """Whether the caller should do `task` now: True for one caller per `every_s`, among
+        every process sharing the database (a conditional UPDATE: the first one wins)."""
+        now = self.now()
+        next_due = now + timedelta(seconds=every_s)
+        with self.write() as session:
+            taken = session.execute(
+                update(schedule).where(schedule.c.task == task, schedule.c.due_at <= now)
+                .values(due_at=next_due).returning(schedule.c.task)
+            ).first()
+            if taken is not None:
+                return True
+            first = (
+                upsert(self.engine, schedule).values(task=task, due_at=next_due)
+                .on_conflict_do_nothing().returning(schedule.c.task)
+            )
+            return session.execute(first).first() is not None  # no row: someone else's turn
+
+    @database_call
+    def count_due(self) -> int:
+        """Runs a free worker could claim now: queued or running, and due.
+
+        Due means `available_at` has passed, which a live lease never has
+        (a claim pushes it a lease ahead): lapsed leases count, sleeping runs
+        and backoffs do not.
+        """
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.count()).select_from(runs)
+                .where(runs.c.status.in_((QUEUED, RUNNING)), runs.c.available_at <= self.now())
+            ).scalar_one()

@@ -1,9 +1,12 @@
-"""The job tables: events, the runs they start, and each run's steps."""
+"""The job tables: events, the runs they start, each run's steps, and the shared schedule."""
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy import (
+    Boolean, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, func, select, text,
+)
+from sqlalchemy.schema import CreateIndex
 
-from common.database import add_missing_columns, create_tables
+from common.database import add_missing_columns, create_tables, write_session
 
 metadata = MetaData()
 
@@ -14,6 +17,7 @@ events = Table(
     Column("name", String(200), nullable=False),
     Column("data", Text, nullable=False),  # JSON object
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_job_events_created", "created_at"),  # retention: the oldest first
 )
 
 runs = Table(
@@ -38,6 +42,9 @@ runs = Table(
     Column("started_at", DateTime(timezone=True)),
     Column("ended_at", DateTime(timezone=True)),
     Index("ix_job_runs_claimable", "status", "available_at"),
+    # Retention (runs.py `prune`): ended runs oldest first, and whether an event still has a run.
+    Index("ix_job_runs_ended", "ended_at"),
+    Index("ix_job_runs_event", "event_id"),
 )
 
 steps = Table(
@@ -54,7 +61,27 @@ steps = Table(
 )
 
 
+# When each periodic task of all the workers sharing the database is next due
+# (runs.py `take_turn`): one row per task, such as "prune".
+schedule = Table(
+    "job_schedule",
+    metadata,
+    Column("task", String(100), primary_key=True),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+)
+
+# An arbitrary constant naming the lock under which processes add missing indexes on PostgreSQL.
+_INDEX_LOCK = 0x70B5_0003
+
+
 def create_schema(engine: Engine) -> None:
     """Create the tables if missing, and the columns later versions added. Safe to race with other processes."""
     create_tables(engine, metadata)
     add_missing_columns(engine, runs)  # job_runs.crashes, missing from databases made before it
+    # create_all makes a table's indexes with the table only: databases made
+    # before retention lack these.
+    with write_session(engine) as session:
+        if engine.dialect.name == "postgresql":
+            session.execute(select(func.pg_advisory_xact_lock(_INDEX_LOCK)))
+        for index in (*events.indexes, *runs.indexes):
+            session.execute(CreateIndex(index, if_not_exists=True))

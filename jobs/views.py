@@ -10,9 +10,9 @@ from typing import Any
 
 from flask import Blueprint, current_app
 
-from common.request_input import bearer_matches, json_body
+from common.request_input import bearer_matches, check_content_type, json_body
 
-from .errors import InvalidEvent, InvalidEventKey, RunNotFound
+from .errors import EventTooLarge, InvalidEvent, InvalidEventKey, RunNotFound
 from .extension import Jobs
 from .records import Run
 
@@ -42,13 +42,17 @@ def run_json(run: Run) -> dict[str, Any]:
     }
 
 
+def require_event_key(jobs: Jobs, action: str) -> None:
+    """With JOBS_EVENT_KEY set, whatever starts or stops runs needs it as a bearer token (401)."""
+    if jobs.event_key and not bearer_matches(jobs.event_key):
+        raise InvalidEventKey(f"{action} needs 'Authorization: Bearer <JOBS_EVENT_KEY>'")
+
+
 @blueprint.post("/events")
 def send_events() -> tuple[dict[str, Any], int]:
     jobs = _jobs()
-    if jobs.event_key:
-        if not bearer_matches(jobs.event_key):
-            raise InvalidEventKey("sending events needs 'Authorization: Bearer <JOBS_EVENT_KEY>'")
-    body = json_body()
+    require_event_key(jobs, "sending events")
+    body = json_body(jobs.max_body_bytes, too_large=EventTooLarge)
     items = body if isinstance(body, list) else [body]
     if not all(isinstance(item, dict) for item in items):
         raise InvalidEvent(
@@ -68,5 +72,7 @@ def get_run(run_id: str) -> dict[str, Any]:
 @blueprint.post("/runs/<run_id>/cancel")
 def cancel_run(run_id: str) -> tuple[dict[str, Any], int]:
     jobs = _jobs()
+    require_event_key(jobs, "cancelling a run")
+    check_content_type()  # no body is read, but a cross-site form must not get this far
     jobs.cancel(run_id)
     return run_json(jobs.run(run_id)), 202

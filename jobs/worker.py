@@ -1,8 +1,9 @@
 """A worker: claims due runs, executes them on a pool of threads, renews their leases.
 
 One loop per process does the bookkeeping (claim while a thread is free,
-renew leases every third of a lease, sleep until woken or `poll_s` passed);
-the pool's threads only execute runs. The same class serves the embedded pool
+renew leases every third of a lease, prune old runs in small batches when it
+is this worker's turn, sleep until woken or `poll_s` passed); the pool's
+threads only execute runs. The same class serves the embedded pool
 of each web process (`JOBS_EMBEDDED`), `flask --app app jobs worker`, and,
 through `drain()`, eager mode, where runs execute inline and tests need no
 threads at all.
@@ -27,6 +28,8 @@ import socket
 import threading
 import time
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from datetime import timedelta
 
 from common.greenlets import gevent_is_patched
 
@@ -35,6 +38,18 @@ from .records import Claim
 from .runs import RunStore
 
 log = logging.getLogger(__name__)
+
+#: Runs (and events) deleted per transaction: claims wait for one batch at most.
+PRUNE_BATCH = 100
+PRUNE_TASK = "prune"
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Ended runs older than `max_age` are deleted, a pass at most every `interval_s` among all workers."""
+
+    max_age: timedelta
+    interval_s: float
 
 
 def make_executor(threads: int) -> Executor:
@@ -58,12 +73,15 @@ class Worker:
         lease_s: float = 30.0,
         poll_s: float = 0.5,
         name: str | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.runs = runs
         self.runner = runner
         self.threads = threads
         self.lease_s = lease_s
         self.poll_s = poll_s
+        self.retention = retention  # None: this worker never prunes
+        self._pruned = 0  # runs deleted so far in the current pass
         self.name = name or f"{socket.gethostname()[:40]}:{os.getpid()}"
         self._held: dict[str, Future] = {}  # claim token -> its execution
         self._lock = threading.Lock()
@@ -101,6 +119,8 @@ class Worker:
         log.info("jobs worker %s: %d threads", self.name, self.threads)
         renew_every = self.lease_s / 3
         next_renewal = time.monotonic() + renew_every
+        next_prune = time.monotonic()  # whether it is our turn is asked at start, then every interval
+        pruning = False  # a pass has more to delete: one batch per turn of the loop, claims in between
         backoff = 0.0
         try:
             # Once stopping, claim nothing more but keep renewing the leases of
@@ -112,12 +132,20 @@ class Worker:
                     if time.monotonic() >= next_renewal:
                         self._renew()
                         next_renewal = time.monotonic() + renew_every
+                    if self.retention is not None and not self._stopping:
+                        if not pruning and time.monotonic() >= next_prune:
+                            next_prune = time.monotonic() + self.retention.interval_s
+                            pruning = self.runs.take_turn(PRUNE_TASK, self.retention.interval_s)
+                        if pruning:
+                            pruning = self._prune_batch()
                     backoff = 0.0
                 except Exception:
                     # The database is away: say so, then look again less and less often.
                     backoff = min(max(backoff * 2, self.poll_s), 5.0)
                     log.exception("jobs worker loop failed; retrying in %.1f s", backoff)
                 timeout = max(backoff, min(self.poll_s, max(0.0, next_renewal - time.monotonic())))
+                if pruning and not backoff:
+                    timeout = 0.0  # the next batch at once, after looking for runs to claim
                 self._wake.wait(timeout)
                 self._wake.clear()
         finally:
@@ -152,6 +180,16 @@ class Worker:
             # A database failure mid-run: the lease lapses and the run resumes elsewhere.
             log.error("run execution crashed", exc_info=exc)
         self._wake.set()
+
+    def _prune_batch(self) -> bool:
+        """Delete one batch of expired runs and events; True while there may be more."""
+        removed_runs, removed_events = self.runs.prune(self.retention.max_age, PRUNE_BATCH)
+        self._pruned += removed_runs
+        more = max(removed_runs, removed_events) == PRUNE_BATCH
+        if not more and self._pruned:  # one line per pass, however many batches it took
+            log.info("pruned %d runs that ended more than %s ago", self._pruned, self.retention.max_age)
+            self._pruned = 0
+        return more
 
     def _renew(self) -> None:
         with self._lock:

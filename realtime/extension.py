@@ -68,10 +68,8 @@ class Realtime:
         self.retry_ms = int(config["REALTIME_RETRY_MS"])
         self.retention = timedelta(seconds=float(config["REALTIME_RETENTION_S"]))
         self.publish_key: str | None = config["REALTIME_PUBLISH_KEY"] or None
-        # A body is the data plus a little JSON around it; refuse more before
-        # reading it. (Flask defines the key as None, so setdefault would not do.)
-        if config.get("MAX_CONTENT_LENGTH") is None:
-            config["MAX_CONTENT_LENGTH"] = self.max_message_bytes + 64 * 1024
+        # No app-wide MAX_CONTENT_LENGTH: each endpoint reads its body with its
+        # own limit (views.py; CONTRACT §6).
 
         self.store = MessageStore(db or database_for(app))  # no SQL yet: the schema is made at first use
         poll_s = float(config["REALTIME_SAFETY_POLL_S" if self.store.is_postgres else "REALTIME_POLL_S"])

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app, g, request
 
 from common.request_input import bearer_matches, bearer_token, json_object
 
-from .errors import Forbidden, InvalidRequest, InvalidToken, NotFound
+from .errors import Forbidden, InvalidRequest, InvalidToken, MessageTooLarge, NotFound
 from .extension import Realtime
 from .names import check_channel, check_topics
 from .tokens import Grant
@@ -22,6 +22,18 @@ from .tokens import Grant
 blueprint = Blueprint("realtime", __name__, url_prefix="/api/realtime")
 
 MAX_HISTORY_LIMIT = 1000
+
+#: A publish body is its `data` plus the JSON around it: names, run_id, punctuation, spaces.
+ENVELOPE_ROOM = 64 * 1024
+
+
+def publish_body_limit(realtime: Realtime) -> int:
+    """The most a publish body may weigh, refused before it is read (CONTRACT §6).
+
+    One message today; computed per request so that a batch of messages
+    (CONTRACT §7) can raise it here without touching any other endpoint.
+    """
+    return realtime.max_message_bytes + ENVELOPE_ROOM
 
 
 def _realtime() -> Realtime:
@@ -51,7 +63,7 @@ def _granted_scope() -> tuple[Grant, tuple[str, ...]]:
 
 @blueprint.post("/token")
 def create_token() -> dict[str, Any]:
-    body = json_object()
+    body = json_object()  # a channel and a few topics: the small default limit
     channel = check_channel(body.get("channel"))
     topics = check_topics(body.get("topics"))
     return _realtime().grant_for_request(channel, topics).to_json()
@@ -66,7 +78,7 @@ def publish() -> Response:
         raise InvalidToken(
             "publishing needs 'Authorization: Bearer <REALTIME_PUBLISH_KEY>'", code="invalid_publish_key"
         )
-    body = json_object()
+    body = json_object(publish_body_limit(realtime), too_large=MessageTooLarge)
     if "data" not in body:
         raise InvalidRequest("'data' is required (any JSON value)", code="invalid_data")
     message = realtime.publish(

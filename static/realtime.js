@@ -10,6 +10,7 @@
  *       // grant `{token, expires_at}`, which lets the client refresh before expiry).
  *       token: () => fetch("/api/realtime/token", {
  *         method: "POST",
+ *         headers: { "Content-Type": "application/json" },  // anything else is refused (415)
  *         body: JSON.stringify({ channel: "run.42", topics: ["status", "log", "run"] }),
  *       }).then((response) => response.json()),
  *       closeOnRunEnd: true,

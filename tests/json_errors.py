@@ -15,7 +15,7 @@ MESSAGES = "/api/realtime/messages"
 SUBSCRIBE = "/api/realtime/subscribe"
 AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 MAX_DATA = 524288  # REALTIME_MAX_MESSAGE_BYTES default
-MAX_BODY = MAX_DATA + 64 * 1024  # MAX_CONTENT_LENGTH set by the extension
+MAX_BODY = MAX_DATA + 64 * 1024  # the publish endpoint's body limit (realtime/views.py)
 
 
 def assert_json_error(response, status: int, code: str | None = None) -> dict:

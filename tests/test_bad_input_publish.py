@@ -126,12 +126,13 @@ def test_publish_refuses_oversize_data_and_never_truncates(client, realtime):
     assert response.get_json()["data"] == exactly
 
 
-def test_publish_refuses_body_larger_than_max_content_length(client, app, assert_nothing_stored):
-    """The body limit is REALTIME_MAX_MESSAGE_BYTES plus 64 KiB of JSON around the data (extension.py)."""
-    assert app.config["MAX_CONTENT_LENGTH"] == MAX_BODY
+def test_publish_refuses_body_larger_than_its_limit(client, app, assert_nothing_stored):
+    """The publish endpoint's own limit: REALTIME_MAX_MESSAGE_BYTES plus 64 KiB of JSON around the data
+    (views.py); no app-wide MAX_CONTENT_LENGTH (CONTRACT §6). More in test_body_limits.py."""
+    assert app.config["MAX_CONTENT_LENGTH"] is None
     body = b'{"channel": "c", "topic": "t", "data": "' + b"x" * MAX_BODY + b'"}'
     response = client.post(PUBLISH, data=body, headers={**AUTH, "Content-Type": "application/json"})
-    assert_json_error(response, 413)
+    assert_json_error(response, 413, "message_too_large")
 
 
 @pytest.mark.parametrize("headers", [

@@ -276,7 +276,11 @@ def test_the_client_probes_a_failed_eventsource_and_refreshes_a_refused_token(st
                 topics: ["log"],
                 token: async () => {
                     window.tokens += 1;
-                    const response = await fetch("/demo/token", { method: "POST", body: JSON.stringify({ run_id: runId }) });
+                    const response = await fetch("/demo/token", {
+                        method: "POST",
+                        headers: { "Content-Type": "application/json" },
+                        body: JSON.stringify({ run_id: runId }),
+                    });
                     return (await response.json()).token;  // a bare token: no expiry known
                 },
                 backoff: { initialMs: 100, maxMs: 400 },

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import PUBLISH_KEY, LiveServer
-from json_errors import MESSAGES, PUBLISH, assert_json_error
+from json_errors import MAX_BODY, MESSAGES, PUBLISH, assert_json_error
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +98,20 @@ def test_publish_deeper_than_64_levels_is_400_and_stores_nothing(server):
 def test_event_deeper_than_64_levels_is_400_invalid_event_data(server):
     body = json.dumps({"name": "nothing.listens", "data": nested(65)}).encode()
     assert_json_error(post(server, "/api/events", body), 400, "invalid_event_data")
+
+
+def test_a_chunked_body_past_its_endpoints_limit_is_413_with_that_endpoints_code(server):
+    """No Content-Length to refuse up front: the body is read up to the publish limit, then refused."""
+    body = b'{"channel": "big", "topic": "t", "data": "' + b"x" * MAX_BODY + b'"}'
+    with connect(server) as sock:
+        sock.sendall(HEAD.format(path=PUBLISH, framing="Transfer-Encoding: chunked").encode()
+                     + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+        assert_json_error(read_response(sock), 413, "message_too_large")
+
+
+def test_a_hundred_events_of_ten_kilobytes_fit_the_events_limit(server):
+    """1 MB of valid events, over the publish limit: POST /api/events has its own (CONTRACT §6)."""
+    batch = [{"name": "nothing.listens", "data": {"note": "x" * 10_000}}] * 100
+    response = post(server, "/api/events", json.dumps(batch).encode())
+    assert response.status_code == 202, response.text
+    assert len(response.json()["ids"]) == 100

@@ -153,6 +153,32 @@ def test_event_key_is_required_when_set(client, jobs):
     assert client.post("/api/events", json=event, headers={"Authorization": "Bearer sekrit"}).status_code == 202
 
 
+def test_cancel_needs_the_event_key_when_set(client, jobs):
+    jobs.eager = False  # leave it queued
+    run_id = send(jobs, "report.requested")
+    jobs.event_key = "sekrit"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic sekrit"}):
+        response = client.post(f"/api/runs/{run_id}/cancel", headers=headers)
+        assert response.status_code == 401
+        assert response.get_json()["error"]["code"] == "invalid_event_key"
+        assert "JOBS_EVENT_KEY" in response.get_json()["error"]["message"]
+    assert jobs.run(run_id).status == "queued"
+    response = client.post(f"/api/runs/{run_id}/cancel", headers={"Authorization": "Bearer sekrit"})
+    assert response.status_code == 202 and response.get_json()["status"] == "cancelled"
+
+
+def test_the_event_key_comes_from_the_config(tmp_path):
+    from conftest import app_on
+
+    for app in app_on(f"sqlite:///{tmp_path / 'key.sqlite3'}", JOBS_EVENT_KEY="from-config"):
+        jobs = app.extensions["jobs"]
+        jobs.eager = False
+        run_id = send(jobs, "report.requested")
+        client = app.test_client()
+        assert client.post(f"/api/runs/{run_id}/cancel").status_code == 401
+        assert client.post(f"/api/runs/{run_id}/cancel", headers={"Authorization": "Bearer from-config"}).status_code == 202
+
+
 def test_unknown_runs_are_404(client, jobs):
     for method, url, code in [
         ("get", "/api/runs/nope", "run_not_found"),

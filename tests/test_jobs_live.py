@@ -16,7 +16,9 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from conftest import ROOT, LiveServer, app_on, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT, LiveServer, app_on, free_port, wait_until
 from crashing_app import crash_worker
 
 pytestmark = pytest.mark.integration
@@ -86,13 +88,14 @@ def run_finished(envelope: dict) -> bool:
 class Worker:
     """`flask --app <app> jobs worker`, stopped by its pid."""
 
-    def __init__(self, log_path: Path, database_url: str, app: str = "app", **config: object) -> None:
+    def __init__(self, log_path: Path, database_url: str, app: str = "app", args: tuple[str, ...] = (),
+                 **config: object) -> None:
         env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": "live-test-secret"}
         env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", app, "jobs", "worker"],
+            [sys.executable, "-m", "flask", "--app", app, "jobs", "worker", *args],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -114,8 +117,8 @@ class Worker:
 def start_worker(tmp_path):
     workers: list[Worker] = []
 
-    def start(database_url: str, app: str = "app", **config: object) -> Worker:
-        worker = Worker(tmp_path / f"worker-{len(workers)}.log", database_url, app, **config)
+    def start(database_url: str, app: str = "app", args: tuple[str, ...] = (), **config: object) -> Worker:
+        worker = Worker(tmp_path / f"worker-{len(workers)}.log", database_url, app, args, **config)
         workers.append(worker)
         return worker
 
@@ -150,9 +153,11 @@ def test_bad_requests_get_json_errors(database_url, start_server):
         ("post", "/api/events", b'{"name": "a.b", "data": {"x": "\\udc80"}}', 400, "invalid_event_data"),
         ("post", "/api/runs/missing/cancel", None, 404, "run_not_found"),
         ("get", "/reports/missing", None, 404, "report_not_found"),
+        ("post", "/api/events", b"name=a.b", 415, "unsupported_media_type"),  # a form, not JSON
     ]:
         content = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        response = httpx.request(method, server.url + path, content=content, timeout=10)
+        json_type = {"Content-Type": "application/json"} if body is not None and code != "unsupported_media_type" else {}
+        response = httpx.request(method, server.url + path, content=content, headers=json_type, timeout=10)
         assert (response.status_code, response.json()["error"]["code"]) == (status, code)
 
 
@@ -257,3 +262,39 @@ def test_a_reload_mid_step_finishes_the_step_and_hands_the_run_back(database_url
     token = server.token(f"run.{run_id}", ["run", "status", "log"])
     history = httpx.get(server.url + "/api/realtime/messages", params={"token": token}, timeout=10).json()
     assert [(m["topic"], m["data"]) for m in history["messages"]] == expected_for(server, run_id)
+
+
+def worker_metrics(port: int) -> dict[str, float]:
+    """A worker's /metrics: `{'name{label="value",...}': value}`, parsed by prometheus_client."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}  # not listening yet
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def test_a_worker_serves_its_metrics_with_metrics_port(database_url, sender, start_worker):
+    """CONTRACT §6: the runs a standalone worker ends are counted there, and scraped there."""
+    port = free_port()
+    worker = start_worker(database_url, args=("--metrics-port", str(port)), DEMO_REPORT_STEP_S=0.05, **WORKER_CONFIG)
+    wait_until(lambda: "jobs_runs_due" in worker_metrics(port), what=f"the worker's metrics on port {port}")
+    jobs = sender.extensions["jobs"]
+    [run_id] = [run["id"] for run in jobs.send("report.requested", {"days": 2})["runs"]]
+    wait_until(lambda: jobs.run(run_id).status in FINISHED, timeout=30, what="the run to end")
+    assert jobs.run(run_id).status == "completed", worker.log()
+
+    finished = 'jobs_runs_finished_total{function="generate-report",status="completed"}'
+    metrics = wait_until(lambda: (m := worker_metrics(port)).get(finished) == 1 and m, what="the run counted")
+    assert metrics['jobs_run_duration_seconds_count{function="generate-report"}'] == 1
+    assert 0 < metrics['jobs_run_duration_seconds_sum{function="generate-report"}'] < 30
+    assert metrics["jobs_runs_due"] == 0
+    jobs.send_many([("report.requested", {"days": 400})] * 2)  # bad parameters: they fail at once
+    wait_until(lambda: worker_metrics(port).get('jobs_runs_finished_total{function="generate-report",status="failed"}') == 2,
+               timeout=30, what="the bad reports counted as failed")
+    worker.stop()
+    assert worker.process.returncode == 0
