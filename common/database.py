@@ -52,8 +52,10 @@ def make_engine(url: str, *, connect_timeout_s: float = 3.0, statement_timeout_s
     PostgreSQL: a connect timeout; a statement timeout, so a statement stuck
     behind a lock is cancelled by the server instead of committing after its
     caller gave up; no server-side prepared statements, which a pooler in
-    transaction mode (PgBouncer) cannot keep; `pool_pre_ping` so a restarted
-    server costs one retry, not an error.
+    transaction mode (PgBouncer) cannot keep. No `pool_pre_ping`: it is a
+    round trip before every call (a tenth of a publish, bench/publish.py); a
+    connection the server dropped fails its next call instead, as a 503, and
+    SQLAlchemy then replaces the whole pool.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -78,7 +80,7 @@ def make_engine(url: str, *, connect_timeout_s: float = 3.0, statement_timeout_s
         "tcp_user_timeout": int(statement_timeout_s * 1000),
     }
     return create_engine(
-        url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=connect_timeout_s,
+        url, pool_size=10, max_overflow=20, pool_timeout=connect_timeout_s,
         connect_args=connect_args,
     )
 

@@ -20,15 +20,20 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from common.greenlets import current_greenlet, interrupt
 
 from . import metrics, sse
 from .changes import ChangeFeed
+from .replay import ReplayReads
 from .store import Message, MessageStore
 
 log = logging.getLogger(__name__)
+
+REPLAY_PAGE = 500  # messages per replay read ...
+REPLAY_PAGE_BYTES = 256 * 1024  # ... and bytes of data, but its first message
 
 Frame = tuple[int, bytes]  # (message id, the frame's bytes); id 0 is a keep-alive
 Clock = Callable[[], float]
@@ -67,7 +72,7 @@ class Subscription:
 
     __slots__ = (
         "channel", "topics", "closed_reason", "quiet_since", "writer", "writing_since",
-        "sent_frames", "sent_bytes", "_limit", "_pending", "_pending_bytes",
+        "sent_frames", "sent_bytes", "history_through", "_limit", "_pending", "_pending_bytes",
     )
 
     def __init__(self, channel: Channel, topics: Iterable[str] | None, limit: int, now: float) -> None:
@@ -81,6 +86,7 @@ class Subscription:
         self.writer = current_greenlet()
         self.writing_since: float | None = None
         self.sent_frames = self.sent_bytes = 0  # for the log line a stream writes when it ends
+        self.history_through: int | None = None  # the last id its replay reads; later ones come live
         self._limit = limit
         self._pending: deque[Frame] = deque()
         self._pending_bytes = 0
@@ -147,6 +153,14 @@ class Subscription:
             interrupt(self.writer, ConnectionResetError(errno.ECONNRESET, f"stream cut: {reason}"))
 
 
+@dataclass(frozen=True)
+class Hole:
+    """A missing id below `through`, which committed: settled once these `writers` ended."""
+
+    through: int
+    writers: frozenset[str]
+
+
 class Dispatcher:
     """Reads new rows once per process and offers each frame to the streams of its channel.
 
@@ -179,7 +193,12 @@ class Dispatcher:
         self._clock = clock
         self._lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
-        self._last_id: int | None = None  # set by the first subscriber
+        self._last_id: int | None = None  # set by prime()
+        self._hole: Hole | None = None
+        #: Replay pages shared by streams that ask for the same one together (a reconnect storm).
+        self.replays = ReplayReads(
+            store, lambda: self._last_id or 0, page_size=REPLAY_PAGE, page_bytes=REPLAY_PAGE_BYTES, clock=clock
+        )
         self._threads: list[threading.Thread] = []
         self._stopping = False
 
@@ -213,7 +232,7 @@ class Dispatcher:
                 thread.start()
 
     def prime(self) -> None:
-        """Fix where live delivery starts, once: after the newest message of this moment.
+        """Fix where live delivery starts, once: after the settled messages of this moment.
 
         Everything up to it is history, which each stream reads itself. It
         needs the database, so streams call it before their response starts.
@@ -221,7 +240,7 @@ class Dispatcher:
         if self._last_id is None:
             with self._lock:
                 if self._last_id is None:
-                    self._last_id = self.store.last_id()
+                    self._last_id = self.store.settled_id()
 
     def subscribe(self, channel: str, topics: Iterable[str] | None) -> Subscription:
         self.prime()
@@ -234,6 +253,8 @@ class Dispatcher:
                 self._channels[channel] = Channel(channel)
             subscription = Subscription(self._channels[channel], topics, self.buffer_size, self._clock())
             subscription.channel.subscriptions.add(subscription)
+            # Its history ends here: everything after comes live.
+            subscription.history_through = self._last_id
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -259,15 +280,42 @@ class Dispatcher:
             subscription.cut("shutdown")
         self._feed.poke()
 
+    @property
+    def waiting_on_a_hole(self) -> bool:
+        """A hole below a committed id waits for writers to end: the reader looks again soon."""
+        return self._hole is not None
+
     def dispatch_new(self) -> int:
-        """Read every row after `last_id` once and deliver it; return how many rows."""
+        """Read every row after `last_id` once and deliver it, in id order; return how many rows.
+
+        On PostgreSQL an id may be missing below one that committed: its
+        writer is still in flight, or rolled back. Delivery stops at such a
+        hole until every writer in flight when it was seen has ended; then
+        everything up to the newest id of that read is settled, and a hole
+        still there was a rollback (store.py's module docstring).
+        """
         total = 0
         while self._last_id is not None:
+            settled = self._last_id
+            if self._hole is not None:
+                if self.store.any_in_flight(self._hole.writers):
+                    break
+                settled, self._hole = self._hole.through, None
             rows = self.store.read_new(self._last_id, self.batch_size, self.batch_bytes)
-            if rows:
-                self._deliver(rows)
-                total += len(rows)
-            if not rows.more:
+            ready = []
+            expected = self._last_id + 1
+            for message in rows:
+                if message.id > expected and message.id > settled:
+                    self._hole = Hole(through=rows[-1].id, writers=self.store.writers_in_flight())
+                    break
+                ready.append(message)
+                expected = message.id + 1
+            if ready:
+                self._deliver(ready)
+                total += len(ready)
+            if settled > self._last_id and len(ready) == len(rows):
+                self._last_id = settled  # a rolled-back id at the end of a settled read
+            if self._hole is not None or not rows.more:
                 break
         return total
 
@@ -324,7 +372,8 @@ class Dispatcher:
         while not self._stopping:
             try:
                 self.prime()  # at once, so streams opened later need no database to start
-                if self._feed.wait(timeout=self.tick_s) and not self._stopping:
+                timeout = 0.005 if self.waiting_on_a_hole else self.tick_s
+                if (self._feed.wait(timeout=timeout) or self.waiting_on_a_hole) and not self._stopping:
                     self.dispatch_new()
                 backoff = 0.1
             except Exception as exc:

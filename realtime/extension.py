@@ -170,7 +170,8 @@ class Realtime:
         """Up to `limit` messages after `after`, and about HISTORY_BYTES of data at most:
         (messages, the cursor to continue from, reset or None)."""
         after_id, reset = resolve_cursor(self.store, channel, Cursor.parse(after) if after else None)
-        found = self.store.read_after(channel, topics, after_id, limit, HISTORY_BYTES)
+        # Only settled messages: a page must never step over one that commits late.
+        found = self.store.read_after(channel, topics, after_id, limit, HISTORY_BYTES, through=self.store.settled_id())
         last_id = found[-1].id if found else after_id
         return found, str(Cursor(self.store.epoch, last_id)), reset
 

@@ -3,23 +3,27 @@
 The only module of the package that speaks SQL. It returns frozen `Message`
 values, never ORM rows, so the dispatcher and the views stay database-free.
 
-The property everything else rests on: **when a reader sees message N, every
-message below N is already visible or never will be.** Then "give me what
-comes after cursor N" can never skip a message that commits late.
+What the readers rely on: **a reader never moves past an id that may still
+commit.** Then "give me what comes after cursor N" never skips a late commit.
 
 - SQLite has one writer at a time, and `AUTOINCREMENT` never reuses an id
   (not even the id of a deleted last row), so ids commit in order.
 - PostgreSQL hands out sequence values without waiting for commits: with two
-  concurrent writers, id 11 can commit before id 10, and a reader whose cursor
-  passed 11 would never see 10. `append` therefore takes a transaction-scoped
-  advisory lock *before* drawing the id; the lock is released only after the
-  commit is visible, so writers commit in id order. The price is that appends
-  are serialized (bench/README.md measures it).
+  concurrent writers, id 11 can commit before id 10. Writers do not queue for
+  that (a lock held until commit would make commits run one at a time, and
+  PostgreSQL could no longer flush several with one disk write). Instead each
+  append takes its transaction id *before* it draws its message id, so from
+  that moment until it ends, the writer shows in `pg_locks` (its transaction
+  id, and a write lock on the table). A reader that finds a hole below a
+  committed id asks `pg_locks` which writers are in flight, waits for them to
+  end, and then knows the hole is settled: filled, or rolled back for good
+  (`writers_in_flight`, `settled_id`; dispatch.py holds live delivery there).
 """
 from __future__ import annotations
 
 import json
 import secrets
+import threading
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Sequence
@@ -40,8 +44,10 @@ from sqlalchemy import (
     cast,
     event,
     func,
+    bindparam,
     insert,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session
@@ -97,11 +103,35 @@ meta = Table(
     Column("value", String(200), nullable=False),
 )
 
-# Arbitrary constants naming this app's advisory locks on PostgreSQL.
-_APPEND_LOCK = 0x5EA1_0001
+# An arbitrary constant naming this package's schema lock on PostgreSQL.
 _SCHEMA_LOCK = 0x5EA1_0002
 NOTIFY_CHANNEL = "realtime_messages"
 PAGE_BYTES = 4 * 1024 * 1024  # the most message data one read returns, but for its first message
+
+# The transactions that hold a write lock on the messages table: every append
+# takes it, with its transaction id, before it draws a message id.
+_WRITERS = text(
+    "SELECT DISTINCT t.transactionid::text FROM pg_locks r JOIN pg_locks t"
+    " ON t.pid = r.pid AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock'"
+    " WHERE r.locktype = 'relation' AND r.relation = 'realtime_messages'::regclass AND r.mode = 'RowExclusiveLock'"
+    " AND r.pid <> pg_backend_pid()"
+)
+_STILL_RUNNING = text(
+    "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'transactionid' AND transactionid::text = ANY(:writers)"
+)
+_LAST_DRAWN = text(
+    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM realtime_messages_id_seq"
+)
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to store: its data already JSON text (Realtime.publish_many checks and encodes it)."""
+
+    channel: str
+    topic: str
+    data_json: str
+    run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,24 @@ class Message:
             f'"data": {self.data_json}, "run_id": {dump(self.run_id)}, '
             f'"created_at": {dump(created_at)}}}'
         )
+
+
+def _insert_statement(is_postgres: bool) -> Any:
+    """INSERT one message, built once. On PostgreSQL it is the one statement
+    that also takes the transaction id *before* the id is drawn (the module
+    docstring says why) and queues the NOTIFY every listener gets when, and
+    only if, the transaction commits."""
+    names = ("channel", "topic", "data", "run_id", "created_at")
+    if not is_postgres:
+        return insert(messages).values({name: bindparam(name) for name in names}).returning(messages.c.id)
+    first = select(
+        func.pg_current_xact_id().label("tx"), func.pg_notify(NOTIFY_CHANNEL, "").label("notified")
+    ).subquery()
+    row = (
+        select(*(bindparam(name, type_=messages.c[name].type).label(name) for name in names))
+        .select_from(first).where(first.c.tx.is_not(None))
+    )
+    return insert(messages).from_select(list(names), row).returning(messages.c.id)
 
 
 def create_schema(engine: Engine) -> None:
@@ -165,6 +213,7 @@ class MessageStore:
         self._epoch: str | None = None
         self.reads = 0  # SELECTs issued by this store (tests; /metrics counts them for operators)
         db.add_schema(create_schema)
+        self._insert = _insert_statement(self.is_postgres)
 
     @property
     def epoch(self) -> str:
@@ -195,9 +244,9 @@ class MessageStore:
         """Store one message and return it with its id; call `on_commit` once it is committed.
 
         With `session`, the row is written in the caller's transaction and
-        exists only if the caller commits (a transactional outbox); on
-        PostgreSQL the append lock is then held until that commit, so keep
-        such transactions short.
+        exists only if the caller commits (a transactional outbox). Readers
+        wait at the hole its id leaves until then, so keep such transactions
+        short.
 
         With `idempotency_key`, a repeat on the same channel stores nothing
         and returns the message the first one stored, `replayed` set.
@@ -212,38 +261,67 @@ class MessageStore:
             if not message.replayed:
                 event.listen(session, "after_commit", lambda _session: committed(), once=True)
             return message
-        with self.engine.begin() as conn:
-            message = self._append(conn, channel, topic, data_json, run_id, idempotency_key)
+        if self.is_postgres and idempotency_key is None:
+            # One statement is its own transaction: one round trip, one commit.
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                message = self._append(conn, channel, topic, data_json, run_id, None)
+        else:
+            with self.engine.begin() as conn:
+                message = self._append(conn, channel, topic, data_json, run_id, idempotency_key)
         if not message.replayed:
             committed()
         return message
+
+    @database_call
+    def append_many(
+        self, items: Sequence[NewMessage], *, on_commit: Callable[[], None] | None = None
+    ) -> list[Message]:
+        """Store messages in one transaction, ids in list order; all or none."""
+        created_at = self._now()
+        rows = [
+            {"channel": m.channel, "topic": m.topic, "data": m.data_json, "run_id": m.run_id, "created_at": created_at}
+            for m in items
+        ]
+        with self.engine.begin() as conn:
+            if self.is_postgres:
+                # The transaction id first, as for one message (the module docstring).
+                conn.execute(select(func.pg_current_xact_id(), func.pg_notify(NOTIFY_CHANNEL, "")))
+            else:
+                self._lock(conn)
+            ids = conn.execute(
+                insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows
+            ).scalars().all()
+        metrics.MESSAGES_PUBLISHED.inc(len(rows))
+        if on_commit is not None:
+            on_commit()
+        return [
+            Message(message_id, m.channel, m.topic, m.data_json, m.run_id, created_at)
+            for message_id, m in zip(ids, items)
+        ]
 
     def _append(
         self, conn: Connection, channel: str, topic: str, data_json: str, run_id: str | None,
         idempotency_key: str | None,
     ) -> Message:
-        self._lock(conn, _APPEND_LOCK)
         created_at = self._now()
+        if not self.is_postgres:
+            self._lock(conn)
         if idempotency_key is not None:
-            # Under the append lock, so two publishes with one key cannot both store.
+            if self.is_postgres:
+                # Two publishes with one key queue here, so only one stores.
+                conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(f"{channel} {idempotency_key}", 0))))
             first = conn.execute(
                 select(messages).join(idempotency, idempotency.c.message_id == messages.c.id)
                 .where(idempotency.c.channel == channel, idempotency.c.key == idempotency_key)
             ).first()
             if first is not None:
                 return replace(_message(first), replayed=True)
-        row = conn.execute(
-            insert(messages)
-            .values(channel=channel, topic=topic, data=data_json, run_id=run_id, created_at=created_at)
-            .returning(messages.c.id)
-        ).one()
+        values = {"channel": channel, "topic": topic, "data": data_json, "run_id": run_id, "created_at": created_at}
+        row = conn.execute(self._insert, values).one()
         if idempotency_key is not None:
             conn.execute(insert(idempotency).values(
                 channel=channel, key=idempotency_key, message_id=row.id, created_at=created_at
             ))
-        if self.is_postgres:
-            # Delivered to every LISTENer when (and only if) this transaction commits.
-            conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(row.id))))
         return Message(row.id, channel, topic, data_json, run_id, created_at)
 
     @database_call
@@ -256,7 +334,8 @@ class MessageStore:
         """
         cutoff = self._now() - max_age
         with self.engine.begin() as conn:
-            self._lock(conn, _APPEND_LOCK)
+            if not self.is_postgres:
+                self._lock(conn)
             newest_expired = conn.execute(
                 select(func.max(messages.c.id)).where(messages.c.created_at < cutoff)
             ).scalar()
@@ -288,11 +367,13 @@ class MessageStore:
     @database_call
     def read_after(
         self, channel: str, topics: Sequence[str] | None, after_id: int, limit: int,
-        max_bytes: int = PAGE_BYTES,
+        max_bytes: int = PAGE_BYTES, through: int | None = None,
     ) -> Page:
-        """Messages of `channel` (and `topics`, None = all) with id > after_id, oldest first:
-        at most `limit` of them, and no more than `max_bytes` of data but the first."""
+        """Messages of `channel` (and `topics`, None = all) with id > after_id (and <= `through`),
+        oldest first: at most `limit` of them, and no more than `max_bytes` of data but the first."""
         where = [messages.c.channel == channel, messages.c.id > after_id]
+        if through is not None:
+            where.append(messages.c.id <= through)
         if topics is not None:
             where.append(messages.c.topic.in_(topics))
         return self._read_bounded(where, limit, max_bytes)
@@ -334,8 +415,48 @@ class MessageStore:
         page.more = bool(found) and (found[0].rows >= limit or len(found) < found[0].rows)
         return page
 
+    # -- where readers may go (the module docstring) -------------------------
+
+    @database_call
+    def writers_in_flight(self) -> frozenset[str]:
+        """The transactions writing messages right now (PostgreSQL; empty on SQLite)."""
+        if not self.is_postgres:
+            return frozenset()
+        with self.engine.connect() as conn:
+            return frozenset(conn.execute(_WRITERS).scalars())
+
+    @database_call
+    def any_in_flight(self, writers: frozenset[str]) -> bool:
+        """Whether any of these transactions is still running."""
+        if not writers:
+            return False
+        with self.engine.connect() as conn:
+            return conn.execute(_STILL_RUNNING, {"writers": list(writers)}).scalar_one()
+
+    @database_call
+    def settled_id(self) -> int:
+        """An id below which every message is visible or never will be: where a reader may read up to.
+
+        SQLite: the newest id. PostgreSQL: the last id drawn, once the
+        writers that were in flight when it was read have ended (usually
+        milliseconds: each holds one append).
+        """
+        if not self.is_postgres:
+            return self._max_id()
+        with self.engine.connect() as conn:
+            drawn = conn.execute(_LAST_DRAWN).scalar_one()
+            writers = frozenset(conn.execute(_WRITERS).scalars())
+            while writers and conn.execute(_STILL_RUNNING, {"writers": list(writers)}).scalar_one():
+                conn.rollback()  # a fresh snapshot for the next look
+                threading.Event().wait(0.002)
+        return drawn
+
     @database_call
     def last_id(self) -> int:
+        """The newest id (committed)."""
+        return self._max_id()
+
+    def _max_id(self) -> int:
         self.reads += 1
         metrics.STORE_READS.inc()
         with self.engine.connect() as conn:
@@ -365,11 +486,8 @@ class MessageStore:
 
     # -- helpers ----------------------------------------------------------
 
-    def _lock(self, conn: Connection, key: int) -> None:
-        if self.is_postgres:
-            conn.execute(select(func.pg_advisory_xact_lock(key)))
-        else:
-            # SQLite: take the write lock now, so two processes creating the
-            # schema (or pruning) queue behind each other instead of racing.
-            if not conn.connection.driver_connection.in_transaction:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+    def _lock(self, conn: Connection) -> None:
+        # SQLite: take the write lock now, so writers queue behind each other
+        # instead of one failing to upgrade its read lock.
+        if not conn.connection.driver_connection.in_transaction:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -36,8 +36,6 @@ from .store import MessageStore
 
 log = logging.getLogger(__name__)
 
-REPLAY_PAGE = 500  # messages per replay read ...
-REPLAY_PAGE_BYTES = 256 * 1024  # ... and bytes of data, but its first message
 WRITE_BYTES = 64 * 1024  # frames joined into one write up to about this size
 
 
@@ -130,7 +128,7 @@ def event_stream(
                 # A replay read waits at most a heartbeat: a stream opened as
                 # the database stalls keeps its client with keep-alives.
                 with store.db.time_limit(dispatcher.heartbeat_s):
-                    page = store.read_after(channel, topics, last_id, REPLAY_PAGE, REPLAY_PAGE_BYTES)
+                    page = dispatcher.replays.page(channel, topics, last_id, subscription.history_through)
                     # A prune between resolve_cursor() and this read would have
                     # removed messages right after the cursor: look once more.
                     through = store.pruned_through(channel) if recheck_prune else 0

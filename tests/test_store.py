@@ -96,11 +96,13 @@ def test_append_in_callers_transaction_exists_only_if_it_commits(store, commit):
     assert [m.id for m in store.read_after("run.1", None, 0, 10)] == ([message.id] if commit else [])
 
 
-# -- cursor safety under concurrency ----------------------------------------------------
+# -- never past a late commit ---------------------------------------------------------
 #
 # Writers in several processes hold their transaction open for a random moment
-# after drawing an id. Without the append lock, PostgreSQL would commit id 11
-# before id 10 and the tailing reader below would step over 10 forever.
+# after drawing an id, and some roll back. PostgreSQL commits id 11 before id 10
+# all the time here; a reader that moved past 11 would never see 10. The
+# dispatcher, the process's one tailing reader, must deliver every committed id
+# once, in id order, and step over the rolled-back ones.
 
 
 def _slow_writer(database_url: str, writer: int, count: int) -> None:
@@ -111,12 +113,30 @@ def _slow_writer(database_url: str, writer: int, count: int) -> None:
         with Session(db.engine) as session:
             store.append("race", "t", str(n), session=session)
             time.sleep(rng.random() * 0.003)
-            session.commit()
+            if rng.random() < 0.1:
+                session.rollback()  # a hole in the ids, for good
+            else:
+                session.commit()
     db.dispose()
 
 
-def test_a_tailing_reader_never_skips_a_late_commit(store):
+class _NoFeed:
+    def wait(self, timeout: float) -> bool:
+        raise AssertionError("the test drives the dispatcher")
+
+    def poke(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_tailing_reader_never_skips_a_late_commit_and_steps_over_rollbacks(store):
+    from realtime.dispatch import Dispatcher
+
     writers, per_writer = 4, 40
+    dispatcher = Dispatcher(store, _NoFeed(), buffer_size=10_000)
+    subscription = dispatcher.subscribe("race", None)
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(target=_slow_writer, args=(store.engine.url.render_as_string(hide_password=False), w, per_writer))
@@ -124,20 +144,18 @@ def test_a_tailing_reader_never_skips_a_late_commit(store):
     ]
     for process in processes:
         process.start()
-    seen: list[int] = []
-    cursor = 0
     writing = True
-    while writing:
+    while writing or dispatcher.waiting_on_a_hole:
         writing = any(process.is_alive() for process in processes)
-        for message in store.read_new(cursor, 1000):  # one last read after all writers ended
-            seen.append(message.id)
-            cursor = message.id
+        dispatcher.dispatch_new()  # and once more after every writer ended
     for process in processes:
         process.join(timeout=30)
         assert process.exitcode == 0
+    seen = [message_id for message_id, _ in subscription.take()]
     stored = [m.id for m in store.read_after("race", None, 0, 10_000)]
-    assert len(stored) == writers * per_writer
-    assert seen == stored  # every committed id, each once, in order
+    assert 0 < len(stored) < writers * per_writer, "some appends rolled back"
+    assert seen == stored, "every committed id, each once, in order"
+    dispatcher.stop()
 
 
 def test_pages_are_bounded_in_bytes_but_hold_at_least_one_message(store):
@@ -153,3 +171,13 @@ def test_pages_are_bounded_in_bytes_but_hold_at_least_one_message(store):
     assert len(full) == 5 and full.more, "as many as the limit: there may be more"
     assert [m.id for m in store.read_new(ids[0], 100, max_bytes=1500)] == ids[1:3]
     assert not store.read_after("c", None, ids[-1], 100).more
+
+
+def test_append_many_stores_all_in_one_transaction_ids_in_list_order(store):
+    from realtime.store import NewMessage
+
+    batch = [NewMessage("b", "t", str(n)) for n in range(1500)]  # more than one INSERT of many values
+    stored = store.append_many(batch)
+    assert [m.data_json for m in stored] == [str(n) for n in range(1500)]
+    assert [m.id for m in stored] == sorted(m.id for m in stored)
+    assert [(m.id, m.data_json) for m in store.read_after("b", None, 0, 2000)] == [(m.id, m.data_json) for m in stored]

@@ -1,0 +1,108 @@
+"""Replay pages shared by the streams that ask for the same one at about the same time.
+
+After a deploy every client reconnects at once, most of them with the same
+cursor (they were all up to date). One read of "channel C after id N" then
+serves all of them: the first stream to ask reads, the others asking while it
+reads wait for its page, and those asking within `ttl_s` after get it from
+memory. Reads run a few at a time (`concurrency`), so a storm of replays
+leaves the connection pool to publishes and the dispatcher.
+
+A page is read up to the dispatcher's current position, which is at or past
+the history end of every stream already subscribed: each stream keeps the
+messages up to its own `history_through`, and gets the rest live.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .store import MessageStore, Page
+
+Key = tuple[str, "tuple[str, ...] | None", int]
+
+
+@dataclass
+class _Read:
+    """One read of a page, and the streams waiting for it."""
+
+    done: threading.Event
+    through: int = 0  # the page holds the messages up to this id
+    page: Page | None = None
+    error: BaseException | None = None
+    expires: float = float("inf")
+
+
+class ReplayReads:
+    def __init__(
+        self,
+        store: MessageStore,
+        horizon: Callable[[], int],
+        *,
+        page_size: int,
+        page_bytes: int,
+        ttl_s: float = 1.0,
+        concurrency: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.page_size, self.page_bytes = page_size, page_bytes
+        self.ttl_s = ttl_s
+        self._horizon = horizon  # the dispatcher's position: how far a shared read may go
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._reads: dict[Key, _Read] = {}
+        self._slots = threading.BoundedSemaphore(concurrency)
+
+    def page(self, channel: str, topics: Sequence[str] | None, after_id: int, through: int) -> Page:
+        """The messages after `after_id` and up to `through`, as `MessageStore.read_after` reads them."""
+        key = (channel, tuple(topics) if topics is not None else None, after_id)
+        while True:
+            with self._lock:
+                read = self._reads.get(key)
+                stale = read is None or read.error is not None or self._clock() >= read.expires or (
+                    read.done.is_set() and read.through < through
+                )
+                if stale:
+                    read = self._reads[key] = _Read(threading.Event())
+            if stale:
+                self._read(key, read, through)
+            else:
+                read.done.wait()
+            if read.error is not None:
+                raise read.error
+            if read.through >= through:
+                return _up_to(read.page, through)
+            # A shared read that stopped short of this stream's history end: read again.
+
+    def _read(self, key: Key, read: _Read, through: int) -> None:
+        channel, topics, after_id = key
+        try:
+            with self._slots:
+                read.through = max(through, self._horizon())
+                read.page = self.store.read_after(
+                    channel, topics, after_id, self.page_size, self.page_bytes, through=read.through
+                )
+        except BaseException as exc:
+            read.error = exc
+            raise
+        finally:
+            read.expires = self._clock() + self.ttl_s
+            read.done.set()
+            self._forget_expired()
+
+    def _forget_expired(self) -> None:
+        now = self._clock()
+        with self._lock:
+            for key in [k for k, r in self._reads.items() if r.expires <= now]:
+                del self._reads[key]
+
+
+def _up_to(page: Page, through: int) -> Page:
+    """The part of a shared page a stream may replay: its ids up to `through`."""
+    if not page or page[-1].id <= through:
+        return page
+    mine = Page(m for m in page if m.id <= through)
+    mine.more = False  # what follows comes live to this stream
+    return mine

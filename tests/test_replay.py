@@ -1,0 +1,87 @@
+"""Replay pages shared by streams that ask for the same one together (a reconnect storm)."""
+from __future__ import annotations
+
+import threading
+
+from realtime.replay import ReplayReads
+from realtime.store import Message, Page
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Store:
+    """Ten messages of channel c, ids 1-10; counts reads; a read may be held until released."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int | None]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def read_after(self, channel, topics, after_id, limit, max_bytes, through=None) -> Page:
+        self.reads.append((after_id, through))
+        self.release.wait(30)
+        page = Page(Message(n, channel, "t", "{}", None, None) for n in range(after_id + 1, 11) if through is None or n <= through)
+        return page
+
+
+def test_streams_asking_together_share_one_read():
+    store, horizon = Store(), [10]
+    replays = ReplayReads(store, lambda: horizon[0], page_size=500, page_bytes=1 << 20, clock=Clock())
+    store.release.clear()  # the first read waits until every stream has asked
+    results: list[Page] = []
+    threads = [threading.Thread(target=lambda: results.append(replays.page("c", None, 3, 10))) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    store.release.set()
+    for thread in threads:
+        thread.join(30)
+    assert store.reads == [(3, 10)], "one read for 20 streams"
+    assert all([m.id for m in page] == list(range(4, 11)) for page in results)
+
+
+def test_a_stream_gets_only_its_history_and_a_page_expires():
+    store, horizon, clock = Store(), [10], Clock()
+    replays = ReplayReads(store, lambda: horizon[0], page_size=500, page_bytes=1 << 20, clock=clock, ttl_s=1.0)
+    assert [m.id for m in replays.page("c", None, 0, 6)] == [1, 2, 3, 4, 5, 6], "7-10 come live to it"
+    assert store.reads == [(0, 10)], "read up to the dispatcher's position, for the streams that follow"
+    later = replays.page("c", None, 0, 9)
+    assert [m.id for m in later] == list(range(1, 10)) and not later.more
+    assert len(store.reads) == 1
+    replays.page("c", ["other"], 0, 9)  # other topics: another page
+    clock.now += 1.0
+    replays.page("c", None, 0, 9)  # expired: read again
+    assert len(store.reads) == 3
+
+
+def test_a_stream_whose_history_ends_past_a_shared_read_reads_again():
+    store, horizon = Store(), [5]
+    replays = ReplayReads(store, lambda: horizon[0], page_size=500, page_bytes=1 << 20, clock=Clock())
+    assert [m.id for m in replays.page("c", None, 0, 5)] == [1, 2, 3, 4, 5]
+    horizon[0] = 8  # messages 6-8 were dispatched; a stream subscribing now has them as history
+    assert [m.id for m in replays.page("c", None, 0, 8)] == list(range(1, 9))
+    assert store.reads == [(0, 5), (0, 8)]
+
+
+def test_a_failed_read_fails_its_waiters_and_the_next_stream_reads_again():
+    class Failing(Store):
+        def read_after(self, *args, **kwargs):
+            if not self.reads:
+                self.reads.append("failed")
+                raise RuntimeError("database away")
+            return super().read_after(*args, **kwargs)
+
+    store = Failing()
+    replays = ReplayReads(store, lambda: 10, page_size=500, page_bytes=1 << 20, clock=Clock())
+    try:
+        replays.page("c", None, 0, 10)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the error reaches the stream")
+    assert [m.id for m in replays.page("c", None, 0, 10)] == list(range(1, 11))
