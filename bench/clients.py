@@ -72,13 +72,17 @@ class ClientPool:
     def broadcast(self, command: dict, timeout: float) -> list[dict]:
         return self.call([command] * len(self.procs), timeout)
 
-    def open(self, server: BenchServer, token: str, count: int, timeout: float) -> dict:
-        """Open `count` streams spread over the processes; wait until each got `retry:`."""
+    def open(self, server: BenchServer, token: str, count: int, timeout: float, *,
+             last_event_id: str | None = None, concurrency: int = 100) -> dict:
+        """Open `count` streams spread over the processes (`concurrency` connecting at once per
+        process); wait until each got `retry:`. With `last_event_id`, they resume after it."""
         shares = [count // len(self.procs) + (i < count % len(self.procs)) for i in range(len(self.procs))]
         path = f"/api/realtime/subscribe?token={token}"
+        if last_event_id is not None:
+            path += f"&last_event_id={last_event_id}"
         commands = [
             {"cmd": "open", "host": server.host, "port": server.port, "path": path,
-             "count": share, "concurrency": 100, "timeout": timeout} if share else None
+             "count": share, "concurrency": concurrency, "timeout": timeout} if share else None
             for share in shares
         ]
         replies = [r for r in self.call(commands, timeout + 15) if r]

@@ -45,6 +45,17 @@ def table(report: dict) -> str:
             f"| {memory['rss_before_kib'] / 1024:.1f} MiB | {memory['rss_after_kib'] / 1024:.1f} MiB "
             f"| {memory['kib_per_stream']} KiB | {memory['open_s']} s | {memory['cpu_while_opening']['server_worker_pct']}% |",
         ]
+    storm = report.get("storm")
+    if storm:
+        check = storm["exactly_once_in_order"]
+        lines += [
+            "",
+            "| reconnect storm | behind | caught up | all caught up after | store reads | publish p50/p99 meanwhile | exactly once, in order |",
+            "|---|---|---|---|---|---|---|",
+            f"| {storm['streams']} streams, one cursor | {storm['behind']} msgs | {storm['caught_up']}/{storm['opened']} "
+            f"| {storm['caught_up_s']} s | {storm['store_reads']} | {storm['publish_during_ms']['p50']}/"
+            f"{storm['publish_during_ms']['p99']} ms | {check['complete']}/{check['subscribers']} |",
+        ]
     lines += ["", "targets:"] + [f"- {t}" for t in report["targets"]]
     return "\n".join(lines)
 
@@ -68,6 +79,13 @@ def targets(report: dict) -> list[str]:
         verdicts.append(
             f"reads/message do not grow from 1 to {fanout['subscribers']} subscribers: {one} vs {many}"
             f" -> {'MET' if ok else 'MISSED'}{note}"
+        )
+    storm = report.get("storm")
+    if storm:
+        ok = storm["caught_up_s"] < 5 and storm["publish_during_ms"]["p99"] < 100
+        verdicts.append(
+            f"storm of {storm['streams']}: caught up in {storm['caught_up_s']} s (< 5), publish p99 "
+            f"{storm['publish_during_ms']['p99']} ms (< 100) -> {'MET' if ok else 'MISSED'}"
         )
     memory = report.get("memory")
     if memory:

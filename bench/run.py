@@ -40,6 +40,7 @@ from analysis import CpuWindow, analyse, percentile, settle
 from clients import BenchTimeout, ClientPool
 from publishing import TOPIC, Publisher, publish_burst, publish_paced
 from report import table, targets
+from storm import run_storm_phase
 from server import (
     ROOT,
     BenchServer,
@@ -54,8 +55,10 @@ RESULTS = HERE / "results"
 
 
 # Sizes of the full run (the issue's) and of --quick; any of them can be given as an option.
-FULL = {"subscribers": 1000, "idle_streams": 5000, "seconds": 30.0, "burst_seconds": 10.0, "drain_timeout": 60.0}
-QUICK = {"subscribers": 100, "idle_streams": 500, "seconds": 3.0, "burst_seconds": 2.0, "drain_timeout": 20.0}
+FULL = {"subscribers": 1000, "idle_streams": 5000, "seconds": 30.0, "burst_seconds": 10.0, "drain_timeout": 60.0,
+        "storm_streams": 2000}
+QUICK = {"subscribers": 100, "idle_streams": 500, "seconds": 3.0, "burst_seconds": 2.0, "drain_timeout": 20.0,
+         "storm_streams": 200}
 
 
 # -- the phases -----------------------------------------------------------------------
@@ -226,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--subscribers", type=int)
     parser.add_argument("--idle-streams", type=int, help="0 skips the memory phase")
+    parser.add_argument("--storm-streams", type=int, help="streams of the reconnect storm; 0 skips it")
+    parser.add_argument("--storm-behind", type=int, default=50, help="messages each storm stream missed")
     parser.add_argument("--seconds", type=float, help="publishing time of reads/1 and fanout")
     parser.add_argument("--rate", type=float, default=20.0, help="messages per second")
     parser.add_argument("--burst-seconds", type=float, help="0 skips the burst")
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, value)
 
     # Each stream is a socket in the client and one in the server, plus slack.
-    args.open_files = max(args.subscribers, args.idle_streams) + 1024
+    args.open_files = max(args.subscribers, args.idle_streams, args.storm_streams) + 1024
     raise_open_files_limit(args.open_files)
 
     budget = 2 * args.seconds + args.burst_seconds + 4 * args.drain_timeout + 600
@@ -275,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.idle_streams > 0:
             print("  idle memory ...", flush=True)
             report["memory"] = run_memory_phase(args, database, log_path, clients)
+        if args.storm_streams > 0:
+            print("  reconnect storm ...", flush=True)
+            report["storm"] = run_storm_phase(args, database, log_path, clients)
     finally:
         signal.alarm(0)
         clients.stop()
