@@ -3,9 +3,9 @@
 A feed carries no messages, only "look again": the dispatcher then reads the
 new rows itself, once for all its streams. Two implementations:
 
-- `PostgresChangeFeed`: one LISTEN connection per process. Every append sends
-  NOTIFY in its transaction, which PostgreSQL delivers at commit to every
-  listener, whichever process or machine wrote. psycopg >= 3.1.14 waits on the
+- `PostgresChangeFeed`: one LISTEN connection per process. After its own
+  commits a process sends one NOTIFY (`Notifier`), which PostgreSQL delivers
+  to every listener, whichever process or machine wrote. psycopg >= 3.1.14 waits on the
   socket cooperatively under gevent, so this costs a worker nothing while idle.
   A safety poll covers the moments LISTEN is lost.
 - `PollingChangeFeed` (SQLite): SQLite cannot notify other processes, so the
@@ -57,16 +57,90 @@ class PollingChangeFeed:
         return False
 
     def poke(self) -> None:
-        hub = self._hub
-        if hub is not None and hub.thread_ident != native_thread_ident():
-            # Under gevent this Event belongs to the hub's thread; a job on a
-            # native thread (jobs/worker.py) must hand the set() over to it.
-            hub.loop.run_callback_threadsafe(self._poked.set)
-        else:
-            self._poked.set()
+        _set(self._poked, self._hub)
 
     def close(self) -> None:
         self._poked.set()
+
+
+def _conninfo(url: URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _set(event: threading.Event, hub: object) -> None:
+    """`event.set()` from any thread: under gevent an Event belongs to the hub's
+    thread, and a job on a native thread (jobs/worker.py) must hand it over."""
+    if hub is not None and hub.thread_ident != native_thread_ident():
+        hub.loop.run_callback_threadsafe(event.set)
+    else:
+        event.set()
+
+
+class Notifier:
+    """Sends "look again" to the other processes, off the publisher's path.
+
+    A NOTIFY inside the publishing transaction would take PostgreSQL's notify
+    queue lock at commit and hold it through the commit, so concurrent
+    publishers would commit one at a time again. Instead each process, after
+    its own commits, sends one NOTIFY of its own from a background thread,
+    however many messages committed meanwhile, and at most one per
+    `spacing_s` while it publishes fast (a busy publisher would otherwise send
+    one NOTIFY per message, each a commit of its own).
+    """
+
+    def __init__(self, conninfo: str, channel: str, *, spacing_s: float = 0.01) -> None:
+        self._conninfo = conninfo
+        self._channel = channel
+        self._conn: psycopg.Connection | None = None
+        self.spacing_s = spacing_s
+        self._wanted = threading.Event()
+        self._hub = gevent_hub()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def poke(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._closed:
+                    self._thread = threading.Thread(target=self._run, name="realtime-notifier", daemon=True)
+                    self._thread.start()
+        _set(self._wanted, self._hub)
+
+    def close(self) -> None:
+        """Send what was asked, then stop the thread and close its connection."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is None:
+            return
+        _set(self._wanted, self._hub)
+        thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closed:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.close()
+                return
+            sent = time.monotonic()
+            try:
+                self._send()
+            except psycopg.Error as exc:  # the safety poll covers what a lost NOTIFY would have said
+                log.warning("NOTIFY failed (%s); listeners will look at their next poll", type(exc).__name__)
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.close()
+            threading.Event().wait(max(0.0, sent + self.spacing_s - time.monotonic()))
+
+    def _send(self) -> None:
+        # Its own connection, kept open: a NOTIFY costs one short round trip.
+        if self._conn is None:
+            self._conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=3)
+        self._conn.execute(f"NOTIFY {self._channel}")
 
 
 class PostgresChangeFeed:
@@ -80,9 +154,10 @@ class PostgresChangeFeed:
     PgBouncer in transaction mode.
     """
 
-    def __init__(self, listen_url: URL, channel: str, *, safety_poll_s: float = 1.0) -> None:
-        self._conninfo = listen_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    def __init__(self, listen_url: URL, channel: str, *, notify_url: URL, safety_poll_s: float = 1.0) -> None:
+        self._conninfo = _conninfo(listen_url)
         self._channel = channel
+        self._notifier = Notifier(_conninfo(notify_url), channel)
         self._conn: psycopg.Connection | None = None
         self.safety_poll_s = safety_poll_s
         self._next_look = time.monotonic()
@@ -105,7 +180,7 @@ class PostgresChangeFeed:
                 pass
         except psycopg.Error as exc:
             log.warning("LISTEN connection lost (%s); reconnecting", type(exc).__name__)
-            self.close()
+            self._disconnect()
             return self._look_now()
         if woke or time.monotonic() >= self._next_look:
             return self._look_now()
@@ -121,7 +196,7 @@ class PostgresChangeFeed:
             return True
         except psycopg.Error as exc:
             log.warning("cannot LISTEN for new messages (%s); retrying", type(exc).__name__)
-            self.close()
+            self._disconnect()
             return False
 
     def _look_now(self) -> bool:
@@ -129,9 +204,15 @@ class PostgresChangeFeed:
         return True
 
     def poke(self) -> None:
-        pass  # our own NOTIFY arrives on the LISTEN connection like anyone else's
+        # Every process, this one included, hears it on its LISTEN connection.
+        self._notifier.poke()
 
-    def close(self) -> None:
+    def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+    def close(self) -> None:
+        """For good: by the thread that waits, once it no longer will."""
+        self._disconnect()
+        self._notifier.close()

@@ -201,6 +201,7 @@ class Dispatcher:
         )
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._stopped = threading.Event()  # wakes the ticker at once
 
     @property
     def clock(self) -> Clock:
@@ -268,17 +269,27 @@ class Dispatcher:
         """This process committed a message: look now rather than at the next poll."""
         self._feed.poke()
 
-    def stop(self) -> None:
-        """End every stream now (their clients reconnect elsewhere) and stop reading."""
+    def stop(self, wait_s: float = 0.0) -> None:
+        """End every stream now (their clients reconnect elsewhere) and stop reading.
+
+        With `wait_s`, wait that long for the reader and the ticker to end, so
+        that no database call of theirs is still running when the engine goes.
+        """
         with self._lock:
             self._stopping = True
             subscriptions = [s for channel in self._channels.values() for s in channel.subscriptions]
             self._channels.clear()
+            threads = list(self._threads)
+        self._stopped.set()
         for subscription in subscriptions:
             # A stream blocked on a client that stopped reading must not hold
             # the reload or shutdown for the whole graceful timeout.
             subscription.cut("shutdown")
         self._feed.poke()
+        if wait_s > 0:
+            deadline = time.monotonic() + wait_s
+            for thread in threads:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     @property
     def waiting_on_a_hole(self) -> bool:
@@ -385,9 +396,8 @@ class Dispatcher:
         self._feed.close()
 
     def _tick_forever(self) -> None:
-        stopped = threading.Event()
         while not self._stopping:
-            stopped.wait(self.tick_s)
+            self._stopped.wait(self.tick_s)
             try:
                 self.send_keep_alives()
                 self.cut_stalled()

@@ -13,19 +13,19 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from flask import Flask
 from sqlalchemy.orm import Session
 
-from common import jsontext
 from common.database import Database, database_for
 
 from .changes import PostgresChangeFeed
 from .cursor import Cursor
 from .dispatch import Dispatcher
-from .errors import Forbidden, InvalidRequest, MessageTooLarge
-from .names import check_channel, check_idempotency_key, check_run_id, check_topic
+from .errors import Forbidden
+from .messages import check_batch, check_message
+from .names import check_channel, check_idempotency_key, check_topic
 from .store import Message, MessageStore
 from .stream import Reset, open_stream, resolve_cursor
 from .tokens import Grant, TokenIssuer
@@ -43,6 +43,7 @@ DEFAULTS = {
     "REALTIME_RETENTION_S": 86400,
     "REALTIME_MAX_MESSAGE_BYTES": 524288,
     "REALTIME_PUBLISH_KEY": None,
+    "REALTIME_MAX_BATCH_BYTES": 16 * 1024 * 1024,  # a POST /api/realtime/publish of {"messages": [...]}
     # Beyond the contract: tuning knobs with safe defaults.
     "REALTIME_LISTEN_URL": None,  # PostgreSQL: a direct connection for LISTEN (default: DATABASE_URL)
     "REALTIME_POLL_S": 0.25,  # SQLite: how often other processes' appends are looked for
@@ -64,6 +65,7 @@ class Realtime:
             app.config.setdefault(key, value)
         config = app.config
         self.max_message_bytes = int(config["REALTIME_MAX_MESSAGE_BYTES"])
+        self.max_batch_bytes = int(config["REALTIME_MAX_BATCH_BYTES"])
         self.heartbeat_s = float(config["REALTIME_HEARTBEAT_S"])
         self.retry_ms = int(config["REALTIME_RETRY_MS"])
         self.retention = timedelta(seconds=float(config["REALTIME_RETENTION_S"]))
@@ -111,24 +113,21 @@ class Realtime:
         stores nothing and returns the first message (`replayed` set): a
         client that timed out may safely publish again.
         """
-        check_channel(channel)
-        check_topic(topic)
-        if run_id is not None:
-            check_run_id(run_id)
         if idempotency_key is not None:
             check_idempotency_key(idempotency_key)
-        try:
-            data_json = jsontext.encode(data, max_bytes=self.max_message_bytes)
-        except jsontext.NotJSON as exc:
-            raise InvalidRequest(f"'data' must be JSON-serializable: {exc}", code="invalid_data") from None
-        except jsontext.TooLarge as exc:
-            raise MessageTooLarge(
-                f"'data' is {exc} (REALTIME_MAX_MESSAGE_BYTES). Publish a link to large content instead."
-            ) from None
+        new = check_message(channel, topic, data, run_id, max_bytes=self.max_message_bytes)
         return self.store.append(
-            channel, topic, data_json, run_id=run_id, session=session,
+            new.channel, new.topic, new.data_json, run_id=new.run_id, session=session,
             on_commit=self.dispatcher.notify_appended, idempotency_key=idempotency_key,
         )
+
+    def publish_many(self, messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+        """Store 1-1000 messages in one transaction, ids in list order; all or none.
+
+        Each is `{"channel", "topic", "data", "run_id"?}`, checked as `publish` checks one.
+        """
+        checked = check_batch(messages, max_bytes=self.max_message_bytes)
+        return self.store.append_many(checked, on_commit=self.dispatcher.notify_appended)
 
     # -- subscribing ------------------------------------------------------
 
@@ -192,10 +191,17 @@ class Realtime:
         """Delete messages older than REALTIME_RETENTION_S now; return how many."""
         return self.store.prune(self.retention)
 
-    def shutdown(self) -> None:
-        """End all open streams now, so clients resume on another process (gunicorn.conf.py)."""
+    def shutdown(self, wait_s: float = 0.0) -> None:
+        """End all open streams now, so clients resume on another process (gunicorn.conf.py).
+
+        `wait_s`: how long to wait for the reader and the pruner to let go of the database.
+        """
         self._stopped.set()
-        self.dispatcher.stop()
+        self.dispatcher.stop(wait_s)
+        with self._starting:
+            pruner = self._pruner
+        if wait_s > 0 and pruner is not None:
+            pruner.join(timeout=wait_s)
 
     def change_feed_problem(self) -> str | None:
         """For /readyz: None when other processes' messages reach this one as they should."""

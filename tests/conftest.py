@@ -57,11 +57,13 @@ def app_on(database_url: str, **config: object) -> Iterator["Flask"]:
     """A TESTING app on `database_url`, stopped and disposed after: what every app fixture yields from."""
     from app import create_app
 
+    # No embedded job pool unless a test starts one: the first request would, racing its drain() calls.
+    config = {"JOBS_EMBEDDED": False, **config}
     app = create_app({"TESTING": True, "SECRET_KEY": "test-secret", "DATABASE_URL": database_url, **config})
     app.extensions["database"].ensure_schema()  # tests look at the tables before any call made them
     yield app
     app.extensions["jobs"].shutdown(wait=True)
-    app.extensions["realtime"].shutdown()
+    app.extensions["realtime"].shutdown(wait_s=15)
     app.extensions["database"].dispose()
 
 
@@ -228,7 +230,11 @@ class LiveServer:
         return samples
 
     def metric(self, name: str) -> float:
-        return self.metrics().get(name, 0.0)
+        """One sample (`'name{kind="replay"}'`), or a name's samples summed over their labels."""
+        samples = self.metrics()
+        if "{" in name or name in samples:
+            return samples.get(name, 0.0)
+        return sum(value for key, value in samples.items() if key.startswith(name + "{"))
 
     def publish(self, channel: str, topic: str, data: object, **extra: object) -> dict:
         response = httpx.post(

@@ -57,7 +57,7 @@ def libpq_url(postgres_url) -> str:
 
 @pytest.fixture
 def pg_feed(postgres_url):
-    feed = PostgresChangeFeed(make_url(postgres_url), CHANNEL)
+    feed = PostgresChangeFeed(make_url(postgres_url), CHANNEL, notify_url=make_url(postgres_url))
     yield feed
     feed.close()
 
@@ -110,8 +110,28 @@ def test_a_killed_listen_connection_is_replaced_and_notifies_still_arrive(pg_fee
 
 
 def test_an_unreachable_database_makes_wait_say_look_instead_of_raising():
-    feed = PostgresChangeFeed(make_url("postgresql+psycopg://postgres@127.0.0.1:1/nowhere"), CHANNEL)
+    nowhere = make_url("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+    feed = PostgresChangeFeed(nowhere, CHANNEL, notify_url=nowhere)
     try:
         assert feed.wait(timeout=0) is True
     finally:
         feed.close()
+
+
+@pytest.mark.postgres
+def test_pokes_reach_every_listener_as_few_notifies(postgres_url, libpq_url):
+    """A publishing process pokes its feed after each commit; other processes hear a NOTIFY,
+    one for a burst of pokes, not one per message."""
+    url = make_url(postgres_url)
+    feed = PostgresChangeFeed(url, CHANNEL, notify_url=url)
+    with psycopg.connect(libpq_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        pokers = [threading.Thread(target=feed.poke) for _ in range(50)]
+        for poker in pokers:
+            poker.start()
+        for poker in pokers:
+            poker.join(30)
+        heard = list(listener.notifies(timeout=10, stop_after=1))  # the timeout only guards a hang
+        heard += list(listener.notifies(timeout=0.5))
+    feed.close()
+    assert 1 <= len(heard) < 50, f"{len(heard)} NOTIFYs for 50 pokes"
