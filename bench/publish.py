@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from server import ROOT, Database  # noqa: E402
+from server import ROOT, Database, machine_cpu  # noqa: E402
 
 DATA = {"stage": "fetching", "percent": 10, "message": "x" * 64}
 CREATE_RAW = """
@@ -49,7 +49,8 @@ def raw_worker(url: str, seconds: float, start_at: float, out: "multiprocessing.
 
     data = json.dumps(DATA)
     count = 0
-    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as conn:
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"),
+                         prepare_threshold=None if os.environ.get("BENCH_RAW_UNPREPARED") else 5) as conn:
         while time.time() < start_at:
             time.sleep(0.001)
         deadline = start_at + seconds
@@ -70,6 +71,8 @@ def app_worker(url: str, seconds: float, start_at: float, out: "multiprocessing.
 
     app = create_app({"JOBS_EMBEDDED": False})
     realtime = app.extensions["realtime"]
+    if os.environ.get("BENCH_NO_NOTIFY"):
+        realtime.dispatcher.notify_appended = lambda: None
     realtime.store.epoch  # the schema exists before the clock starts
     count = 0
     with app.app_context():
@@ -93,12 +96,19 @@ def phase(name: str, target, url: str, processes: int, seconds: float, *extra: o
     procs = [multiprocessing.Process(target=target, args=(url, seconds, start_at, out, n, *extra)) for n in range(processes)]
     for proc in procs:
         proc.start()
+    time.sleep(max(0.0, start_at - time.time()))
+    busy0, total0 = machine_cpu()
     counts = [out.get(timeout=seconds + 120) for _ in procs]
+    busy1, total1 = machine_cpu()
     for proc in procs:
         proc.join()
     rate = sum(counts) / seconds
-    print(f"  {name}: {sum(counts)} messages in {seconds:g} s = {rate:,.0f}/s ({counts})", flush=True)
-    return {"messages": sum(counts), "per_s": round(rate), "per_process": counts}
+    busy = (busy1 - busy0) / max(1.0, total1 - total0)
+    cpu_us = 1e6 * busy * (os.cpu_count() or 1) * seconds / max(1, sum(counts))
+    print(f"  {name}: {sum(counts)} messages in {seconds:g} s = {rate:,.0f}/s ({counts}); "
+          f"machine {100 * busy:.0f}% busy, {cpu_us:.0f} us of CPU per message", flush=True)
+    return {"messages": sum(counts), "per_s": round(rate), "per_process": counts,
+            "machine_busy_pct": round(100 * busy, 1), "cpu_us_per_message": round(cpu_us)}
 
 
 def main() -> None:

@@ -221,11 +221,14 @@ class BenchServer:
         """Open streams, frames handed to streams and message reads, from /metrics (summed over workers)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
             text = response.read().decode()
-        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        values = {s.name: s.value for s in samples if not s.labels}
+        reads = {s.labels["kind"]: s.value for s in samples if s.name == "realtime_store_reads_total"}
         return {
             "streams": int(values.get("realtime_streams_open", 0)),
             "delivered": int(values.get("realtime_frames_sent_total", 0)),
-            "store_reads": int(values.get("realtime_store_reads_total", 0)),
+            "store_reads": int(sum(reads.values())),
+            "replay_reads": int(reads.get("replay", 0)),
         }
 
     def history(self, token: str) -> dict:

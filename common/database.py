@@ -28,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from .config import flag
 from .errors import AppError
 from .greenlets import gevent_hub, native_thread_ident
 
@@ -43,7 +44,9 @@ class DatabaseUnavailable(AppError):
     headers = {"Retry-After": "2"}
 
 
-def make_engine(url: str, *, connect_timeout_s: float = 3.0, statement_timeout_s: float = 5.0) -> Engine:
+def make_engine(
+    url: str, *, connect_timeout_s: float = 3.0, statement_timeout_s: float = 5.0, prepared_statements: bool = True
+) -> Engine:
     """Create an engine with the settings this project relies on.
 
     SQLite: WAL so readers never block the writer, a busy timeout so two
@@ -51,8 +54,9 @@ def make_engine(url: str, *, connect_timeout_s: float = 3.0, statement_timeout_s
     process holds the lock for long), connections usable from any thread.
     PostgreSQL: a connect timeout; a statement timeout, so a statement stuck
     behind a lock is cancelled by the server instead of committing after its
-    caller gave up; no server-side prepared statements, which a pooler in
-    transaction mode (PgBouncer) cannot keep. No `pool_pre_ping`: it is a
+    caller gave up; server-side prepared statements (psycopg prepares a
+    statement on its fifth run) unless `prepared_statements` is false, for a
+    pooler in transaction mode (PgBouncer before 1.21) cannot keep them. No `pool_pre_ping`: it is a
     round trip before every call (a tenth of a publish, bench/publish.py); a
     connection the server dropped fails its next call instead, as a 503, and
     SQLAlchemy then replaces the whole pool.
@@ -73,7 +77,7 @@ def make_engine(url: str, *, connect_timeout_s: float = 3.0, statement_timeout_s
         return engine
     connect_args = {
         "connect_timeout": max(1, round(connect_timeout_s)),
-        "prepare_threshold": None,
+        "prepare_threshold": 5 if prepared_statements else None,
         "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
         # A peer that vanishes without a FIN is noticed within seconds.
         "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
@@ -88,14 +92,17 @@ def make_engine(url: str, *, connect_timeout_s: float = 3.0, statement_timeout_s
 class Database:
     """The app's engine, its schemas, and `call`: how every store method runs."""
 
-    def __init__(self, url: str, *, call_timeout_s: float = 8.0) -> None:
-        self.engine = make_engine(url)
+    def __init__(self, url: str, *, call_timeout_s: float = 8.0, prepared_statements: bool = True) -> None:
+        self.engine = make_engine(url, prepared_statements=prepared_statements)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self.call_timeout_s = call_timeout_s
         self._schemas: list[Callable[[Engine], None]] = []
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._local = threading.local()  # greenlet-local under gevent
+        # The same from the driver itself, for the one path that skips SQLAlchemy's wrapping.
+        dbapi = self.engine.dialect.loaded_dbapi
+        self._driver_errors = (dbapi.OperationalError, dbapi.InterfaceError)
 
     def add_schema(self, create: Callable[[Engine], None]) -> None:
         """Register what creates a package's tables; run once per process, at the first call."""
@@ -157,7 +164,7 @@ class Database:
         try:
             self.ensure_schema()
             return fn(*args, **kwargs)
-        except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError) as error:
+        except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, *self._driver_errors) as error:
             # The server is away, stalled, or holds a lock too long: the
             # request is fine, the moment is not. Details stay in the log.
             log.warning("database unavailable: %s", type(getattr(error, "orig", None) or error).__name__)
@@ -189,11 +196,21 @@ def database_call(method: Callable[..., T]) -> Callable[..., T]:
     return call
 
 
+def prepared_statements(config: Any) -> bool:
+    """DATABASE_PREPARED_STATEMENTS: true, false, or "auto" (the default): off when a separate
+    REALTIME_LISTEN_URL says DATABASE_URL goes through a pooler such as PgBouncer."""
+    setting = str(config.get("DATABASE_PREPARED_STATEMENTS", "auto")).strip().lower()
+    if setting == "auto":
+        listen_url = config.get("REALTIME_LISTEN_URL")
+        return not listen_url or listen_url == config.get("DATABASE_URL")
+    return flag(setting)
+
+
 def database_for(app: Any) -> Database:
     """The app's Database, created on first use from `DATABASE_URL`."""
     database = app.extensions.get(EXTENSION_KEY)
     if database is None:
-        database = Database(app.config["DATABASE_URL"])
+        database = Database(app.config["DATABASE_URL"], prepared_statements=prepared_statements(app.config))
         app.extensions[EXTENSION_KEY] = database
     return database
 

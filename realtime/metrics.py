@@ -31,4 +31,9 @@ PUBLISH_TO_SEND = Histogram(
     "From a message's creation to its live frame handed to the streams of this process.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
-STORE_READS = Counter("realtime_store_reads_total", "SELECTs of messages: replays, history, the dispatcher.")
+STORE_READS = Counter(
+    "realtime_store_reads_total",
+    "SELECTs of messages, by kind: dispatcher (new messages, once for every stream of the process), "
+    "replay (a channel's page for streams and history, shared in a storm), lookup (where a cursor stands).",
+    ["kind"],
+)

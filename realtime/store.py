@@ -11,13 +11,14 @@ commit.** Then "give me what comes after cursor N" never skips a late commit.
 - PostgreSQL hands out sequence values without waiting for commits: with two
   concurrent writers, id 11 can commit before id 10. Writers do not queue for
   that (a lock held until commit would make commits run one at a time, and
-  PostgreSQL could no longer flush several with one disk write). Instead each
-  append takes its transaction id *before* it draws its message id, so from
-  that moment until it ends, the writer shows in `pg_locks` (its transaction
-  id, and a write lock on the table). A reader that finds a hole below a
-  committed id asks `pg_locks` which writers are in flight, waits for them to
-  end, and then knows the hole is settled: filled, or rolled back for good
-  (`writers_in_flight`, `settled_id`; dispatch.py holds live delivery there).
+  PostgreSQL could no longer flush several with one disk write). Instead the
+  readers wait: an INSERT takes its write lock on the table when the statement
+  is parsed, before it draws its id, and keeps it until its transaction ends,
+  so every writer that may still commit an id shows in `pg_locks`. A reader
+  that finds a hole below a committed id asks `pg_locks` which transactions
+  hold that lock, waits for them to end, and then knows the hole is settled:
+  filled, or rolled back for good (`writers_in_flight`, `settled_id`;
+  dispatch.py holds live delivery there).
 """
 from __future__ import annotations
 
@@ -108,16 +109,17 @@ _SCHEMA_LOCK = 0x5EA1_0002
 NOTIFY_CHANNEL = "realtime_messages"
 PAGE_BYTES = 4 * 1024 * 1024  # the most message data one read returns, but for its first message
 
-# The transactions that hold a write lock on the messages table: every append
-# takes it, with its transaction id, before it draws a message id.
+# The transactions (by virtual id: one exists before any write) that hold a
+# write lock on the messages table: an INSERT takes it before it draws an id.
+_INSERT_SQL = (
+    "INSERT INTO realtime_messages (channel, topic, data, run_id, created_at) VALUES (%s, %s, %s, %s, %s) RETURNING id"
+)
 _WRITERS = text(
-    "SELECT DISTINCT t.transactionid::text FROM pg_locks r JOIN pg_locks t"
-    " ON t.pid = r.pid AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock'"
-    " WHERE r.locktype = 'relation' AND r.relation = 'realtime_messages'::regclass AND r.mode = 'RowExclusiveLock'"
-    " AND r.pid <> pg_backend_pid()"
+    "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation'"
+    " AND relation = 'realtime_messages'::regclass AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid()"
 )
 _STILL_RUNNING = text(
-    "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'transactionid' AND transactionid::text = ANY(:writers)"
+    "SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'virtualxid' AND virtualxid = ANY(:writers)"
 )
 _LAST_DRAWN = text(
     "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM realtime_messages_id_seq"
@@ -162,22 +164,10 @@ class Message:
         )
 
 
-def _insert_statement(is_postgres: bool) -> Any:
-    """INSERT one message, built once. On PostgreSQL it is the one statement
-    that also takes the transaction id *before* the id is drawn (the module
-    docstring says why) and queues the NOTIFY every listener gets when, and
-    only if, the transaction commits."""
+def _insert_statement() -> Any:
+    """INSERT one message, built once."""
     names = ("channel", "topic", "data", "run_id", "created_at")
-    if not is_postgres:
-        return insert(messages).values({name: bindparam(name) for name in names}).returning(messages.c.id)
-    first = select(
-        func.pg_current_xact_id().label("tx"), func.pg_notify(NOTIFY_CHANNEL, "").label("notified")
-    ).subquery()
-    row = (
-        select(*(bindparam(name, type_=messages.c[name].type).label(name) for name in names))
-        .select_from(first).where(first.c.tx.is_not(None))
-    )
-    return insert(messages).from_select(list(names), row).returning(messages.c.id)
+    return insert(messages).values({name: bindparam(name) for name in names}).returning(messages.c.id)
 
 
 def create_schema(engine: Engine) -> None:
@@ -213,7 +203,7 @@ class MessageStore:
         self._epoch: str | None = None
         self.reads = 0  # SELECTs issued by this store (tests; /metrics counts them for operators)
         db.add_schema(create_schema)
-        self._insert = _insert_statement(self.is_postgres)
+        self._insert = _insert_statement()
 
     @property
     def epoch(self) -> str:
@@ -262,9 +252,7 @@ class MessageStore:
                 event.listen(session, "after_commit", lambda _session: committed(), once=True)
             return message
         if self.is_postgres and idempotency_key is None:
-            # One statement is its own transaction: one round trip, one commit.
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                message = self._append(conn, channel, topic, data_json, run_id, None)
+            message = self._append_alone(channel, topic, data_json, run_id)
         else:
             with self.engine.begin() as conn:
                 message = self._append(conn, channel, topic, data_json, run_id, idempotency_key)
@@ -283,10 +271,7 @@ class MessageStore:
             for m in items
         ]
         with self.engine.begin() as conn:
-            if self.is_postgres:
-                # The transaction id first, as for one message (the module docstring).
-                conn.execute(select(func.pg_current_xact_id(), func.pg_notify(NOTIFY_CHANNEL, "")))
-            else:
+            if not self.is_postgres:
                 self._lock(conn)
             ids = conn.execute(
                 insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows
@@ -298,6 +283,23 @@ class MessageStore:
             Message(message_id, m.channel, m.topic, m.data_json, m.run_id, created_at)
             for message_id, m in zip(ids, items)
         ]
+
+    def _append_alone(self, channel: str, topic: str, data_json: str, run_id: str | None) -> Message:
+        """PostgreSQL, the hot path: one INSERT that is its own transaction, one
+        round trip, one commit, on the pool's connection without SQLAlchemy's
+        per-statement layers (half the CPU of a publish, bench/publish.py)."""
+        created_at = self._now()
+        raw = self.engine.raw_connection()
+        driver = raw.driver_connection
+        try:
+            driver.autocommit = True
+            message_id = driver.execute(_INSERT_SQL, (channel, topic, data_json, run_id, created_at)).fetchone()[0]
+            driver.autocommit = False
+        except BaseException:
+            raw.invalidate()  # in an unknown state (a timeout mid-query, a lost server): never reused
+            raise
+        raw.close()
+        return Message(message_id, channel, topic, data_json, run_id, created_at)
 
     def _append(
         self, conn: Connection, channel: str, topic: str, data_json: str, run_id: str | None,
@@ -376,14 +378,14 @@ class MessageStore:
             where.append(messages.c.id <= through)
         if topics is not None:
             where.append(messages.c.topic.in_(topics))
-        return self._read_bounded(where, limit, max_bytes)
+        return self._read_bounded(where, limit, max_bytes, kind="replay")
 
     @database_call
     def read_new(self, after_id: int, limit: int, max_bytes: int = PAGE_BYTES) -> Page:
         """The same for every channel: the dispatcher's read."""
-        return self._read_bounded([messages.c.id > after_id], limit, max_bytes)
+        return self._read_bounded([messages.c.id > after_id], limit, max_bytes, kind="dispatcher")
 
-    def _read_bounded(self, where: list[Any], limit: int, max_bytes: int) -> Page:
+    def _read_bounded(self, where: list[Any], limit: int, max_bytes: int, *, kind: str) -> Page:
         # Pages are bounded in bytes as well as rows: 500 rows of the largest
         # message would be 250 MB in memory, per stream replaying them. The
         # database sums the sizes over the page (a window over at most
@@ -407,7 +409,7 @@ class MessageStore:
             .order_by(messages.c.id)
         )
         self.reads += 1
-        metrics.STORE_READS.inc()
+        metrics.STORE_READS.labels(kind).inc()
         with self.engine.connect() as conn:
             found = conn.execute(query).all()
         page = Page(_message(row) for row in found)
@@ -458,7 +460,7 @@ class MessageStore:
 
     def _max_id(self) -> int:
         self.reads += 1
-        metrics.STORE_READS.inc()
+        metrics.STORE_READS.labels("lookup").inc()
         with self.engine.connect() as conn:
             return conn.execute(select(func.max(messages.c.id))).scalar() or 0
 
@@ -466,7 +468,7 @@ class MessageStore:
     def pruned_through(self, channel: str) -> int:
         """The highest id pruned from `channel`, 0 when nothing was."""
         self.reads += 1
-        metrics.STORE_READS.inc()
+        metrics.STORE_READS.labels("lookup").inc()
         with self.engine.connect() as conn:
             return conn.execute(
                 select(pruned.c.through_id).where(pruned.c.channel == channel)
@@ -481,7 +483,7 @@ class MessageStore:
         """
         if self.is_postgres:
             url = make_url(listen_url) if listen_url else self.engine.url
-            return PostgresChangeFeed(url, NOTIFY_CHANNEL, safety_poll_s=poll_s)
+            return PostgresChangeFeed(url, NOTIFY_CHANNEL, notify_url=self.engine.url, safety_poll_s=poll_s)
         return PollingChangeFeed(poll_s)
 
     # -- helpers ----------------------------------------------------------

@@ -28,12 +28,9 @@ ENVELOPE_ROOM = 64 * 1024
 
 
 def publish_body_limit(realtime: Realtime) -> int:
-    """The most a publish body may weigh, refused before it is read (CONTRACT §6).
-
-    One message today; computed per request so that a batch of messages
-    (CONTRACT §7) can raise it here without touching any other endpoint.
-    """
-    return realtime.max_message_bytes + ENVELOPE_ROOM
+    """The most a publish body may weigh, refused before it is read (CONTRACT §6): one message,
+    or a batch of them (CONTRACT §7) up to REALTIME_MAX_BATCH_BYTES; each message is checked too."""
+    return max(realtime.max_message_bytes + ENVELOPE_ROOM, realtime.max_batch_bytes)
 
 
 def _realtime() -> Realtime:
@@ -79,6 +76,11 @@ def publish() -> Response:
             "publishing needs 'Authorization: Bearer <REALTIME_PUBLISH_KEY>'", code="invalid_publish_key"
         )
     body = json_object(publish_body_limit(realtime), too_large=MessageTooLarge)
+    if "messages" in body:
+        if request.headers.get("Idempotency-Key") is not None:
+            raise InvalidRequest("Idempotency-Key applies to one message, not a batch", code="invalid_idempotency_key")
+        stored = realtime.publish_many(body["messages"])
+        return _json_text('{"messages": [' + ", ".join(m.envelope_json() for m in stored) + "]}", 201)
     if "data" not in body:
         raise InvalidRequest("'data' is required (any JSON value)", code="invalid_data")
     message = realtime.publish(

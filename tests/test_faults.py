@@ -217,8 +217,9 @@ def test_behind_pgbouncer_in_transaction_mode_with_a_direct_listen_url(start_ser
 @pytest.mark.postgres
 def test_listen_through_pgbouncer_fails_silently_but_messages_still_arrive(start_server, pgbouncer, postgres_url):
     """Without REALTIME_LISTEN_URL, LISTEN goes through the pooler and never hears a NOTIFY:
-    the safety poll still brings each message within REALTIME_SAFETY_POLL_S."""
-    server = start_server(pgbouncer.url_for(postgres_url), workers=1)
+    the safety poll still brings each message within REALTIME_SAFETY_POLL_S. (Nothing tells
+    the app it is behind a pooler, so prepared statements are turned off by hand.)"""
+    server = start_server(pgbouncer.url_for(postgres_url), workers=1, DATABASE_PREPARED_STATEMENTS="false")
     token = server.token("bouncer.2", ["t"])
     with open_stream(server, token) as stream:
         items = events_of(stream)
