@@ -40,7 +40,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # instance/config.py (the Flask tutorial's place for a local SECRET_KEY;
     # `make run` writes one), then the environment, which wins.
     app.config.from_pyfile("config.py", silent=True)
-    for key in ("DATABASE_URL", "SECRET_KEY", "METRICS_KEY"):
+    for key in ("DATABASE_URL", "SECRET_KEY", "METRICS_KEY", "REALTIME_LISTEN_URL"):
         if os.environ.get(key):
             app.config[key] = os.environ[key]
     # FLASK_REALTIME_HEARTBEAT_S=1 -> REALTIME_HEARTBEAT_S = 1 (values parsed as JSON).
@@ -57,11 +57,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     logs.init_app(app)
     errors.init_app(app)
     realtime = Realtime(app)
-    # The demo lets anyone subscribe to any channel. A real app decides here,
-    # from its own session or API key, who may watch what.
-    realtime.authorize(lambda channel, topics: True)
     jobs = Jobs(app, realtime=realtime)
     if demo_enabled:
+        # The demo lets anyone subscribe to any channel. A real app decides
+        # here, from its own session or API key, who may watch what; with
+        # the demo off and no policy, POST /api/realtime/token refuses all.
+        realtime.authorize(lambda channel, topics: True)
         Demo(app, jobs=jobs)
 
     probes = health.Health(app)

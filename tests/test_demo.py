@@ -112,6 +112,8 @@ def test_demo_enabled_off_removes_the_page_its_routes_and_its_job(demo_env_app):
     response = client.post("/api/events", json={"name": "report.requested", "data": {}})
     assert response.status_code == 202 and response.get_json()["runs"] == [], "no function listens any more"
     assert client.get("/healthz").status_code == 200
+    # Its allow-all token policy went with it: no policy registered, so no channel is open.
+    assert_json_error(client.post("/api/realtime/token", json={"channel": "run.1", "topics": ["status"]}), 403, "forbidden")
 
 
 @pytest.mark.parametrize("demo_env_app", ["true", "1", "on"], indirect=True)
