@@ -69,9 +69,18 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
 
 
-def analyse(records: list[tuple], sends: list[tuple[int, float, float]]) -> dict:
-    """Latency of every (subscriber, message) and the exactly-once-in-order check."""
+def analyse(records: list[tuple], sends: list[tuple[int, float, float]],
+            channel_of: dict[int, str] | None = None) -> dict:
+    """Latency of every (subscriber, message) and the exactly-once-in-order check.
+
+    With `channel_of` (message id -> channel), the streams watch several
+    channels: each must get every message of the channel of its first one.
+    """
     expected = sorted(message_id for message_id, _, _ in sends)
+    by_channel: dict[str, list[int]] = {}
+    for message_id in expected:
+        if channel_of is not None:
+            by_channel.setdefault(channel_of[message_id], []).append(message_id)
     sent_at = {message_id: t0 for message_id, t0, _ in sends}
     latencies: list[float] = []
     first_receive: dict[int, float] = {}  # per message: when its first and last subscriber got it
@@ -90,13 +99,17 @@ def analyse(records: list[tuple], sends: list[tuple[int, float, float]]) -> dict
         closed += bool(was_closed)
         if error:
             errors.add(error)
-        if got == expected:
+        if channel_of is None:
+            want = expected
+        else:  # a stream that got nothing fails: its channel is unknown, its want cannot be empty
+            want = by_channel.get(channel_of.get(got[0]), []) if got else [-1]
+        if got == want:
             complete += 1
         else:
             seen = set(got)
-            missing += len(set(expected) - seen)
+            missing += len(set(want) - seen)
             duplicates += len(got) - len(seen)
-            unexpected += len(seen - set(expected))
+            unexpected += len(seen - set(want))
             out_of_order += sum(1 for a, b in zip(got, got[1:]) if b < a)
         for message_id, t in zip(got, times):
             t0 = sent_at.get(message_id)

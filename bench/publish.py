@@ -12,10 +12,11 @@ as fast as they can for `--seconds`:
    transactions commit together.
 2. publish: `realtime.publish()` through the app's Python API, one message per
    transaction, as a job or a web process publishes.
-3. batch: `realtime.publish_many()` with `--batch` messages per transaction
-   (skipped when the app has no publish_many).
+   (1 and 2 alternate for `--rounds` rounds, so the machine's noise falls on both.)
+3. batch: `realtime.publish_many()` with `--batch` messages per transaction.
 
-Prints messages/s of each and the ratio publish/raw, writes bench/results/publish.json.
+Prints messages/s of each and the ratio publish/raw, writes bench/results/publish.json;
+bench/run.py runs it as its first phase.
 """
 from __future__ import annotations
 
@@ -44,16 +45,13 @@ CREATE INDEX ix_raw_created_at ON raw_messages (created_at);
 """
 
 
-def raw_worker(url: str, seconds: float, start_at: float, out: "multiprocessing.Queue[int]", n: int) -> None:
+def raw_worker(url: str, seconds: float, start: "Start", out: "multiprocessing.Queue[int]", n: int) -> None:
     import psycopg
 
     data = json.dumps(DATA)
     count = 0
-    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"),
-                         prepare_threshold=None if os.environ.get("BENCH_RAW_UNPREPARED") else 5) as conn:
-        while time.time() < start_at:
-            time.sleep(0.001)
-        deadline = start_at + seconds
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as conn:
+        deadline = start.wait() + seconds
         while time.time() < deadline:
             conn.execute(
                 "INSERT INTO raw_messages (channel, topic, data, run_id, created_at) VALUES (%s, %s, %s, %s, now())",
@@ -64,21 +62,17 @@ def raw_worker(url: str, seconds: float, start_at: float, out: "multiprocessing.
     out.put(count)
 
 
-def app_worker(url: str, seconds: float, start_at: float, out: "multiprocessing.Queue[int]", n: int, batch: int) -> None:
+def app_worker(url: str, seconds: float, start: "Start", out: "multiprocessing.Queue[int]", n: int, batch: int) -> None:
     os.environ["DATABASE_URL"] = url
     os.environ.setdefault("SECRET_KEY", "bench")
     from app import create_app
 
     app = create_app({"JOBS_EMBEDDED": False})
     realtime = app.extensions["realtime"]
-    if os.environ.get("BENCH_NO_NOTIFY"):
-        realtime.dispatcher.notify_appended = lambda: None
     realtime.store.epoch  # the schema exists before the clock starts
     count = 0
     with app.app_context():
-        while time.time() < start_at:
-            time.sleep(0.001)
-        deadline = start_at + seconds
+        deadline = start.wait() + seconds
         while time.time() < deadline:
             if batch:
                 realtime.publish_many([{"channel": f"bench.{n}", "topic": "status", "data": DATA}] * batch)
@@ -90,13 +84,37 @@ def app_worker(url: str, seconds: float, start_at: float, out: "multiprocessing.
     out.put(count)
 
 
+class Start:
+    """The starting gun: each process says it is ready (imported, connected), then all start together."""
+
+    def __init__(self, spawn, processes: int) -> None:  # noqa: ANN001 - a multiprocessing context
+        self._ready = spawn.Semaphore(0)
+        self._go = spawn.Event()
+        self._at = spawn.Value("d", 0.0)
+        self.processes = processes
+
+    def wait(self) -> float:
+        """In a publishing process: ready; returns the start time once every process is."""
+        self._ready.release()
+        self._go.wait()
+        return self._at.value
+
+    def fire(self, timeout: float = 300.0) -> None:
+        for _ in range(self.processes):
+            if not self._ready.acquire(timeout=timeout):
+                raise TimeoutError("a publishing process did not get ready")
+        self._at.value = time.time()
+        self._go.set()
+
+
 def phase(name: str, target, url: str, processes: int, seconds: float, *extra: object) -> dict:
-    out: multiprocessing.Queue[int] = multiprocessing.Queue()
-    start_at = time.time() + 3.0  # every process connected and imported before the clock starts
-    procs = [multiprocessing.Process(target=target, args=(url, seconds, start_at, out, n, *extra)) for n in range(processes)]
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no fork of this one's connections
+    out: multiprocessing.Queue[int] = spawn.Queue()
+    start = Start(spawn, processes)
+    procs = [spawn.Process(target=target, args=(url, seconds, start, out, n, *extra)) for n in range(processes)]
     for proc in procs:
         proc.start()
-    time.sleep(max(0.0, start_at - time.time()))
+    start.fire()
     busy0, total0 = machine_cpu()
     counts = [out.get(timeout=seconds + 120) for _ in procs]
     busy1, total1 = machine_cpu()
@@ -111,41 +129,49 @@ def phase(name: str, target, url: str, processes: int, seconds: float, *extra: o
             "machine_busy_pct": round(100 * busy, 1), "cpu_us_per_message": round(cpu_us)}
 
 
+def run_publish(processes: int, seconds: float, batch: int, rounds: int = 2) -> dict:
+    """Raw INSERT+COMMIT and realtime.publish() in alternating rounds (the machine's noise
+    falls on both alike), then publish_many() in batches of `batch`."""
+    report: dict = {"processes": processes, "seconds": seconds, "batch_size": batch, "rounds": []}
+    print(f"publish throughput, {processes} processes x {seconds:g} s, PostgreSQL", flush=True)
+    for _ in range(rounds):
+        database = Database("postgresql")
+        try:
+            import psycopg
+
+            with psycopg.connect(database.url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+                conn.execute(CREATE_RAW)
+            raw = phase("raw INSERT+COMMIT", raw_worker, database.url, processes, seconds)
+        finally:
+            database.drop()
+        database = Database("postgresql")
+        try:
+            publish = phase("realtime.publish()", app_worker, database.url, processes, seconds, 0)
+        finally:
+            database.drop()
+        report["rounds"].append({"raw": raw, "publish": publish,
+                                 "ratio": round(publish["per_s"] / max(1, raw["per_s"]), 3)})
+    database = Database("postgresql")
+    try:
+        report["batch"] = phase(f"publish_many() x {batch}", app_worker, database.url, processes, seconds, batch)
+    finally:
+        database.drop()
+    report["raw_per_s"] = round(sum(r["raw"]["per_s"] for r in report["rounds"]) / rounds)
+    report["publish_per_s"] = round(sum(r["publish"]["per_s"] for r in report["rounds"]) / rounds)
+    report["ratio_publish_to_raw"] = round(report["publish_per_s"] / max(1, report["raw_per_s"]), 3)
+    print(f"  publish / raw = {report['ratio_publish_to_raw']} (rounds: "
+          f"{', '.join(str(r['ratio']) for r in report['rounds'])})", flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    multiprocessing.set_start_method("spawn")
-    report: dict = {"processes": args.processes, "seconds": args.seconds, "batch": args.batch}
-    print(f"publish throughput, {args.processes} processes x {args.seconds:g} s, PostgreSQL", flush=True)
-
-    database = Database("postgresql")
-    try:
-        import psycopg
-
-        with psycopg.connect(database.url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
-            conn.execute(CREATE_RAW)
-        report["raw"] = phase("raw INSERT+COMMIT", raw_worker, database.url, args.processes, args.seconds)
-    finally:
-        database.drop()
-    database = Database("postgresql")
-    try:
-        report["publish"] = phase("realtime.publish()", app_worker, database.url, args.processes, args.seconds, 0)
-    finally:
-        database.drop()
-    from realtime import Realtime
-
-    if hasattr(Realtime, "publish_many"):
-        database = Database("postgresql")
-        try:
-            report["batch"] = phase(f"publish_many() x {args.batch}", app_worker, database.url,
-                                    args.processes, args.seconds, args.batch)
-        finally:
-            database.drop()
-    report["ratio_publish_to_raw"] = round(report["publish"]["per_s"] / max(1, report["raw"]["per_s"]), 3)
-    print(f"  publish / raw = {report['ratio_publish_to_raw']}", flush=True)
+    report = run_publish(args.processes, args.seconds, args.batch, args.rounds)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "publish.json").write_text(json.dumps(report, indent=2) + "\n")

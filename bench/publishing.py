@@ -20,9 +20,10 @@ class Publisher:
         self._channel = channel
         self._n = 0
 
-    def publish(self) -> tuple[int, float, float]:
+    def publish(self, channel: str | None = None) -> tuple[int, float, float]:
+        """One message on this publisher's channel, or on `channel`."""
         self._n += 1
-        body = json.dumps({"channel": self._channel, "topic": TOPIC, "data": {"n": self._n}})
+        body = json.dumps({"channel": channel or self._channel, "topic": TOPIC, "data": {"n": self._n}})
         sent = time.monotonic()
         self._conn.request("POST", "/api/realtime/publish", body, self._headers)
         response = self._conn.getresponse()
@@ -36,12 +37,15 @@ class Publisher:
         self._conn.close()
 
 
-def publish_paced(server: BenchServer, channel: str, rate: float, seconds: float, connections: int = 4) -> list[tuple]:
+def publish_paced(server: BenchServer, channel: str, rate: float, seconds: float, connections: int = 4,
+                  channels: list[str] | None = None, channel_of: dict[int, str] | None = None) -> list[tuple]:
     """`rate` messages per second on a fixed schedule, open loop.
 
     Message k is due at start + k/rate. Several connections take turns, so one
     slow answer does not delay the messages due after it (no coordinated
     omission); only when all of them are busy does a message go out late.
+    With `channels`, message k goes to channels[k % len(channels)], and
+    `channel_of` records where each id went.
     """
     count = max(1, round(rate * seconds))
     start = time.monotonic() + 0.05
@@ -61,7 +65,11 @@ def publish_paced(server: BenchServer, channel: str, rate: float, seconds: float
                 delay = start + k / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                sends.append(publisher.publish())
+                to = channels[k % len(channels)] if channels else channel
+                sent = publisher.publish(to)
+                sends.append(sent)
+                if channel_of is not None:
+                    channel_of[sent[0]] = to
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             failures.append(exc)
         finally:

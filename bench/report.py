@@ -50,11 +50,40 @@ def table(report: dict) -> str:
         check = storm["exactly_once_in_order"]
         lines += [
             "",
-            "| reconnect storm | behind | caught up | all caught up after | store reads | publish p50/p99 meanwhile | exactly once, in order |",
+            "| reconnect storm | behind | caught up | all caught up after | replay reads | publish p50/p99 meanwhile | exactly once, in order |",
             "|---|---|---|---|---|---|---|",
             f"| {storm['streams']} streams, one cursor | {storm['behind']} msgs | {storm['caught_up']}/{storm['opened']} "
-            f"| {storm['caught_up_s']} s | {storm['store_reads']} | {storm['publish_during_ms']['p50']}/"
+            f"| {storm['caught_up_s']} s | {storm['replay_reads']} | {storm['publish_during_ms']['p50']}/"
             f"{storm['publish_during_ms']['p99']} ms | {check['complete']}/{check['subscribers']} |",
+        ]
+    publish = report.get("publish")
+    if publish:
+        lines += [
+            "",
+            "| publishing, 4 processes, PostgreSQL | messages/s | machine busy |",
+            "|---|---|---|",
+        ] + [
+            f"| round {i + 1}: raw INSERT+COMMIT / realtime.publish() | {r['raw']['per_s']:,} / {r['publish']['per_s']:,} "
+            f"(ratio {r['ratio']}) | {r['raw']['machine_busy_pct']}% / {r['publish']['machine_busy_pct']}% |"
+            for i, r in enumerate(publish["rounds"])
+        ] + [
+            f"| publish_many(), batches of {report['args']['batch']} | {publish['batch']['per_s']:,} "
+            f"| {publish['batch']['machine_busy_pct']}% |",
+        ]
+    scale = report.get("scale")
+    if scale:
+        check, latency = scale["exactly_once_in_order"], scale["latency_ms"]
+        lines += [
+            "",
+            "| scale | opened | per idle stream | p50 / p99 / max ms | deliveries/s | exactly once, in order "
+            "| workers CPU | client CPU (per proc) | machine busy |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {scale['streams']} streams, {scale['channels']} channels, {scale['workers']} workers, 1 msg/s each "
+            f"| {scale['opened']['ready']} in {scale['open_s']} s | {scale['kib_per_stream']} KiB "
+            f"| {fmt(latency['p50'])} / {fmt(latency['p99'])} / {fmt(latency['max'])} | {scale['deliveries_per_s']} "
+            f"| {check['complete']}/{check['subscribers']} (missing {check['missing']}, dup {check['duplicates']}) "
+            f"| {' + '.join(f'{p}%' for p in scale['server_workers_pct'])} "
+            f"| {' + '.join(f'{p}%' for p in scale['client_procs_pct'])} | {scale['machine_busy_pct']}% |",
         ]
     lines += ["", "targets:"] + [f"- {t}" for t in report["targets"]]
     return "\n".join(lines)
@@ -87,6 +116,20 @@ def targets(report: dict) -> list[str]:
             f"storm of {storm['streams']}: caught up in {storm['caught_up_s']} s (< 5), publish p99 "
             f"{storm['publish_during_ms']['p99']} ms (< 100) -> {'MET' if ok else 'MISSED'}"
         )
+    publish = report.get("publish")
+    if publish:
+        ratio = publish["ratio_publish_to_raw"]
+        verdicts.append(f"publish >= 0.8 of raw INSERT+COMMIT: {ratio} -> {'MET' if ratio >= 0.8 else 'MISSED'}")
+        rate = publish["batch"]["per_s"]
+        verdicts.append(f"batch publish >= 50,000 messages/s: {rate:,} -> {'MET' if rate >= 50_000 else 'MISSED'}")
+    scale = report.get("scale")
+    if scale:
+        p99, per = scale["latency_ms"]["p99"], scale["kib_per_stream"]
+        check = scale["exactly_once_in_order"]
+        ok = p99 is not None and p99 < 200 and check["complete"] == check["subscribers"] == scale["streams"]
+        verdicts.append(f"{scale['streams']} streams on {scale['workers']} workers: p99 {p99} ms (< 200), every stream "
+                        f"complete {check['complete']}/{scale['streams']} -> {'MET' if ok else 'MISSED'}")
+        verdicts.append(f"<= 16 KiB per idle stream at {scale['streams']}: {per} KiB -> {'MET' if per <= 16 else 'MISSED'}")
     memory = report.get("memory")
     if memory:
         per = memory["kib_per_stream"]

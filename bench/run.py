@@ -14,6 +14,10 @@ Phases, each against a fresh database and ONE gunicorn gevent worker (server.py)
                 server accepts, for `--burst-seconds`.
 4. idle memory  a fresh server: worker RSS before and after `--idle-streams` streams are
                 open and idle, per stream.
+5. storm        `--storm-streams` reconnect at once with one cursor (storm.py).
+6. scale        20,000 streams on 2 workers, each receiving 1 message/s (scale.py).
+Before them, on PostgreSQL: publish   realtime.publish() against raw INSERT+COMMIT,
+                4 processes, and publish_many() in batches of 1,000 (publish.py).
 
 Subscribers live in `--client-procs` gevent processes (load.py). For every phase the
 CPU time of the server worker, of each client process and of this process (the
@@ -40,6 +44,8 @@ from analysis import CpuWindow, analyse, percentile, settle
 from clients import BenchTimeout, ClientPool
 from publishing import TOPIC, Publisher, publish_burst, publish_paced
 from report import table, targets
+from publish import run_publish
+from scale import run_scale_phase
 from storm import run_storm_phase
 from server import (
     ROOT,
@@ -56,9 +62,9 @@ RESULTS = HERE / "results"
 
 # Sizes of the full run (the issue's) and of --quick; any of them can be given as an option.
 FULL = {"subscribers": 1000, "idle_streams": 5000, "seconds": 30.0, "burst_seconds": 10.0, "drain_timeout": 60.0,
-        "storm_streams": 2000}
+        "storm_streams": 2000, "publish_seconds": 10.0, "scale_streams": 20000, "scale_seconds": 30.0}
 QUICK = {"subscribers": 100, "idle_streams": 500, "seconds": 3.0, "burst_seconds": 2.0, "drain_timeout": 20.0,
-         "storm_streams": 200}
+         "storm_streams": 200, "publish_seconds": 2.0, "scale_streams": 1000, "scale_seconds": 5.0}
 
 
 # -- the phases -----------------------------------------------------------------------
@@ -242,6 +248,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve the app from another checkout (to compare a change); default: this one")
     parser.add_argument("--profile", action="store_true",
                         help="sample the worker with py-spy during fanout and burst (pip install py-spy first)")
+    parser.add_argument("--publish-seconds", type=float,
+                        help="each round of publish vs raw INSERT+COMMIT (PostgreSQL only); 0 skips it")
+    parser.add_argument("--publish-processes", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1000, help="messages per publish_many() in the batch phase")
+    parser.add_argument("--scale-streams", type=int, help="streams of the scale phase; 0 skips it")
+    parser.add_argument("--scale-channels", type=int, default=20)
+    parser.add_argument("--scale-workers", type=int, default=2)
+    parser.add_argument("--scale-rate", type=float, default=1.0, help="messages per second each scale stream receives")
+    parser.add_argument("--scale-seconds", type=float)
     parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -249,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, value)
 
     # Each stream is a socket in the client and one in the server, plus slack.
-    args.open_files = max(args.subscribers, args.idle_streams, args.storm_streams) + 1024
+    args.open_files = max(args.subscribers, args.idle_streams, args.storm_streams, args.scale_streams) + 1024
     raise_open_files_limit(args.open_files)
 
-    budget = 2 * args.seconds + args.burst_seconds + 4 * args.drain_timeout + 600
+    budget = 2 * args.seconds + args.burst_seconds + 5 * args.drain_timeout + 5 * args.publish_seconds \
+        + args.scale_seconds + 900
     def out_of_time(*_: object) -> None:
         raise BenchTimeout(f"the bench exceeded its {budget:.0f} s budget; everything it started is being stopped")
 
@@ -276,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     clients = ClientPool(args.client_procs)
     try:
         print(f"bench on {args.database} (load average {report['loadavg_start']})", flush=True)
+        if args.database == "postgresql" and args.publish_seconds > 0:
+            report["publish"] = run_publish(args.publish_processes, args.publish_seconds, args.batch)
         report["phases"] = run_publishing_phases(args, database, log_path, clients)
         if args.idle_streams > 0:
             print("  idle memory ...", flush=True)
@@ -283,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.storm_streams > 0:
             print("  reconnect storm ...", flush=True)
             report["storm"] = run_storm_phase(args, database, log_path, clients)
+        if args.scale_streams > 0:
+            print(f"  {args.scale_streams} streams on {args.scale_workers} workers ...", flush=True)
+            report["scale"] = run_scale_phase(args, database, log_path, clients)
     finally:
         signal.alarm(0)
         clients.stop()

@@ -112,7 +112,7 @@ class Database:
 
 
 class BenchServer:
-    """One gunicorn master with ONE gevent worker on a free localhost port."""
+    """One gunicorn master with `workers` gevent workers (one unless said) on a free localhost port."""
 
     def __init__(
         self,
@@ -123,8 +123,10 @@ class BenchServer:
         app_dir: Path = ROOT,
         app: str = "app:create_app()",
         env: dict[str, str] | None = None,
+        workers: int = 1,
         **config: object,
     ) -> None:
+        self.workers = workers
         self.app_dir = app_dir
         self.app = app
         self.is_postgres = database_url.startswith("postgresql")
@@ -137,7 +139,7 @@ class BenchServer:
             **os.environ,
             "DATABASE_URL": database_url,
             "SECRET_KEY": "bench-secret-" + secrets.token_hex(8),
-            "WEB_CONCURRENCY": "1",
+            "WEB_CONCURRENCY": str(workers),
             "FLASK_REALTIME_PUBLISH_KEY": PUBLISH_KEY,
             # Production defaults, written out so the run's JSON records them.
             "FLASK_REALTIME_HEARTBEAT_S": "15",
@@ -168,7 +170,7 @@ class BenchServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"gunicorn did not answer within {timeout}s (log: {self.log_path})")
             time.sleep(0.1)
-        while len(self.worker_pids()) != 1:
+        while len(self.worker_pids()) != self.workers:
             if time.monotonic() > deadline:
                 raise TimeoutError("gunicorn's worker did not appear")
             time.sleep(0.1)

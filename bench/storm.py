@@ -28,7 +28,7 @@ def run_storm_phase(args, database, log_path, clients: ClientPool) -> dict:  # n
         cursor = server.history(token)["cursor"]  # where every client stopped: right after `first`
         missed = [publisher.publish() for _ in range(args.storm_behind)]
         publisher.close()
-        reads_before = server.stats()["store_reads"]
+        reads_before = server.stats()["replay_reads"]
 
         during: list[tuple] = []
         stop = threading.Event()
@@ -49,7 +49,7 @@ def run_storm_phase(args, database, log_path, clients: ClientPool) -> dict:  # n
         caught_up_s = time.monotonic() - started
         stop.set()
         background.join()
-        reads = server.stats()["store_reads"] - reads_before
+        reads = server.stats()["replay_reads"] - reads_before
         check = analyse(clients.records(), missed)["exactly_once_in_order"]
         clients.broadcast({"cmd": "close"}, timeout=60)
         acks = sorted(s[2] - s[1] for s in during)
@@ -60,7 +60,7 @@ def run_storm_phase(args, database, log_path, clients: ClientPool) -> dict:  # n
             "opened": opened["ready"],
             "caught_up": sum(w["caught_up"] for w in waited),
             "caught_up_s": round(caught_up_s, 2),
-            "store_reads": reads,
+            "replay_reads": reads,
             "publish_during_ms": {"n": len(acks), "p50": round(1000 * percentile(acks, 0.5), 1),
                                   "p99": round(1000 * percentile(acks, 0.99), 1)},
             "exactly_once_in_order": check,

@@ -114,6 +114,13 @@ PAGE_BYTES = 4 * 1024 * 1024  # the most message data one read returns, but for 
 _INSERT_SQL = (
     "INSERT INTO realtime_messages (channel, topic, data, run_id, created_at) VALUES (%s, %s, %s, %s, %s) RETURNING id"
 )
+# A batch in one statement: the rows come out of unnest in list order (ORDER BY n),
+# and each draws its id from the sequence as it is inserted, so ids ascend in list order.
+_INSERT_MANY_SQL = (
+    "INSERT INTO realtime_messages (channel, topic, data, run_id, created_at)"
+    " SELECT c, t, d, r, %s FROM unnest(%s::varchar[], %s::varchar[], %s::text[], %s::varchar[])"
+    " WITH ORDINALITY AS m(c, t, d, r, n) ORDER BY n RETURNING id"
+)
 _WRITERS = text(
     "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation'"
     " AND relation = 'realtime_messages'::regclass AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid()"
@@ -266,23 +273,40 @@ class MessageStore:
     ) -> list[Message]:
         """Store messages in one transaction, ids in list order; all or none."""
         created_at = self._now()
-        rows = [
-            {"channel": m.channel, "topic": m.topic, "data": m.data_json, "run_id": m.run_id, "created_at": created_at}
-            for m in items
-        ]
-        with self.engine.begin() as conn:
-            if not self.is_postgres:
+        if self.is_postgres:
+            ids = self._append_batch(items, created_at)
+        else:
+            rows = [
+                {"channel": m.channel, "topic": m.topic, "data": m.data_json, "run_id": m.run_id, "created_at": created_at}
+                for m in items
+            ]
+            with self.engine.begin() as conn:
                 self._lock(conn)
-            ids = conn.execute(
-                insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows
-            ).scalars().all()
-        metrics.MESSAGES_PUBLISHED.inc(len(rows))
+                ids = conn.execute(
+                    insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows
+                ).scalars().all()
+        metrics.MESSAGES_PUBLISHED.inc(len(items))
         if on_commit is not None:
             on_commit()
         return [
             Message(message_id, m.channel, m.topic, m.data_json, m.run_id, created_at)
             for message_id, m in zip(ids, items)
         ]
+
+    def _append_batch(self, items: Sequence[NewMessage], created_at: datetime) -> list[int]:
+        """PostgreSQL: one INSERT of the whole batch from arrays (a fifth of the CPU of
+        SQLAlchemy's executemany for 1,000 rows, bench/publish.py), one transaction."""
+        columns = ([m.channel for m in items], [m.topic for m in items], [m.data_json for m in items],
+                   [m.run_id for m in items])
+        raw = self.engine.raw_connection()
+        try:
+            with raw.driver_connection.transaction():
+                ids = [row[0] for row in raw.driver_connection.execute(_INSERT_MANY_SQL, (created_at, *columns))]
+        except BaseException:
+            raw.invalidate()
+            raise
+        raw.close()
+        return sorted(ids)
 
     def _append_alone(self, channel: str, topic: str, data_json: str, run_id: str | None) -> Message:
         """PostgreSQL, the hot path: one INSERT that is its own transaction, one
