@@ -1,6 +1,7 @@
 """`flask realtime ...`: watch a channel's raw frames, prune old messages."""
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -14,8 +15,15 @@ group = AppGroup("realtime", help="Realtime channels: tail a stream, prune histo
 @click.argument("channel")
 @click.option("--topic", "topics", multiple=True, help="Only this topic (repeatable). Default: all.")
 @click.option("--last-event-id", default=None, help="Resume after this cursor, like a reconnecting client.")
-def tail(channel: str, topics: tuple[str, ...], last_event_id: str | None) -> None:
+@click.option("--url", default=None, help="Watch a remote server over HTTP (e.g. https://example.org) instead of this app's database.")
+@click.option("--token", default=None, help="With --url: a subscription token. Default: ask URL/api/realtime/token.")
+def tail(channel: str, topics: tuple[str, ...], last_event_id: str | None, url: str | None, token: str | None) -> None:
     """Print CHANNEL's frames exactly as a subscriber receives them, until Ctrl-C."""
+    if url is not None:
+        _tail_remote(url, channel, topics, last_event_id, token)
+        return
+    if token is not None:
+        raise click.UsageError("--token is for --url: the local tail reads the database, no token needed")
     from .errors import RealtimeError
 
     realtime = current_app.extensions["realtime"]
@@ -32,6 +40,40 @@ def tail(channel: str, topics: tuple[str, ...], last_event_id: str | None) -> No
     finally:
         frames.close()
         realtime.shutdown()
+
+
+def _tail_remote(url: str, channel: str, topics: tuple[str, ...], last_event_id: str | None, token: str | None) -> None:
+    """The same frames, read through realtime.client: it resumes with its cursor after every disconnect,
+    so the output has no gap and no repeat (a token it fetched itself is fetched again when it expires)."""
+    from .client import ClientError, Reset, subscribe, token_from
+    from .sse import format_event
+
+    if token is None and not topics:
+        raise click.UsageError("with --url, name the topics (--topic T ...): the server's token names them")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def on_reset(reset: Reset) -> None:
+        write(format_event(id=reset.cursor, event="reset", data=json.dumps({"reason": reset.reason, "cursor": reset.cursor})))
+
+    source = token if token is not None else token_from(url, channel, topics)
+    messages = subscribe(url, source, last_event_id=last_event_id, on_reset=on_reset,
+                         topics=list(topics) if token is not None and topics else None)
+    try:
+        for message in messages:
+            envelope = {
+                "id": message.id, "channel": message.channel, "topic": message.topic, "data": message.data,
+                "run_id": message.run_id, "created_at": message.created_at.isoformat(timespec="microseconds"),
+            }
+            write(format_event(id=message.cursor, event=message.topic, data=json.dumps(envelope, ensure_ascii=False)))
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        messages.close()
 
 
 @group.command("prune")

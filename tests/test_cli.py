@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import sys
 import threading
+from typing import Callable
 
 from conftest import ROOT, wait_until
+from readme import code_block
 
 
 def _env(database_url: str) -> dict[str, str]:
@@ -71,3 +74,62 @@ def test_prune_command_deletes_only_expired_messages(app, runner):
     realtime.retention = realtime.retention * 0  # everything is now older than the retention
     assert runner.invoke(args=["realtime", "prune"]).output == "pruned 1 messages\n"
     assert realtime.store.read_after("run.1", None, 0, 10) == []
+
+
+def _lines_of(process: subprocess.Popen) -> Callable[[str], bool]:
+    """A `saw(text)` that collects the process's stdout lines in the background."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen: list[str] = []
+
+    def saw(text: str) -> bool:
+        while not lines.empty():
+            seen.append(lines.get())
+        return any(text in line for line in seen)
+
+    saw.seen = seen  # type: ignore[attr-defined]
+    return saw
+
+
+def test_tail_with_url_watches_a_remote_server_through_the_python_client(start_server, tmp_path):
+    server = start_server(f"sqlite:///{tmp_path / 'remote.sqlite3'}", workers=1)
+    first = server.publish("run.42", "status", {"percent": 10})
+    server.publish("run.42", "log", {"skip": True})
+    command = shlex.split(code_block("realtime tail --url", "sh").replace("http://127.0.0.1:5000", server.url))
+    assert command[0] == ".venv/bin/flask"
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "flask", *command[1:]],
+        cwd=ROOT, env=_env(f"sqlite:///{tmp_path / 'unused.sqlite3'}"), stdout=subprocess.PIPE, text=True,
+    )
+    saw = _lines_of(tail)
+    try:
+        wait_until(lambda: saw(f"-{first['id']}\n"), what="the replayed frame")
+        live = server.publish("run.42", "run", {"status": "completed"})
+        wait_until(lambda: saw(f"-{live['id']}\n"), what="the live frame")
+        envelopes = [json.loads(line[len("data: "):]) for line in saw.seen if line.startswith("data: ")]
+        assert envelopes == [first, live]
+        assert [line for line in saw.seen if line.startswith("event: ")] == ["event: status\n", "event: run\n"]
+    finally:
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(timeout=10) == 0
+        tail.stdout.close()
+    refused = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", "realtime", "tail", "run.42", "--url", server.url,
+         "--token", "forged"],
+        cwd=ROOT, env=_env(f"sqlite:///{tmp_path / 'unused.sqlite3'}"), capture_output=True, text=True, timeout=30,
+    )
+    assert refused.returncode == 1 and "401 invalid_token" in refused.stderr, refused.stderr
+
+
+def test_tail_with_url_says_what_is_wrong(tmp_path):
+    env = _env(f"sqlite:///{tmp_path / 'unused.sqlite3'}")
+    for args, code, said in (
+        (["--url", "http://127.0.0.1:9"], 2, "name the topics"),
+        (["--token", "t"], 2, "--token is for --url"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "app", "realtime", "tail", "run.1", *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == code and said in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

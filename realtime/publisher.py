@@ -1,0 +1,109 @@
+"""Publishing from any process that has `DATABASE_URL`: a task-queue worker, a script, a cron job.
+
+    from realtime.publisher import Publisher
+
+    with Publisher.from_env() as publisher:
+        publisher.publish("run.42", "status", {"percent": 10})
+
+No Flask app and no HTTP: it checks each message as `Realtime.publish` does
+(realtime/messages.py) and appends it to the same table through the same
+`MessageStore`. The servers' streams learn of it as of any other process's
+append: on PostgreSQL by a NOTIFY sent after the commit (or, should that be
+lost, by their safety poll within REALTIME_SAFETY_POLL_S), on SQLite by their
+poll every REALTIME_POLL_S.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from typing import Any, Mapping, Sequence
+
+from common.database import Database, prepared_statements
+
+from .errors import RealtimeError
+from .messages import check_batch, check_message
+from .names import check_idempotency_key
+from .store import Message, MessageStore
+
+DEFAULT_MAX_MESSAGE_BYTES = 524288  # REALTIME_MAX_MESSAGE_BYTES, as the app's default (CONTRACT §2)
+
+
+class PublisherConfigError(RealtimeError):
+    """The environment does not say where to publish."""
+
+
+class Publisher:
+    """Checks and stores messages; one per process, shared by its threads."""
+
+    def __init__(
+        self, database_url: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        prepared_statements: bool = True,
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._db = Database(database_url, prepared_statements=prepared_statements)
+        self.store = MessageStore(self._db)
+        # Only its wake-up half is used: on PostgreSQL, `poke` sends one NOTIFY from a background
+        # thread after commits (the Notifier in changes.py); on SQLite it is a no-op for others.
+        self._feed = self.store.change_feed(poll_s=1.0)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Publisher:
+        """Configured as the app is: `DATABASE_URL`, and `FLASK_REALTIME_MAX_MESSAGE_BYTES`,
+        `REALTIME_LISTEN_URL`, `FLASK_DATABASE_PREPARED_STATEMENTS` when the app has them."""
+        url = environ.get("DATABASE_URL")
+        if not url:
+            raise PublisherConfigError(
+                "DATABASE_URL is not set: set it to the database the realtime server uses "
+                "(e.g. postgresql+psycopg://user@host/db)", code="missing_database_url",
+            )
+        config = {
+            "DATABASE_URL": url,
+            "REALTIME_LISTEN_URL": environ.get("REALTIME_LISTEN_URL"),
+            "DATABASE_PREPARED_STATEMENTS": environ.get("FLASK_DATABASE_PREPARED_STATEMENTS", "auto"),
+        }
+        max_bytes = int(environ.get("FLASK_REALTIME_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES))
+        return cls(url, max_message_bytes=max_bytes, prepared_statements=prepared_statements(config))
+
+    def publish(
+        self, channel: str, topic: str, data: Any, *, run_id: str | None = None, idempotency_key: str | None = None,
+    ) -> Message:
+        """Store one message (see `Realtime.publish`); a bad one raises a `RealtimeError`, storing nothing."""
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+        new = check_message(channel, topic, data, run_id, max_bytes=self.max_message_bytes)
+        return self.store.append(
+            new.channel, new.topic, new.data_json, run_id=new.run_id,
+            on_commit=self._feed.poke, idempotency_key=idempotency_key,
+        )
+
+    def publish_many(self, messages: Sequence[Mapping[str, Any]]) -> list[Message]:
+        """Store 1-1000 messages in one transaction, ids in list order (see `Realtime.publish_many`)."""
+        checked = check_batch(messages, max_bytes=self.max_message_bytes)
+        return self.store.append_many(checked, on_commit=self._feed.poke)
+
+    def close(self) -> None:
+        """Send the last NOTIFY, then release the database connections."""
+        self._feed.close()
+        self._db.dispose()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_shared: tuple[int, Publisher] | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_publisher() -> Publisher:
+    """This process's `Publisher.from_env()`, made at first use and made again in a forked
+    child (a Celery or RQ worker forks): a pool's connections must never cross a fork."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared[0] != os.getpid():
+            _shared = (os.getpid(), Publisher.from_env())
+            atexit.register(_shared[1].close)  # a script's last NOTIFY goes out before it exits
+        return _shared[1]

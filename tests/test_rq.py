@@ -1,0 +1,90 @@
+"""realtime.integrations.rq against a real RQ worker, Redis, gunicorn and PostgreSQL."""
+from __future__ import annotations
+
+import importlib
+import secrets
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from readme import code_block
+from workers import Worker, as_pairs, live_server_on_postgres, read_run, require_broker
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Beside the README's job: one that fails.
+EXTRA = '''
+
+@realtime_job
+def broken():
+    publish("status", {"percent": 50})
+    raise ValueError("the printer caught fire")
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require_broker("Redis", 6379)
+    yield from live_server_on_postgres(tmp_path_factory.mktemp("rq"))
+
+
+@pytest.fixture(scope="module")
+def jobs(server, tmp_path_factory):
+    """The README's job as a module, and an RQ worker on this test's own queue."""
+    tmp = tmp_path_factory.mktemp("rq-jobs")
+    name = f"rq_jobs_{secrets.token_hex(4)}"
+    (tmp / f"{name}.py").write_text(code_block("@realtime_job") + EXTRA)
+    queue = f"realtime-test-{secrets.token_hex(4)}"
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.syspath_prepend(str(tmp))
+    worker = Worker(["rq.cli", "worker", "--url", REDIS_URL, "--quiet", queue],
+                    tmp, server.database_url, tmp / "worker.log")
+    try:
+        yield SimpleNamespace(module=importlib.import_module(name), worker=worker, queue=queue)
+    finally:
+        worker.stop()
+        sys.modules.pop(name, None)
+        monkeypatch.undo()
+
+
+def enqueue_as_the_readme_does(jobs, *args: object) -> dict:
+    namespace = vars(jobs.module).copy()
+    code = code_block("Queue(\"reports\"").replace('Queue("reports"', f'Queue("{jobs.queue}"')
+    code = code.replace("Redis()", f"Redis.from_url({REDIS_URL!r})")
+    exec(code, namespace)
+    namespace["queue"].connection.close()
+    return namespace
+
+
+def test_progress_and_lifecycle_reach_the_stream_in_order_once(server, jobs):
+    job_id = enqueue_as_the_readme_does(jobs)["job_id"]
+    received = read_run(server, job_id, ["status", "run"], jobs.worker)
+    assert as_pairs(received) == [
+        ("run", {"status": "running"}),
+        ("status", {"percent": 33}), ("status", {"percent": 66}), ("status", {"percent": 100}),
+        ("run", {"status": "completed", "output": {"pages": 3}}),
+    ]
+    assert {m.run_id for m in received} == {job_id}
+
+
+def test_a_failing_job_ends_failed_with_its_error(server, jobs):
+    from redis import Redis
+    from rq import Queue
+
+    from realtime.integrations.rq import enqueue
+
+    with Redis.from_url(REDIS_URL) as redis:
+        job_id = enqueue(Queue(jobs.queue, connection=redis), jobs.module.broken).id
+    assert as_pairs(read_run(server, job_id, ["status", "run"], jobs.worker)) == [
+        ("run", {"status": "running"}),
+        ("status", {"percent": 50}),
+        ("run", {"status": "failed", "error": "ValueError: the printer caught fire"}),
+    ]
+
+
+def test_publish_outside_a_job_is_a_clear_error(jobs):
+    from realtime.integrations.rq import publish
+
+    with pytest.raises(RuntimeError, match="needs a running task"):
+        publish("status", {})
