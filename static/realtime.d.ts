@@ -1,0 +1,176 @@
+/**
+ * TypeScript declarations for realtime.js (and, through react.d.ts, react.js's useRealtime).
+ * They describe the code; static/README.md explains it. Checked against a usage file in strict
+ * mode by tests/test_react.py.
+ *
+ * `M`, the topic map, names each topic's data type: `subscribe<{status: {percent: number},
+ * log: {message: string}, run: RunData}>({...})` types `latestByTopic.status.data.percent`, and
+ * narrows `message.data` once `message.topic` is checked. Without it, data is `any` (JSON).
+ */
+/// <reference lib="dom" />
+
+/** `{topic: type of its data}`: an interface or a type literal. */
+export type TopicMap = object;
+// Helpers, not exported (see `export {}` at the end).
+type AnyTopics = Record<string, any>;
+type TopicOf<M> = keyof M & string;
+
+/** One message as the server sends it (the envelope, CONTRACT §4). */
+export interface RealtimeMessage<Topic extends string = string, Data = any> {
+  readonly id: number;
+  readonly channel: string;
+  readonly topic: Topic;
+  readonly data: Data;
+  readonly run_id: string | null;
+  /** ISO 8601, UTC. */
+  readonly created_at: string;
+}
+
+/** Any message of the map, as a union discriminated by `topic`. */
+export type MessageOf<M extends TopicMap> = { [T in TopicOf<M>]: RealtimeMessage<T, M[T]> }[TopicOf<M>];
+
+/** What the lifecycle topic `run` carries. */
+export interface RunData {
+  status: string;
+  output?: unknown;
+  error?: string;
+}
+
+export type RealtimeState = "connecting" | "open" | "paused" | "closed" | "error";
+
+export interface RealtimeError {
+  /** The HTTP status, or 0 when the server could not be reached. */
+  status: number;
+  /** The server's error code, or e.g. "network_error", "http_503", "disconnected", "token_unavailable". */
+  code: string;
+  message: string;
+}
+
+/** The server's `event: reset`: history was cut, data restarts from the oldest retained message. */
+export interface RealtimeReset {
+  reason: string;
+  cursor: string;
+}
+
+/** What POST /api/realtime/token answers; `expires_at` lets the client refresh before expiry. */
+export interface TokenGrant {
+  token: string;
+  /** ISO 8601 string or Unix seconds. */
+  expires_at?: string | number | null;
+  expiresAt?: string | number | null;
+}
+
+export type TokenSource<M extends TopicMap = AnyTopics> =
+  | string
+  | ((request: { channel: string; topics: readonly TopicOf<M>[] }) => string | TokenGrant | Promise<string | TokenGrant>);
+
+export type RealtimeChange<M extends TopicMap = AnyTopics> =
+  | { type: "state" }
+  | { type: "message"; message: MessageOf<M> }
+  | { type: "reset"; reset: RealtimeReset }
+  | { type: "cleared" };
+
+export type ChangeListener<M extends TopicMap = AnyTopics> = (change: RealtimeChange<M>, subscription: Subscription<M>) => void;
+
+/** The host objects realtime.js uses; tests pass fakes. */
+export interface HostEnvironment {
+  EventSource: { new (url: string): EventSource };
+  fetch: typeof fetch;
+  document: Document | undefined;
+  window: Window | undefined;
+  setTimeout: (callback: () => void, ms: number) => unknown;
+  clearTimeout: (handle: any) => void;
+  now: () => number;
+  random: () => number;
+}
+
+export interface SubscribeOptions<M extends TopicMap = AnyTopics> {
+  channel: string;
+  /** EventSource delivers named events only to listeners registered by name: list them. */
+  topics: readonly TopicOf<M>[];
+  token: TokenSource<M>;
+  /** Default "/api/realtime/subscribe". */
+  url?: string;
+  /** Start after this cursor instead of replaying all retained history. */
+  lastEventId?: string | null;
+  /** How many messages `messages` keeps; default 100. */
+  historyLimit?: number;
+  /** Close once topic "run" reports completed, failed or cancelled; default false. */
+  closeOnRunEnd?: boolean;
+  /** Close while the tab is hidden, resume when visible; default true. */
+  pauseWhenHidden?: boolean;
+  /** "fetch" reads the stream with fetch() and hands each raw chunk to `onRaw`. */
+  transport?: "eventsource" | "fetch";
+  backoff?: { initialMs?: number; maxMs?: number };
+  /** Refresh a token this long before its known expiry; default 1000. */
+  tokenMarginMs?: number;
+  /** Give up after this many 401s in a row; default 3. */
+  maxAuthFailures?: number;
+  onMessage?: (message: MessageOf<M>, subscription: Subscription<M>) => void;
+  onChange?: ChangeListener<M>;
+  onRaw?: (text: string, subscription: Subscription<M>) => void;
+  env?: Partial<HostEnvironment>;
+}
+
+/** Everything a UI shows, in one frozen object replaced (never mutated) on every change. */
+export interface RealtimeSnapshot<M extends TopicMap = AnyTopics> {
+  readonly state: RealtimeState;
+  readonly error: RealtimeError | null;
+  /** The cursor: the last `id:` received. */
+  readonly lastEventId: string | null;
+  readonly latest: MessageOf<M> | null;
+  readonly latestByTopic: { readonly [T in TopicOf<M>]?: RealtimeMessage<T, M[T]> };
+  /** The last `historyLimit` messages, oldest first. */
+  readonly messages: readonly MessageOf<M>[];
+  /** data.status of the newest message on topic "run". */
+  readonly runStatus: string | null;
+  readonly lastReset: RealtimeReset | null;
+  /** When the next reconnect attempt is due (ms since epoch). */
+  readonly retryAt: number | null;
+}
+
+export declare class Subscription<M extends TopicMap = AnyTopics> implements RealtimeSnapshot<M> {
+  constructor(options: SubscribeOptions<M>);
+  readonly channel: string;
+  readonly topics: readonly TopicOf<M>[];
+  readonly transport: "eventsource" | "fetch";
+  readonly state: RealtimeState;
+  readonly error: RealtimeError | null;
+  readonly lastEventId: string | null;
+  readonly latest: MessageOf<M> | null;
+  readonly latestByTopic: { readonly [T in TopicOf<M>]?: RealtimeMessage<T, M[T]> };
+  readonly messages: readonly MessageOf<M>[];
+  readonly runStatus: string | null;
+  readonly lastReset: RealtimeReset | null;
+  readonly retryAt: number | null;
+  readonly snapshot: RealtimeSnapshot<M>;
+  /** Call `listener` after every change; returns a function that stops it. */
+  onChange(listener: ChangeListener<M>): () => void;
+  close(): void;
+  /** Forget the messages; `{replay: true}` also forgets the cursor and replays from the oldest. */
+  reset(options?: { replay?: boolean }): void;
+  reconnect(options?: { transport?: "eventsource" | "fetch" }): void;
+  /** Drop the connection as a network failure would (workshops, tests). */
+  drop(): void;
+}
+
+export declare function subscribe<M extends TopicMap = AnyTopics>(options: SubscribeOptions<M>): Subscription<M>;
+
+export declare const TERMINAL_RUN_STATUSES: readonly ["completed", "failed", "cancelled"];
+
+export declare function normalizeGrant(got: string | TokenGrant): { token: string; expiresAt: number | null };
+
+export type ParsedItem =
+  | { kind: "event"; event: string; data: string; lastEventId: string }
+  | { kind: "comment"; text: string }
+  | { kind: "retry"; ms: number };
+
+/** An incremental text/event-stream parser: `push(text)` returns what the text completed. */
+export declare function createParser(): { push(text: string): ParsedItem[] };
+
+/** react.js's hook takes subscribe()'s options and returns the snapshot (declared in react.d.ts). */
+export type UseRealtimeOptions<M extends TopicMap = AnyTopics> = SubscribeOptions<M>;
+export type UseRealtimeResult<M extends TopicMap = AnyTopics> = RealtimeSnapshot<M>;
+
+// Only what is marked `export` above is exported (a .d.ts would otherwise export every declaration).
+export {};

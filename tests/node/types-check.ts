@@ -1,0 +1,67 @@
+// Compiled (never run) by tests/test_react.py with tsc in strict mode: how a TypeScript user
+// calls realtime.js and react.js, and misuses the declarations must refuse (@ts-expect-error
+// fails the check if the line compiles after all).
+import { subscribe, TERMINAL_RUN_STATUSES, createParser } from "../../static/realtime.js";
+import type { RealtimeSnapshot, RunData, Subscription } from "../../static/realtime.js";
+import { useRealtime } from "../../static/react.js";
+
+interface Topics {
+  status: { percent: number };
+  log: { message: string };
+  run: RunData;
+}
+
+const sub: Subscription<Topics> = subscribe<Topics>({
+  channel: "run.42",
+  topics: ["status", "log", "run"],
+  token: async ({ channel, topics }) => ({ token: `${channel}:${topics.join(",")}`, expires_at: "2026-11-28T06:00:00Z" }),
+  closeOnRunEnd: true,
+  historyLimit: 50,
+  transport: "fetch",
+  onRaw: (text) => text.length,
+  onMessage: (message) => {
+    if (message.topic === "log") message.data.message.toUpperCase(); // narrowed by topic
+  },
+});
+
+const stop: () => void = sub.onChange((change, current) => {
+  if (change.type === "message" && change.message.topic === "status") change.message.data.percent.toFixed();
+  if (change.type === "reset") change.reset.cursor.length;
+  const percent: number | undefined = current.latestByTopic.status?.data.percent;
+  const done: boolean = TERMINAL_RUN_STATUSES.includes(current.runStatus as "completed");
+  return [percent, done, current.state === "paused", current.error?.code];
+});
+stop();
+sub.reset({ replay: true });
+sub.reconnect({ transport: "eventsource" });
+sub.close();
+const snapshot: RealtimeSnapshot<Topics> = sub.snapshot;
+for (const item of createParser().push("data: x\n\n")) if (item.kind === "retry") item.ms.toFixed();
+
+// Untyped topics: data is JSON (any), as in plain JavaScript.
+const plain = subscribe({ channel: "c", topics: ["a"], token: "t" });
+plain.latest?.data.anything;
+
+export function RunProgress({ runId }: { runId: string }) {
+  const { state, latest, latestByTopic, messages, runStatus, error } = useRealtime<Topics>({
+    channel: `run.${runId}`,
+    topics: ["status", "log", "run"],
+    token: () => fetch("/api/realtime/token").then((response) => response.json() as Promise<{ token: string }>),
+    closeOnRunEnd: true,
+  });
+  const lines: string[] = messages.flatMap((m) => (m.topic === "log" ? [m.data.message] : []));
+  return { state, latest, percent: latestByTopic.status?.data.percent ?? 0, lines, runStatus, error, snapshot };
+}
+
+// @ts-expect-error: topics must be listed
+subscribe({ channel: "c", token: "t" });
+// @ts-expect-error: no such transport
+subscribe({ channel: "c", topics: ["a"], token: "t", transport: "websocket" });
+// @ts-expect-error: a topic outside the map
+subscribe<Topics>({ channel: "c", topics: ["metrics"], token: "t" });
+// @ts-expect-error: not a state
+sub.state === "reconnecting";
+// @ts-expect-error: status data has no message
+sub.latestByTopic.status?.data.message;
+// @ts-expect-error: the snapshot is read-only
+snapshot.messages.push(snapshot.messages[0]!);
