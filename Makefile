@@ -34,7 +34,12 @@ run: $(VENV)/.runtime instance/config.py
 test: $(VENV)/.dev tests/node/node_modules
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.dev
+# The peers bench/peers.py compares against (flask-sse, sse-starlette), on top of the dev set.
+$(VENV)/.bench: requirements.txt requirements-dev.txt requirements-bench.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-bench.txt
+	touch $@ $(VENV)/.dev $(VENV)/.runtime
+
+bench: $(VENV)/.bench
 	$(BIN)/python bench/run.py
 
 clean:

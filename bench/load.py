@@ -4,7 +4,8 @@ bench/run.py starts one or more of these and sends one JSON command per line
 on stdin; each command is answered by one JSON line on stdout. Kept cheap on
 purpose, so the client is not what limits the figures: raw sockets, an
 HTTP/1.1 GET, a minimal chunked-encoding decoder, and of each SSE frame only
-the `id:` line is parsed (`<epoch>-<n>` -> n), stamped with the monotonic
+the `id:` line is parsed (`<epoch>-<n>` -> n, or a bare `n`; first in the frame
+or not, as the peers of bench/peers.py send it), stamped with the monotonic
 clock at the recv() that completed it. CLOCK_MONOTONIC is system-wide, so
 these stamps compare directly with the publisher's send times in run.py.
 
@@ -102,8 +103,16 @@ class Subscriber:
                         break
                     frame = text[:end]
                     text = text[end + 2:]
-                    if frame.startswith(b"id: "):
-                        cursor = frame[4:frame.find(b"\n")] if b"\n" in frame else frame[4:]
+                    # The `id` field: first, as this project and sse-starlette send it,
+                    # or on a later line (flask-sse: "data:...\nid:7"), space optional.
+                    if frame.startswith(b"id:"):
+                        at = 3
+                    else:
+                        at = frame.find(b"\nid:")
+                        at = at + 4 if at >= 0 else 0
+                    if at:
+                        stop = frame.find(b"\n", at)
+                        cursor = frame[at:stop] if stop >= 0 else frame[at:]
                         message_id = int(cursor.rpartition(b"-")[2])
                         if frame.find(b"\nevent: reset") >= 0:
                             self.others += 1

@@ -18,6 +18,8 @@ Phases, each against a fresh database and ONE gunicorn gevent worker (server.py)
 6. scale        20,000 streams on 2 workers, each receiving 1 message/s (scale.py).
 Before them, on PostgreSQL: publish   realtime.publish() against raw INSERT+COMMIT,
                 4 processes, and publish_many() in batches of 1,000 (publish.py).
+After them: peers  the same load client against this project, flask-sse (Redis) and
+                sse-starlette (in memory), one worker each (peers.py).
 
 Subscribers live in `--client-procs` gevent processes (load.py). For every phase the
 CPU time of the server worker, of each client process and of this process (the
@@ -44,6 +46,7 @@ from analysis import CpuWindow, analyse, percentile, settle
 from clients import BenchTimeout, ClientPool
 from publishing import TOPIC, Publisher, publish_burst, publish_paced
 from report import table, targets
+from peers import peers_table, run_peers
 from publish import run_publish
 from scale import run_scale_phase
 from storm import run_storm_phase
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-workers", type=int, default=2)
     parser.add_argument("--scale-rate", type=float, default=1.0, help="messages per second each scale stream receives")
     parser.add_argument("--scale-seconds", type=float)
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="skip the comparison with flask-sse and sse-starlette (peers.py)")
     parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -308,12 +313,19 @@ def main(argv: list[str] | None = None) -> int:
         signal.alarm(0)
         clients.stop()
         database.drop()
+    if args.peers:
+        # After the alarm: its own budget, since flask-sse needs minutes to drain a backlog.
+        print("  against the peers (peers.py) ...", flush=True)
+        report["peers"] = run_peers(argparse.Namespace(quick=args.quick))
     report["loadavg_end"] = loadavg()
     report["targets"] = targets(report)
     out = RESULTS / f"bench-{args.database}-{stamp}.json"
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print()
     print(table(report))
+    if "peers" in report:
+        print()
+        print(peers_table(report["peers"]))
     print(f"\nJSON: {out.relative_to(ROOT)}   server log: {log_path.relative_to(ROOT)}")
     return 0
 
