@@ -18,6 +18,7 @@ from common.config import flag
 from common.database import DatabaseUnavailable, database_for
 from demo import Demo
 from demo import views as demo_views
+from demo import workshop as demo_workshop
 from jobs import Jobs
 from jobs import cli as jobs_cli
 from jobs import views as jobs_views
@@ -75,6 +76,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(jobs_views.blueprint)
     if demo_enabled:
         app.register_blueprint(demo_views.blueprint)
+        app.register_blueprint(demo_workshop.blueprint)  # the spec lab at /workshop
     app.cli.add_command(realtime_cli.group)
     app.cli.add_command(jobs_cli.group)
     return app

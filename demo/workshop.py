@@ -1,0 +1,147 @@
+"""The spec lab: `/workshop` serves each case of demo/spec_cases.py, byte for byte.
+
+    GET /workshop                             the page (templates/workshop.html)
+    GET /workshop/cases                       every case as JSON
+    GET /workshop/cases/<name>                the case's first answer (curl, fetch)
+    GET /workshop/cases/<name>?attempt=N      its N-th answer, as the N-th request would get it
+    GET /workshop/cases/<name>?lab=ID         the answer to this lab's next request: what an
+                                              EventSource gets as it reconnects
+    GET /workshop/cases/<name>/requests?lab=ID  the requests this lab made: attempt, time,
+                                              the Last-Event-ID header the browser sent
+
+A lab id is chosen by the page for each run. The requests of each (lab, case) are
+kept in this process's memory, bounded (`LabLog`): run the lab on one process
+(`make run`, or gunicorn with one worker) so every reconnect finds its lab.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flask import Blueprint, Response, current_app, render_template, request
+
+from common.errors import AppError
+
+from .spec_cases import CASES, SPEC_URL, SpecCase
+
+blueprint = Blueprint("workshop", __name__, url_prefix="/workshop")
+
+_LAB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class UnknownCase(AppError):
+    status = 404
+    code = "unknown_case"
+
+
+class InvalidLab(AppError):
+    code = "invalid_lab"
+
+
+@dataclass(frozen=True)
+class LabRequest:
+    attempt: int
+    ms: int  # since the lab's first request of this case
+    last_event_id: str | None
+    status: int
+
+
+class LabLog:
+    """The requests of the most recent labs, in memory: at most `max_labs` x `max_requests`."""
+
+    def __init__(self, max_labs: int = 256, max_requests: int = 50) -> None:
+        self.max_labs = max_labs
+        self.max_requests = max_requests
+        self._labs: OrderedDict[tuple[str, str], tuple[float, list[LabRequest]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def next_attempt(self, lab: str, case: str) -> tuple[int, float]:
+        """The number of this request (from 1) and when the lab's first one came (monotonic)."""
+        with self._lock:
+            started, seen = self._labs.pop((lab, case), (time.monotonic(), []))
+            self._labs[(lab, case)] = (started, seen)  # most recent last
+            while len(self._labs) > self.max_labs:
+                self._labs.popitem(last=False)
+            return len(seen) + 1, started
+
+    def record(self, lab: str, case: str, entry: LabRequest) -> None:
+        with self._lock:
+            _, seen = self._labs.get((lab, case), (0.0, []))
+            if len(seen) < self.max_requests:
+                seen.append(entry)
+
+    def requests(self, lab: str, case: str) -> list[LabRequest]:
+        with self._lock:
+            return list(self._labs.get((lab, case), (0.0, []))[1])
+
+
+@blueprint.record_once
+def _create_lab_log(state: Any) -> None:
+    state.app.extensions["workshop_lab_log"] = LabLog()
+
+
+def _lab_log() -> LabLog:
+    return current_app.extensions["workshop_lab_log"]
+
+
+def _case(name: str) -> SpecCase:
+    case = CASES.get(name)
+    if case is None:
+        raise UnknownCase(f"there is no spec-lab case {name!r}; GET /workshop/cases lists them")
+    return case
+
+
+def _lab_id() -> str:
+    lab = request.args.get("lab", "")
+    if not _LAB_ID.fullmatch(lab):
+        raise InvalidLab("'lab' must be 1-64 letters, digits, '-' or '_': an id the page picks for one run")
+    return lab
+
+
+@blueprint.get("")
+def page() -> str:
+    cases = [case.to_json() for case in CASES.values()]
+    sections: dict[str, list[dict[str, Any]]] = {}  # in the cases' order: parsing first
+    for case in cases:
+        sections.setdefault(case["section"], []).append(case)
+    return render_template("workshop.html", cases=cases, sections=sections.items(), spec_url=SPEC_URL)
+
+
+@blueprint.get("/cases")
+def cases() -> dict[str, Any]:
+    return {"cases": [case.to_json() for case in CASES.values()]}
+
+
+@blueprint.get("/cases/<name>")
+def answer(name: str) -> Response:
+    case = _case(name)
+    last_event_id = request.headers.get("Last-Event-ID")
+    if "lab" in request.args:
+        lab = _lab_id()
+        attempt, started = _lab_log().next_attempt(lab, name)
+    else:
+        raw = request.args.get("attempt", "1")
+        if not re.fullmatch(r"[0-9]{1,3}", raw) or int(raw) < 1:
+            raise InvalidLab("'attempt' must be a number from 1 to 999", code="invalid_attempt")
+        lab, attempt = None, int(raw)
+    scripted = case.answer(attempt)
+    if lab is not None:
+        ms = round((time.monotonic() - started) * 1000)
+        _lab_log().record(lab, name, LabRequest(attempt, ms, last_event_id, scripted.status))
+    response = Response(scripted.render(last_event_id), status=scripted.status)
+    if scripted.content_type is None:
+        del response.headers["Content-Type"]
+    else:
+        response.headers["Content-Type"] = scripted.content_type
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+@blueprint.get("/cases/<name>/requests")
+def lab_requests(name: str) -> dict[str, Any]:
+    _case(name)
+    return {"requests": [asdict(entry) for entry in _lab_log().requests(_lab_id(), name)]}
