@@ -212,6 +212,11 @@ class Dispatcher:
         return self._feed
 
     @property
+    def position(self) -> int:
+        """Where live delivery stands: every settled message up to here was dispatched."""
+        return self._last_id or 0
+
+    @property
     def stream_count(self) -> int:
         with self._lock:
             return sum(len(channel.subscriptions) for channel in self._channels.values())

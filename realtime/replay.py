@@ -56,7 +56,7 @@ class ReplayReads:
         self._slots = threading.BoundedSemaphore(concurrency)
 
     def page(self, channel: str, topics: Sequence[str] | None, after_id: int, through: int) -> Page:
-        """The messages after `after_id` and up to `through`, as `MessageStore.read_after` reads them."""
+        """The messages after `after_id` and up to `through`, as `MessageStore.read_replay` reads them."""
         key = (channel, tuple(topics) if topics is not None else None, after_id)
         while True:
             with self._lock:
@@ -81,8 +81,8 @@ class ReplayReads:
         try:
             with self._slots:
                 read.through = max(through, self._horizon())
-                read.page = self.store.read_after(
-                    channel, topics, after_id, self.page_size, self.page_bytes, through=read.through
+                read.page = self.store.read_replay(
+                    channel, topics, after_id, self.page_size, self.page_bytes, read.through
                 )
         except BaseException as exc:
             read.error = exc
@@ -105,4 +105,5 @@ def _up_to(page: Page, through: int) -> Page:
         return page
     mine = Page(m for m in page if m.id <= through)
     mine.more = False  # what follows comes live to this stream
+    mine.pruned_through = page.pruned_through
     return mine

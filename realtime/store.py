@@ -193,6 +193,8 @@ class Page(list):
     limit, so the next read (after the last id) may find more."""
 
     more: bool = False
+    #: `read_replay`: the channel's highest pruned id, read just after the page.
+    pruned_through: int = 0
 
 
 def _message(row: Any) -> Message:
@@ -397,6 +399,25 @@ class MessageStore:
     ) -> Page:
         """Messages of `channel` (and `topics`, None = all) with id > after_id (and <= `through`),
         oldest first: at most `limit` of them, and no more than `max_bytes` of data but the first."""
+        return self._read_after(channel, topics, after_id, limit, max_bytes, through)
+
+    @database_call
+    def read_replay(
+        self, channel: str, topics: Sequence[str] | None, after_id: int, limit: int,
+        max_bytes: int, through: int,
+    ) -> Page:
+        """`read_after`, and where the channel was pruned through, read after the page: a prune
+        that removed messages after a cursor before the page was read shows in
+        `page.pruned_through`. One call for both, so a reconnect storm costs one database
+        round per shared page (replay.py), not one lookup per stream."""
+        page = self._read_after(channel, topics, after_id, limit, max_bytes, through)
+        page.pruned_through = self._pruned_through(channel)
+        return page
+
+    def _read_after(
+        self, channel: str, topics: Sequence[str] | None, after_id: int, limit: int,
+        max_bytes: int, through: int | None,
+    ) -> Page:
         where = [messages.c.channel == channel, messages.c.id > after_id]
         if through is not None:
             where.append(messages.c.id <= through)
@@ -491,6 +512,9 @@ class MessageStore:
     @database_call
     def pruned_through(self, channel: str) -> int:
         """The highest id pruned from `channel`, 0 when nothing was."""
+        return self._pruned_through(channel)
+
+    def _pruned_through(self, channel: str) -> int:
         self.reads += 1
         metrics.STORE_READS.labels("lookup").inc()
         with self.engine.connect() as conn:

@@ -93,12 +93,17 @@ def open_stream(
     and then says nothing.
     """
     dispatcher.prime()
-    start = resolve_cursor(dispatcher.store, channel, cursor)
-    resume = None if cursor is None else (start[1].reason if start[1] is not None else "exact")
-    if resume is not None:
-        metrics.RESUMES.labels(resume).inc()
+    store = dispatcher.store
+    store.epoch  # read once per process, here: never inside the stream, after its headers went out
+    if cursor is not None and cursor.epoch == store.epoch and cursor.message_id <= dispatcher.position:
+        # The usual resume, the one a reconnect storm is made of: no lookup per
+        # stream. Whether messages after the cursor were pruned is read with
+        # the first replay page, which streams from one cursor share.
+        start: tuple[int, Reset | None] = (cursor.message_id, None)
+    else:
+        start = resolve_cursor(store, channel, cursor)
     return event_stream(dispatcher, channel, topics, cursor, start, retry_ms=retry_ms,
-                        log_context={"request_id": request_id, "resume": resume})
+                        log_context={"request_id": request_id})
 
 
 def event_stream(
@@ -112,6 +117,7 @@ def event_stream(
     log_context: dict[str, Any] | None = None,
 ) -> Iterator[bytes]:
     store, clock = dispatcher.store, dispatcher.clock
+    log_context = dict(log_context or {})
     yield sse.retry_frame(retry_ms)
     subscription = dispatcher.subscribe(channel, topics)
     opened = clock()
@@ -129,9 +135,6 @@ def event_stream(
                 # the database stalls keeps its client with keep-alives.
                 with store.db.time_limit(dispatcher.heartbeat_s):
                     page = dispatcher.replays.page(channel, topics, last_id, subscription.history_through)
-                    # A prune between resolve_cursor() and this read would have
-                    # removed messages right after the cursor: look once more.
-                    through = store.pruned_through(channel) if recheck_prune else 0
             except DatabaseUnavailable:
                 if clock() - quiet_since >= dispatcher.heartbeat_s - dispatcher.tick_s:
                     replayed.append(sse.KEEP_ALIVE)
@@ -139,9 +142,15 @@ def event_stream(
                 replayed, quiet_since = [], clock()
                 threading.Event().wait(dispatcher.tick_s)  # the database is away: do not spin
                 continue
-            if recheck_prune and through > last_id:
-                replayed.append(Reset("history_truncated", str(Cursor(epoch, through))).frame())
-            recheck_prune = False
+            if recheck_prune:
+                # Messages right after the cursor were pruned, before or while it was away.
+                if page.pruned_through > last_id:
+                    reset = Reset("history_truncated", str(Cursor(epoch, page.pruned_through)))
+                    replayed.append(reset.frame())
+                recheck_prune = False
+            if cursor is not None and "resume" not in log_context:
+                log_context["resume"] = reset.reason if reset is not None else "exact"
+                metrics.RESUMES.labels(log_context["resume"]).inc()
             # Frames built as they are written: a stalled client holds one page, not two.
             frames = (sse.message_frame(f"{epoch}-{m.id}", m.topic, m.envelope_json()) for m in page)
             yield from _write(subscription, clock, itertools.chain(replayed, frames))

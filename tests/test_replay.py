@@ -23,7 +23,7 @@ class Store:
         self.release = threading.Event()
         self.release.set()
 
-    def read_after(self, channel, topics, after_id, limit, max_bytes, through=None) -> Page:
+    def read_replay(self, channel, topics, after_id, limit, max_bytes, through) -> Page:
         self.reads.append((after_id, through))
         self.release.wait(30)
         page = Page(Message(n, channel, "t", "{}", None, None) for n in range(after_id + 1, 11) if through is None or n <= through)
@@ -70,11 +70,11 @@ def test_a_stream_whose_history_ends_past_a_shared_read_reads_again():
 
 def test_a_failed_read_fails_its_waiters_and_the_next_stream_reads_again():
     class Failing(Store):
-        def read_after(self, *args, **kwargs):
+        def read_replay(self, *args, **kwargs):
             if not self.reads:
                 self.reads.append("failed")
                 raise RuntimeError("database away")
-            return super().read_after(*args, **kwargs)
+            return super().read_replay(*args, **kwargs)
 
     store = Failing()
     replays = ReplayReads(store, lambda: 10, page_size=500, page_bytes=1 << 20, clock=Clock())

@@ -59,7 +59,7 @@ def test_only_the_given_topics_are_replayed_and_streamed(store, dispatcher):  # 
 
 def test_a_message_committed_during_replay_is_sent_once(store, dispatcher, clock, monkeypatch):  # noqa: F811
     first = store.append("c", "t", "1")
-    read_after = store.read_after
+    read_after = store._read_after
     racing: list[int] = []
 
     def read_after_while_someone_publishes(*args, **kwargs):
@@ -70,7 +70,7 @@ def test_a_message_committed_during_replay_is_sent_once(store, dispatcher, clock
             dispatcher.dispatch_new()
         return read_after(*args, **kwargs)
 
-    monkeypatch.setattr(store, "read_after", read_after_while_someone_publishes)
+    monkeypatch.setattr(store, "_read_after", read_after_while_someone_publishes)
     stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
     frames = [next(stream) for _ in range(2)]  # retry, then the two replayed messages in one write
     live = store.append("c", "t", "3")
@@ -149,16 +149,16 @@ def test_resolve_cursor(store):  # noqa: F811
 def test_a_prune_between_cursor_check_and_replay_is_reported(store, dispatcher, monkeypatch):  # noqa: F811
     old = store.append("c", "t", "1")
     kept_before = store.append("c", "t", "2")
-    read_after = store.read_after
+    read_after = store._read_after
     pruned: list[int] = []
 
     def read_after_a_prune(*args, **kwargs):
-        if not pruned:  # the pruner runs right after the stream checked the cursor
+        if not pruned:  # the pruner runs right after the stream placed its cursor, as its page is read
             pruned.append(store.prune(timedelta(0)))
             store.append("c", "t", "3")
         return read_after(*args, **kwargs)
 
-    monkeypatch.setattr(store, "read_after", read_after_a_prune)
+    monkeypatch.setattr(store, "_read_after", read_after_a_prune)
     stream = open_stream(dispatcher, "c", None, Cursor(store.epoch, old.id), retry_ms=100)
     next(stream)
     write = next(stream)
@@ -188,16 +188,16 @@ def test_replay_waits_for_the_database_with_keep_alives_and_misses_nothing(
     store, dispatcher, clock, monkeypatch  # noqa: F811
 ):
     kept = store.append("c", "t", "1")
-    read_after = store.read_after
+    read_replay = store.read_replay
     failures = [DatabaseUnavailable("away"), DatabaseUnavailable("still away")]
 
-    def read_after_an_outage(*args, **kwargs):
+    def read_replay_an_outage(*args, **kwargs):
         if failures:
             clock.now += dispatcher.heartbeat_s  # each failed read takes a while
             raise failures.pop(0)
-        return read_after(*args, **kwargs)
+        return read_replay(*args, **kwargs)
 
-    monkeypatch.setattr(store, "read_after", read_after_an_outage)
+    monkeypatch.setattr(store, "read_replay", read_replay_an_outage)
     stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
     assert next(stream) == b"retry: 100\n\n"
     assert [next(stream), next(stream)] == [sse.KEEP_ALIVE, sse.KEEP_ALIVE]
@@ -205,11 +205,28 @@ def test_replay_waits_for_the_database_with_keep_alives_and_misses_nothing(
     stream.close()
 
 
-def test_opening_a_stream_needs_the_database_before_any_byte(store, dispatcher, monkeypatch):  # noqa: F811
+def test_a_cursor_past_what_this_process_has_seen_needs_the_database_before_any_byte(
+    store, dispatcher, monkeypatch  # noqa: F811
+):
+    """Usually a resume needs no lookup of its own (the first replay page tells whether the cursor
+    was pruned); a cursor ahead of the dispatcher is checked against the database first."""
     def away(*args, **kwargs):
         raise DatabaseUnavailable("away")
 
     monkeypatch.setattr(store, "pruned_through", away)
     with pytest.raises(DatabaseUnavailable):
-        open_stream(dispatcher, "c", None, Cursor(store.epoch, 1), retry_ms=100)
+        open_stream(dispatcher, "c", None, Cursor(store.epoch, dispatcher.position + 1), retry_ms=100)
+    assert dispatcher.stream_count == 0
+
+
+def test_a_process_that_never_read_the_epoch_reads_it_before_any_byte(store, dispatcher, monkeypatch):  # noqa: F811
+    """A worker that boots while the database is away: its first stream is a 503, not a stream
+    that sends its headers and then breaks off with a traceback in the server's log."""
+    def away(*args, **kwargs):
+        raise DatabaseUnavailable("away")
+
+    monkeypatch.setattr(store, "_epoch", None)
+    monkeypatch.setattr(store, "_load_epoch", away)
+    with pytest.raises(DatabaseUnavailable):
+        open_stream(dispatcher, "c", None, None, retry_ms=100)
     assert dispatcher.stream_count == 0
