@@ -99,7 +99,10 @@ class Database:
         self._schemas: list[Callable[[Engine], None]] = []
         self._schema_ready = False
         self._schema_lock = threading.Lock()
-        self._local = threading.local()  # greenlet-local under gevent
+        # Per greenlet (per thread outside gevent), keyed by threading.get_ident() and
+        # removed when done: a threading.local would keep a dict for every stream's greenlet.
+        self._time_limits: dict[int, float] = {}
+        self._inside: set[int] = set()
         # The same from the driver itself, for the one path that skips SQLAlchemy's wrapping.
         dbapi = self.engine.dialect.loaded_dbapi
         self._driver_errors = (dbapi.OperationalError, dbapi.InterfaceError)
@@ -111,7 +114,7 @@ class Database:
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(*args, **kwargs)`, a unit of database work, by the rules in the module docstring."""
-        return self._call(fn, args, kwargs, getattr(self._local, "time_limit_s", None) or self.call_timeout_s)
+        return self._call(fn, args, kwargs, self._time_limits.get(threading.get_ident()) or self.call_timeout_s)
 
     @contextmanager
     def time_limit(self, seconds: float) -> Iterator[None]:
@@ -120,12 +123,16 @@ class Database:
         A stream replaying history uses its heartbeat: it would rather send a
         keep-alive and try again than keep its client waiting in silence.
         """
-        previous = getattr(self._local, "time_limit_s", None)
-        self._local.time_limit_s = seconds
+        ident = threading.get_ident()
+        previous = self._time_limits.get(ident)
+        self._time_limits[ident] = seconds
         try:
             yield
         finally:
-            self._local.time_limit_s = previous
+            if previous is None:
+                del self._time_limits[ident]
+            else:
+                self._time_limits[ident] = previous
 
     def ping(self, timeout_s: float) -> None:
         """A `SELECT 1` that answers within `timeout_s` or raises DatabaseUnavailable (for /readyz)."""
@@ -136,7 +143,7 @@ class Database:
             conn.exec_driver_sql("SELECT 1")
 
     def _call(self, fn: Callable[..., T], args: tuple, kwargs: dict, timeout_s: float) -> T:
-        if getattr(self._local, "inside", False):
+        if threading.get_ident() in self._inside:
             return fn(*args, **kwargs)  # nested in a call already (a publish inside a job's transaction)
         hub = gevent_hub()
         if hub is None or hub.thread_ident != native_thread_ident():
@@ -160,7 +167,8 @@ class Database:
             timeout.close()
 
     def _run(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
-        self._local.inside = True
+        ident = threading.get_ident()
+        self._inside.add(ident)
         try:
             self.ensure_schema()
             return fn(*args, **kwargs)
@@ -170,7 +178,7 @@ class Database:
             log.warning("database unavailable: %s", type(getattr(error, "orig", None) or error).__name__)
             raise DatabaseUnavailable("the database is unavailable; try again shortly") from error
         finally:
-            self._local.inside = False
+            self._inside.discard(ident)
 
     def ensure_schema(self) -> None:
         """Create every registered schema, once per process (every call does this first)."""

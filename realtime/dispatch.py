@@ -19,7 +19,6 @@ import errno
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -77,7 +76,8 @@ class Subscription:
 
     def __init__(self, channel: Channel, topics: Iterable[str] | None, limit: int, now: float) -> None:
         self.channel = channel
-        self.topics = frozenset(topics) if topics is not None else None
+        # A tuple: a few topics are found in it as fast as in a frozenset, at a quarter of the memory.
+        self.topics = tuple(sorted(set(topics))) if topics is not None else None
         self.closed_reason: str | None = None
         self.quiet_since = now  # when a frame was last queued
         # The greenlet that writes this stream to its client (None outside
@@ -88,7 +88,9 @@ class Subscription:
         self.sent_frames = self.sent_bytes = 0  # for the log line a stream writes when it ends
         self.history_through: int | None = None  # the last id its replay reads; later ones come live
         self._limit = limit
-        self._pending: deque[Frame] = deque()
+        # A list, swapped out whole by take(): an empty one is 56 bytes where a
+        # deque is over 600, and an idle stream's queue is nearly always empty.
+        self._pending: list[Frame] = []
         self._pending_bytes = 0
 
     @property
@@ -132,8 +134,7 @@ class Subscription:
             event = self.channel.event  # before looking again: see Channel
             if not self._pending and self.closed_reason is None:
                 event.wait()
-        frames = list(self._pending)
-        self._pending.clear()
+        frames, self._pending = self._pending, []
         self._pending_bytes = 0
         return frames
 

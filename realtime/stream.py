@@ -117,7 +117,7 @@ def event_stream(
     log_context: dict[str, Any] | None = None,
 ) -> Iterator[bytes]:
     store, clock = dispatcher.store, dispatcher.clock
-    log_context = dict(log_context or {})
+    log_context = log_context if log_context is not None else {}  # the log line at the end gets `resume`
     yield sse.retry_frame(retry_ms)
     subscription = dispatcher.subscribe(channel, topics)
     opened = clock()
@@ -159,6 +159,8 @@ def event_stream(
             replayed, quiet_since = [], clock()
             if not page.more:
                 break
+        # Live from here, maybe for hours: hold no page and no frame of the replay.
+        page = frames = replayed = None  # type: ignore[assignment]
 
         while True:
             queued = subscription.take()
