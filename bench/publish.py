@@ -45,20 +45,31 @@ CREATE INDEX ix_raw_created_at ON raw_messages (created_at);
 """
 
 
-def raw_worker(url: str, seconds: float, start: "Start", out: "multiprocessing.Queue[int]", n: int) -> None:
+def raw_worker(url: str, seconds: float, start: "Start", out: "multiprocessing.Queue[int]", n: int,
+               batch: int = 0) -> None:
+    """Plain psycopg: one row per INSERT + COMMIT, or with `batch`, that many rows in one
+    INSERT from arrays + COMMIT (the statement publish_many uses, without any checks)."""
     import psycopg
 
     data = json.dumps(DATA)
     count = 0
+    columns = ([f"bench.{n}"] * batch, ["status"] * batch, [data] * batch, [None] * batch)
     with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as conn:
         deadline = start.wait() + seconds
         while time.time() < deadline:
-            conn.execute(
-                "INSERT INTO raw_messages (channel, topic, data, run_id, created_at) VALUES (%s, %s, %s, %s, now())",
-                (f"bench.{n}", "status", data, None),
-            )
+            if batch:
+                conn.execute(
+                    "INSERT INTO raw_messages (channel, topic, data, run_id, created_at)"
+                    " SELECT c, t, d, r, now() FROM unnest(%s::varchar[], %s::varchar[], %s::text[], %s::varchar[])"
+                    " AS m(c, t, d, r)", columns,
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO raw_messages (channel, topic, data, run_id, created_at) VALUES (%s, %s, %s, %s, now())",
+                    (f"bench.{n}", "status", data, None),
+                )
             conn.commit()
-            count += 1
+            count += batch or 1
     out.put(count)
 
 
@@ -153,9 +164,20 @@ def run_publish(processes: int, seconds: float, batch: int, rounds: int = 2) -> 
                                  "ratio": round(publish["per_s"] / max(1, raw["per_s"]), 3)})
     database = Database("postgresql")
     try:
+        import psycopg
+
+        with psycopg.connect(database.url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+            conn.execute(CREATE_RAW)
+        report["raw_batch"] = phase(f"raw INSERT of {batch} rows + COMMIT", raw_worker, database.url, processes,
+                                    seconds, batch)
+    finally:
+        database.drop()
+    database = Database("postgresql")
+    try:
         report["batch"] = phase(f"publish_many() x {batch}", app_worker, database.url, processes, seconds, batch)
     finally:
         database.drop()
+    report["ratio_batch_to_raw_batch"] = round(report["batch"]["per_s"] / max(1, report["raw_batch"]["per_s"]), 3)
     report["raw_per_s"] = round(sum(r["raw"]["per_s"] for r in report["rounds"]) / rounds)
     report["publish_per_s"] = round(sum(r["publish"]["per_s"] for r in report["rounds"]) / rounds)
     report["ratio_publish_to_raw"] = round(report["publish_per_s"] / max(1, report["raw_per_s"]), 3)

@@ -67,8 +67,10 @@ def table(report: dict) -> str:
             f"(ratio {r['ratio']}) | {r['raw']['machine_busy_pct']}% / {r['publish']['machine_busy_pct']}% |"
             for i, r in enumerate(publish["rounds"])
         ] + [
-            f"| publish_many(), batches of {report['args']['batch']} | {publish['batch']['per_s']:,} "
-            f"| {publish['batch']['machine_busy_pct']}% |",
+            f"| raw INSERT of {report['args']['batch']} rows + COMMIT / publish_many() x {report['args']['batch']} "
+            f"| {publish['raw_batch']['per_s']:,} / {publish['batch']['per_s']:,} "
+            f"(ratio {publish['ratio_batch_to_raw_batch']}) "
+            f"| {publish['raw_batch']['machine_busy_pct']}% / {publish['batch']['machine_busy_pct']}% |",
         ]
     scale = report.get("scale")
     if scale:
@@ -120,8 +122,9 @@ def targets(report: dict) -> list[str]:
     if publish:
         ratio = publish["ratio_publish_to_raw"]
         verdicts.append(f"publish >= 0.8 of raw INSERT+COMMIT: {ratio} -> {'MET' if ratio >= 0.8 else 'MISSED'}")
-        rate = publish["batch"]["per_s"]
-        verdicts.append(f"batch publish >= 50,000 messages/s: {rate:,} -> {'MET' if rate >= 50_000 else 'MISSED'}")
+        rate, raw = publish["batch"]["per_s"], publish["raw_batch"]["per_s"]
+        verdicts.append(f"batch publish >= 50,000 messages/s: {rate:,} (raw batch INSERT on this machine: {raw:,}/s)"
+                        f" -> {'MET' if rate >= 50_000 else 'MISSED'}")
     scale = report.get("scale")
     if scale:
         p99, per = scale["latency_ms"]["p99"], scale["kib_per_stream"]

@@ -225,7 +225,7 @@ class BenchServer:
             text = response.read().decode()
         samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
         values = {s.name: s.value for s in samples if not s.labels}
-        reads = {s.labels["kind"]: s.value for s in samples if s.name == "realtime_store_reads_total"}
+        reads = {s.labels.get("kind", ""): s.value for s in samples if s.name == "realtime_store_reads_total"}
         return {
             "streams": int(values.get("realtime_streams_open", 0)),
             "delivered": int(values.get("realtime_frames_sent_total", 0)),
