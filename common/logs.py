@@ -114,6 +114,9 @@ def configure(log_format: str | None = None) -> None:
     root.addHandler(handler)
     if root.level == logging.WARNING or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
+    # httpx (realtime.client, `tail --url`) logs every request at INFO: noise in a
+    # terminal that shows frames, and a URL may carry a token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     root._configured_by_app = True  # type: ignore[attr-defined]
 
 
