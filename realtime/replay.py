@@ -106,4 +106,5 @@ def _up_to(page: Page, through: int) -> Page:
     mine = Page(m for m in page if m.id <= through)
     mine.more = False  # what follows comes live to this stream
     mine.pruned_through = page.pruned_through
+    mine.source = page.source or page  # a prefix of it: its frames serve this one too
     return mine

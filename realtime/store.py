@@ -195,6 +195,10 @@ class Page(list):
     more: bool = False
     #: `read_replay`: the channel's highest pruned id, read just after the page.
     pruned_through: int = 0
+    #: Set by the readers of a shared page (replay.py, stream.py): the page this one is the
+    #: start of, and the frames of its messages, built once for every stream replaying it.
+    source: Page | None = None
+    frames: list[bytes] | None = None
 
 
 def _message(row: Any) -> Message:

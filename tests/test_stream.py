@@ -230,3 +230,18 @@ def test_a_process_that_never_read_the_epoch_reads_it_before_any_byte(store, dis
     with pytest.raises(DatabaseUnavailable):
         open_stream(dispatcher, "c", None, None, retry_ms=100)
     assert dispatcher.stream_count == 0
+
+
+def test_streams_replaying_one_shared_page_share_its_frames(store, dispatcher):  # noqa: F811
+    """A storm's streams replay the same page (replay.py): its frames are built once, and a
+    stream whose history ends earlier takes the start of the same frames."""
+    from realtime.replay import _up_to
+    from realtime.stream import _replay_frames
+
+    ids = [store.append("c", "t", str(n)).id for n in range(3)]
+    page = store.read_replay("c", None, 0, 100, 1 << 20, ids[-1])
+    first = _replay_frames(page, store.epoch)
+    again = _replay_frames(page, store.epoch)
+    shorter = _replay_frames(_up_to(page, ids[1]), store.epoch)
+    assert _ids(first) == ids and len(shorter) == 2
+    assert all(a is b for a, b in zip(first, again)) and all(a is b for a, b in zip(first, shorter))
