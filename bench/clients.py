@@ -76,12 +76,17 @@ class ClientPool:
              last_event_id: str | None = None, concurrency: int = 100) -> dict:
         """Open `count` streams spread over the processes (`concurrency` connecting at once per
         process); wait until each got `retry:`. With `last_event_id`, they resume after it."""
-        shares = [count // len(self.procs) + (i < count % len(self.procs)) for i in range(len(self.procs))]
         path = f"/api/realtime/subscribe?token={token}"
         if last_event_id is not None:
             path += f"&last_event_id={last_event_id}"
+        return self.open_path(server.host, server.port, path, count, timeout, concurrency=concurrency)
+
+    def open_path(self, host: str, port: int, path: str, count: int, timeout: float, *,
+                  concurrency: int = 100) -> dict:
+        """`open` on any server's stream path (the peers' too)."""
+        shares = [count // len(self.procs) + (i < count % len(self.procs)) for i in range(len(self.procs))]
         commands = [
-            {"cmd": "open", "host": server.host, "port": server.port, "path": path,
+            {"cmd": "open", "host": host, "port": port, "path": path,
              "count": share, "concurrency": concurrency, "timeout": timeout} if share else None
             for share in shares
         ]

@@ -40,7 +40,6 @@ and `peers_table(result)`.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
@@ -95,7 +94,7 @@ class Target:
     def stream_path(self) -> str:
         raise NotImplementedError
 
-    def publisher(self) -> "Publisher | PeerPublisher":
+    def publisher(self) -> Publisher:
         raise NotImplementedError
 
     def extra_cpu_pids(self) -> dict[str, int]:
@@ -234,8 +233,8 @@ class PeerServer(Target):
     def stream_path(self) -> str:
         return f"/stream?channel={CHANNEL}"
 
-    def publisher(self) -> "PeerPublisher":
-        return PeerPublisher(self.host, self.port, CHANNEL)
+    def publisher(self) -> Publisher:
+        return Publisher(self, CHANNEL, path="/publish", topic=None)  # type: ignore[arg-type]
 
     def extra_cpu_pids(self) -> dict[str, int]:
         if self.name != "flask-sse":
@@ -270,31 +269,6 @@ def check_redis() -> None:
         raise RuntimeError(f"flask-sse needs Redis at {REDIS_URL} (BENCH_REDIS_URL): {exc}") from exc
     finally:
         client.close()
-
-
-class PeerPublisher:
-    """POST /publish {"channel", "data"} over one keep-alive connection; as publishing.Publisher."""
-
-    def __init__(self, host: str, port: int, channel: str) -> None:
-        self._conn = http.client.HTTPConnection(host, port, timeout=30)
-        self._headers = {"Content-Type": "application/json"}
-        self._channel = channel
-        self._n = 0
-
-    def publish(self) -> tuple[int, float, float]:
-        self._n += 1
-        body = json.dumps({"channel": self._channel, "data": {"n": self._n}})
-        sent = time.monotonic()
-        self._conn.request("POST", "/publish", body, self._headers)
-        response = self._conn.getresponse()
-        payload = response.read()
-        acknowledged = time.monotonic()
-        if response.status != 201:
-            raise RuntimeError(f"publish answered {response.status}: {payload[:300]!r}")
-        return json.loads(payload)["id"], sent, acknowledged
-
-    def close(self) -> None:
-        self._conn.close()
 
 
 # -- publishing: the same schedule for every server -----------------------------------
@@ -373,18 +347,7 @@ def burst(make: Callable[[], object], publishers: int, seconds: float, max_messa
 
 
 def open_streams(clients: ClientPool, target: Target, count: int, timeout: float, concurrency: int = 100) -> dict:
-    """As ClientPool.open, on any server's stream path."""
-    procs = len(clients.pids)
-    shares = [count // procs + (i < count % procs) for i in range(procs)]
-    commands = [
-        {"cmd": "open", "host": target.host, "port": target.port, "path": target.stream_path(),
-         "count": share, "concurrency": concurrency, "timeout": timeout} if share else None
-        for share in shares
-    ]
-    replies = [r for r in clients.call(commands, timeout + 15) if r]
-    total = {key: sum(r[key] for r in replies) for key in ("ready", "failed", "pending")}
-    total["errors"] = sorted({e for r in replies for e in r["errors"]})[:5]
-    return total
+    return clients.open_path(target.host, target.port, target.stream_path(), count, timeout, concurrency=concurrency)
 
 
 def warm_up(clients: ClientPool, target: Target, streams: int, timeout: float = 60.0) -> int:

@@ -12,20 +12,31 @@ TOPIC = "tick"
 
 
 class Publisher:
-    """POST /api/realtime/publish over one keep-alive connection; returns (id, sent, acknowledged)."""
+    """POST /api/realtime/publish over one keep-alive connection; returns (id, sent, acknowledged).
 
-    def __init__(self, server: BenchServer, channel: str) -> None:
+    `path` and `topic` serve the peers of peers.py too: their publish endpoints take
+    `{"channel", "data"}` at another path and answer `{"id"}` as well.
+    """
+
+    def __init__(self, server: BenchServer, channel: str, *, path: str = "/api/realtime/publish",
+                 topic: str | None = TOPIC) -> None:
         self._conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
-        self._headers = {"Authorization": f"Bearer {PUBLISH_KEY}", "Content-Type": "application/json"}
+        self._headers = {"Content-Type": "application/json"}
+        if path == "/api/realtime/publish":
+            self._headers["Authorization"] = f"Bearer {PUBLISH_KEY}"
+        self._path, self._topic = path, topic
         self._channel = channel
         self._n = 0
 
     def publish(self, channel: str | None = None) -> tuple[int, float, float]:
         """One message on this publisher's channel, or on `channel`."""
         self._n += 1
-        body = json.dumps({"channel": channel or self._channel, "topic": TOPIC, "data": {"n": self._n}})
+        message = {"channel": channel or self._channel, "data": {"n": self._n}}
+        if self._topic is not None:
+            message["topic"] = self._topic
+        body = json.dumps(message)
         sent = time.monotonic()
-        self._conn.request("POST", "/api/realtime/publish", body, self._headers)
+        self._conn.request("POST", self._path, body, self._headers)
         response = self._conn.getresponse()
         payload = response.read()
         acknowledged = time.monotonic()
