@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from sqlalchemy import (
     BigInteger,
@@ -304,14 +305,8 @@ class MessageStore:
         SQLAlchemy's executemany for 1,000 rows, bench/publish.py), one transaction."""
         columns = ([m.channel for m in items], [m.topic for m in items], [m.data_json for m in items],
                    [m.run_id for m in items])
-        raw = self.engine.raw_connection()
-        try:
-            with raw.driver_connection.transaction():
-                ids = [row[0] for row in raw.driver_connection.execute(_INSERT_MANY_SQL, (created_at, *columns))]
-        except BaseException:
-            raw.invalidate()
-            raise
-        raw.close()
+        with self._driver() as driver, driver.transaction():
+            ids = [row[0] for row in driver.execute(_INSERT_MANY_SQL, (created_at, *columns))]
         return sorted(ids)
 
     def _append_alone(self, channel: str, topic: str, data_json: str, run_id: str | None) -> Message:
@@ -319,17 +314,23 @@ class MessageStore:
         round trip, one commit, on the pool's connection without SQLAlchemy's
         per-statement layers (half the CPU of a publish, bench/publish.py)."""
         created_at = self._now()
-        raw = self.engine.raw_connection()
-        driver = raw.driver_connection
-        try:
+        with self._driver() as driver:
             driver.autocommit = True
             message_id = driver.execute(_INSERT_SQL, (channel, topic, data_json, run_id, created_at)).fetchone()[0]
             driver.autocommit = False
+        return Message(message_id, channel, topic, data_json, run_id, created_at)
+
+    @contextmanager
+    def _driver(self) -> Iterator[Any]:
+        """The psycopg connection of a pooled one, for the two hot paths above; back to the
+        pool after, or discarded after an error: it may be mid-query (a timeout, a lost server)."""
+        raw = self.engine.raw_connection()
+        try:
+            yield raw.driver_connection
         except BaseException:
-            raw.invalidate()  # in an unknown state (a timeout mid-query, a lost server): never reused
+            raw.invalidate()
             raise
         raw.close()
-        return Message(message_id, channel, topic, data_json, run_id, created_at)
 
     def _append(
         self, conn: Connection, channel: str, topic: str, data_json: str, run_id: str | None,
