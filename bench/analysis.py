@@ -5,6 +5,8 @@ import math
 import time
 from array import array
 
+from typing import Any, Callable
+
 from server import BenchServer, cpu_seconds, machine_cpu, wait_for
 
 
@@ -160,3 +162,41 @@ def analyse(records: list[tuple], sends: list[tuple[int, float, float]],
             "errors": sorted(errors)[:5],
         },
     }
+
+
+def measure_window(name: str, worker_pid: int, clients: Any, streams: int, publish: Callable[[], list[tuple]],
+                   drain_timeout: float, extra_pids: dict[str, int] | None = None) -> dict:
+    """One window on `clients` (a ClientPool): from the first publish until every stream got
+    the last message (or the timeout). CPU of the worker, the clients, this process and any
+    `extra_pids` (flask-sse's Redis), per delivery too; latency and exactly-once (`analyse`)."""
+    clients.broadcast({"cmd": "mark"}, timeout=30)
+    extra = extra_pids or {}
+    extra_before = {key: cpu_seconds(pid) for key, pid in extra.items()}
+    window = CpuWindow(worker_pid, clients.pids)
+    sends = publish()
+    last_id = max(message_id for message_id, _, _ in sends)
+    waited = clients.broadcast({"cmd": "wait", "last_id": last_id, "timeout": drain_timeout}, drain_timeout + 15)
+    cpu = window.close()
+    for key, pid in extra.items():
+        cpu[f"{key}_pct"] = round(100 * (cpu_seconds(pid) - extra_before[key]) / cpu["wall_s"], 1)
+    published = len(sends)
+    first, last = min(s[1] for s in sends), max(s[2] for s in sends)
+    acks = sorted(s[2] - s[1] for s in sends)
+    result = {
+        "phase": name,
+        "subscribers": streams,
+        "published": published,
+        "publish_rate_per_s": round(published / max(1e-9, last - first), 1),
+        "publish_ack_ms": {"p50": round(1000 * percentile(acks, 0.5), 2), "p99": round(1000 * percentile(acks, 0.99), 2)},
+        "caught_up": sum(w["caught_up"] for w in waited),
+        "cpu": cpu,
+    }
+    result.update(analyse(clients.records(), sends))
+    # CPU per delivered frame: a figure that does not depend on how busy the machine was.
+    deliveries = max(1, result["deliveries"])
+    wall = cpu["wall_s"]
+    cpu["server_us_per_delivery"] = round(1e4 * cpu["server_worker_pct"] * wall / deliveries, 1)
+    cpu["clients_us_per_delivery"] = round(1e4 * sum(cpu["client_procs_pct"]) * wall / deliveries, 1)
+    for key in extra:
+        cpu[f"{key}_us_per_delivery"] = round(1e4 * cpu[f"{key}_pct"] * wall / deliveries, 1)
+    return result

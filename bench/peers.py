@@ -45,19 +45,17 @@ import os
 import platform
 import secrets
 import signal
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from analysis import CpuWindow, analyse, percentile
+from analysis import measure_window
 from clients import BenchTimeout, ClientPool
-from publishing import TOPIC, Publisher
-from server import ROOT, BenchServer, Database, cpu_seconds, free_port, raise_open_files_limit, rss_kib
+from publishing import TOPIC, Publisher, burst, paced
+from server import ROOT, BenchServer, Database, ServerProcess, cpu_seconds, raise_open_files_limit, rss_kib
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -141,19 +139,19 @@ class Realtime(Target):
         return Publisher(self.server, CHANNEL)
 
 
-class PeerServer(Target):
+class PeerServer(ServerProcess, Target):
     """A peer app from peer_apps/, one worker process, started in its own session."""
 
+    cwd = PEER_APPS
+
     def __init__(self, name: str, log_path: Path, open_files: int) -> None:
+        super().__init__(log_path, open_files)
         self.name = name
-        self.log_path, self.open_files = log_path, open_files
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-        self.env = dict(os.environ)
         if name == "flask-sse":
             # A gevent worker as flask-sse documents; gunicorn's default of 1,000
             # connections per worker would cap the streams, so as many as ours.
-            self.command = [
+            self.workers = 1
+            self._command = [
                 sys.executable, "-m", "gunicorn", "flask_sse_app:app", "--worker-class", "gevent",
                 "--workers", "1", "--worker-connections", "10000", "--bind", f"{self.host}:{self.port}",
                 "--graceful-timeout", "3", "--access-logfile", "-", "--no-control-socket",
@@ -162,7 +160,7 @@ class PeerServer(Target):
             self.env["BENCH_CHANNEL_PREFIX"] = f"rt-bench-{secrets.token_hex(6)}-"
         elif name == "sse-starlette":
             # uvicorn without --workers: the app runs in the one process it starts.
-            self.command = [
+            self._command = [
                 sys.executable, "-m", "uvicorn", "starlette_app:app", "--host", self.host,
                 "--port", str(self.port), "--timeout-graceful-shutdown", "3", "--log-level", "warning",
                 "--access-log",
@@ -170,65 +168,13 @@ class PeerServer(Target):
         else:
             raise ValueError(f"unknown peer {name!r}")
 
-    def start(self, timeout: float = 60.0) -> "PeerServer":
-        self._log = open(self.log_path, "ab")
-        open_files = self.open_files
+    def command(self) -> list[str]:
+        return self._command
 
-        def in_child() -> None:
-            raise_open_files_limit(open_files)
-
-        self.process = subprocess.Popen(
-            self.command, cwd=PEER_APPS, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=in_child,
-        )
-        deadline = time.monotonic() + timeout
-        while not self._answers():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not answer within {timeout}s (log: {self.log_path})")
-            time.sleep(0.1)
-        while self.name == "flask-sse" and len(self._children()) != 1:
-            if time.monotonic() > deadline:
-                raise TimeoutError("gunicorn's worker did not appear")
-            time.sleep(0.1)
-        return self
-
-    def _answers(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=5) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def _children(self) -> list[int]:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        try:
-            return [int(pid) for pid in children.read_text().split()]
-        except FileNotFoundError:
-            return []
-
-    @property
-    def worker_pid(self) -> int:
-        if self.name == "flask-sse":
-            (pid,) = self._children()
-            return pid
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        try:
-            if self.process.poll() is None:
-                os.kill(self.process.pid, signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait()
-        finally:
-            self._log.close()
-            self.process = None
+    def answers(self) -> None:
+        with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+            if response.status != 200:
+                raise OSError(f"/health answered {response.status}")
 
     def stream_path(self) -> str:
         return f"/stream?channel={CHANNEL}"
@@ -271,77 +217,6 @@ def check_redis() -> None:
         client.close()
 
 
-# -- publishing: the same schedule for every server -----------------------------------
-
-
-def run_publishers(make: Callable[[], object], connections: int, next_due: Callable[[], float | None],
-                   deadline: float) -> list[tuple]:
-    """`connections` threads, each publishing whenever `next_due()` gives it a due time (None: done)."""
-    sends: list[tuple] = []
-    failures: list[BaseException] = []
-
-    def loop() -> None:
-        publisher = make()
-        try:
-            while True:
-                due = next_due()
-                if due is None:
-                    return
-                delay = due - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                sends.append(publisher.publish())
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            failures.append(exc)
-        finally:
-            publisher.close()
-
-    threads = [threading.Thread(target=loop) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max(1.0, deadline - time.monotonic()))
-    if failures:
-        raise failures[0]
-    if any(t.is_alive() for t in threads):
-        raise BenchTimeout("a publisher did not finish")
-    return sends
-
-
-def paced(make: Callable[[], object], rate: float, seconds: float, connections: int = 4) -> list[tuple]:
-    """Open loop, as publishing.publish_paced: message k is due at start + k/rate."""
-    count = max(1, round(rate * seconds))
-    start = time.monotonic() + 0.05
-    lock = threading.Lock()
-    k = 0
-
-    def next_due() -> float | None:
-        nonlocal k
-        with lock:
-            if k >= count:
-                return None
-            k += 1
-            return start + (k - 1) / rate
-
-    return run_publishers(make, connections, next_due, start + seconds + 120)
-
-
-def burst(make: Callable[[], object], publishers: int, seconds: float, max_messages: int) -> list[tuple]:
-    """Back to back on `publishers` connections, for `seconds` or `max_messages`, whichever first."""
-    end = time.monotonic() + seconds
-    lock = threading.Lock()
-    taken = 0
-
-    def next_due() -> float | None:
-        nonlocal taken
-        with lock:
-            if taken >= max_messages or time.monotonic() >= end:
-                return None
-            taken += 1
-            return 0.0
-
-    return run_publishers(make, publishers, next_due, end + 60)
-
 
 # -- one server -----------------------------------------------------------------------
 
@@ -372,37 +247,7 @@ def warm_up(clients: ClientPool, target: Target, streams: int, timeout: float = 
 
 def measure(name: str, target: Target, clients: ClientPool, streams: int, publish: Callable[[], list[tuple]],
             drain_timeout: float) -> dict:
-    """One window: from the first publish until every stream got the last message (or the timeout)."""
-    clients.broadcast({"cmd": "mark"}, timeout=30)
-    extra = target.extra_cpu_pids()
-    extra_before = {key: cpu_seconds(pid) for key, pid in extra.items()}
-    window = CpuWindow(target.worker_pid, clients.pids)
-    sends = publish()
-    last_id = max(message_id for message_id, _, _ in sends)
-    waited = clients.broadcast({"cmd": "wait", "last_id": last_id, "timeout": drain_timeout}, drain_timeout + 15)
-    cpu = window.close()
-    for key, pid in extra.items():
-        cpu[f"{key}_pct"] = round(100 * (cpu_seconds(pid) - extra_before[key]) / cpu["wall_s"], 1)
-    published = len(sends)
-    first, last = min(s[1] for s in sends), max(s[2] for s in sends)
-    acks = sorted(s[2] - s[1] for s in sends)
-    result = {
-        "phase": name,
-        "subscribers": streams,
-        "published": published,
-        "publish_rate_per_s": round(published / max(1e-9, last - first), 1),
-        "publish_ack_ms": {"p50": round(1000 * percentile(acks, 0.5), 2), "p99": round(1000 * percentile(acks, 0.99), 2)},
-        "caught_up": sum(w["caught_up"] for w in waited),
-        "cpu": cpu,
-    }
-    result.update(analyse(clients.records(), sends))
-    deliveries = max(1, result["deliveries"])
-    wall = cpu["wall_s"]
-    cpu["server_us_per_delivery"] = round(1e4 * cpu["server_worker_pct"] * wall / deliveries, 1)
-    cpu["clients_us_per_delivery"] = round(1e4 * sum(cpu["client_procs_pct"]) * wall / deliveries, 1)
-    if "redis_pct" in cpu:
-        cpu["redis_us_per_delivery"] = round(1e4 * cpu["redis_pct"] * wall / deliveries, 1)
-    return result
+    return measure_window(name, target.worker_pid, clients, streams, publish, drain_timeout, target.extra_cpu_pids())
 
 
 def run_target(target: Target, clients: ClientPool, args: argparse.Namespace) -> dict:

@@ -5,7 +5,9 @@ import http.client
 import json
 import threading
 import time
+from typing import Callable
 
+from clients import BenchTimeout
 from server import PUBLISH_KEY, BenchServer
 
 TOPIC = "tick"
@@ -48,8 +50,45 @@ class Publisher:
         self._conn.close()
 
 
-def publish_paced(server: BenchServer, channel: str, rate: float, seconds: float, connections: int = 4,
-                  channels: list[str] | None = None, channel_of: dict[int, str] | None = None) -> list[tuple]:
+def run_publishers(make: Callable[[], Publisher], connections: int,
+                   next_due: Callable[[], tuple[float, str | None] | None], deadline: float,
+                   channel_of: dict[int, str] | None = None) -> list[tuple]:
+    """`connections` threads, each with a publisher from `make`, publishing whenever `next_due()`
+    gives it (due time, channel or None for the publisher's own); None: done."""
+    sends: list[tuple] = []
+    failures: list[BaseException] = []
+
+    def loop() -> None:
+        publisher = make()
+        try:
+            while (due := next_due()) is not None:
+                at, channel = due
+                delay = at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                sent = publisher.publish(channel)
+                sends.append(sent)
+                if channel_of is not None and channel is not None:
+                    channel_of[sent[0]] = channel
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            failures.append(exc)
+        finally:
+            publisher.close()
+
+    threads = [threading.Thread(target=loop) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(1.0, deadline - time.monotonic()))
+    if failures:
+        raise failures[0]
+    if any(t.is_alive() for t in threads):
+        raise BenchTimeout("a publisher did not finish")
+    return sends
+
+
+def paced(make: Callable[[], Publisher], rate: float, seconds: float, connections: int = 4, *,
+          channels: list[str] | None = None, channel_of: dict[int, str] | None = None) -> list[tuple]:
     """`rate` messages per second on a fixed schedule, open loop.
 
     Message k is due at start + k/rate. Several connections take turns, so one
@@ -60,63 +99,43 @@ def publish_paced(server: BenchServer, channel: str, rate: float, seconds: float
     """
     count = max(1, round(rate * seconds))
     start = time.monotonic() + 0.05
-    due = iter(range(count))
     lock = threading.Lock()
-    sends: list[tuple] = []
-    failures: list[BaseException] = []
+    k = 0
 
-    def loop() -> None:
-        publisher = Publisher(server, channel)
-        try:
-            while True:
-                with lock:
-                    k = next(due, None)
-                if k is None:
-                    return
-                delay = start + k / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                to = channels[k % len(channels)] if channels else channel
-                sent = publisher.publish(to)
-                sends.append(sent)
-                if channel_of is not None:
-                    channel_of[sent[0]] = to
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            failures.append(exc)
-        finally:
-            publisher.close()
+    def next_due() -> tuple[float, str | None] | None:
+        nonlocal k
+        with lock:
+            if k >= count:
+                return None
+            k += 1
+            return start + (k - 1) / rate, channels[(k - 1) % len(channels)] if channels else None
 
-    threads = [threading.Thread(target=loop) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 120)
-    if failures:
-        raise failures[0]
-    return sends
+    return run_publishers(make, connections, next_due, start + seconds + 120, channel_of)
+
+
+def burst(make: Callable[[], Publisher], publishers: int, seconds: float, max_messages: int | None = None) -> list[tuple]:
+    """Back to back on `publishers` connections, for `seconds` or `max_messages`, whichever first."""
+    end = time.monotonic() + seconds
+    lock = threading.Lock()
+    taken = 0
+
+    def next_due() -> tuple[float, None] | None:
+        nonlocal taken
+        with lock:
+            if (max_messages is not None and taken >= max_messages) or time.monotonic() >= end:
+                return None
+            taken += 1
+            return 0.0, None
+
+    return run_publishers(make, publishers, next_due, end + 60)
+
+
+def publish_paced(server: BenchServer, channel: str, rate: float, seconds: float, connections: int = 4,
+                  channels: list[str] | None = None, channel_of: dict[int, str] | None = None) -> list[tuple]:
+    """`paced` through this project's publish endpoint, on `channel` (or round robin on `channels`)."""
+    return paced(lambda: Publisher(server, channel), rate, seconds, connections, channels=channels, channel_of=channel_of)
 
 
 def publish_burst(server: BenchServer, channel: str, publishers: int, seconds: float) -> list[tuple]:
-    """`publishers` connections publishing back to back for `seconds`."""
-    deadline = time.monotonic() + seconds
-    results: list[list[tuple]] = [[] for _ in range(publishers)]
-    failures: list[BaseException] = []
-
-    def loop(sends: list[tuple]) -> None:
-        publisher = Publisher(server, channel)
-        try:
-            while time.monotonic() < deadline:
-                sends.append(publisher.publish())
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            failures.append(exc)
-        finally:
-            publisher.close()
-
-    threads = [threading.Thread(target=loop, args=(r,)) for r in results]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 60)
-    if failures:
-        raise failures[0]
-    return [s for r in results for s in r]
+    """`burst` through this project's publish endpoint."""
+    return burst(lambda: Publisher(server, channel), publishers, seconds)

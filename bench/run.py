@@ -42,7 +42,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from analysis import CpuWindow, analyse, percentile, settle
+from analysis import CpuWindow, measure_window, settle
 from clients import BenchTimeout, ClientPool
 from publishing import TOPIC, Publisher, publish_burst, publish_paced
 from report import table, targets
@@ -102,40 +102,20 @@ def publishing_phase(
     name: str, server: BenchServer, clients: ClientPool, streams: int, publish, drain_timeout: float,
     profile: bool = False,
 ) -> dict:
-    """Measure one window: from the first publish until every stream received the last message."""
-    clients.broadcast({"cmd": "mark"}, timeout=30)
+    """Measure one window (`measure_window`), with the store reads it cost."""
     before = settle(server, streams)
-    window = CpuWindow(server.worker_pid, clients.pids)
     profiler = start_profiler(server.worker_pid, name) if profile else None
-    sends = publish()
-    last_id = max(message_id for message_id, _, _ in sends)
-    waited = clients.broadcast({"cmd": "wait", "last_id": last_id, "timeout": drain_timeout}, drain_timeout + 15)
-    cpu = window.close()
+    result = measure_window(name, server.worker_pid, clients, streams, publish, drain_timeout)
     if profiler is not None:
         stop_profiler(*profiler)
     time.sleep(0.5)  # let a trailing dispatcher read land in the count
     after = server.stats()
-    published = len(sends)
-    first, last = min(s[1] for s in sends), max(s[2] for s in sends)
-    acks = sorted(s[2] - s[1] for s in sends)
-    result = {
-        "phase": name,
-        "subscribers": streams,
-        "published": published,
-        "publish_rate_per_s": round(published / max(1e-9, last - first), 1),
-        "publish_ack_ms": {"p50": round(1000 * percentile(acks, 0.5), 2), "p99": round(1000 * percentile(acks, 0.99), 2)},
-        "caught_up": sum(w["caught_up"] for w in waited),
-        "store_reads": after["store_reads"] - before["store_reads"],
-        "reads_per_message": round((after["store_reads"] - before["store_reads"]) / published, 3),
+    reads = after["store_reads"] - before["store_reads"]
+    result.update({
+        "store_reads": reads,
+        "reads_per_message": round(reads / result["published"], 3),
         "server_delivered": after["delivered"] - before["delivered"],
-        "cpu": cpu,
-    }
-    result.update(analyse(clients.records(), sends))
-    # CPU per delivered frame: a figure that does not depend on how busy the machine was.
-    deliveries = max(1, result["deliveries"])
-    wall = cpu["wall_s"]
-    cpu["server_us_per_delivery"] = round(1e4 * cpu["server_worker_pct"] * wall / deliveries, 1)
-    cpu["clients_us_per_delivery"] = round(1e4 * sum(cpu["client_procs_pct"]) * wall / deliveries, 1)
+    })
     return result
 
 

@@ -111,48 +111,31 @@ class Database:
 # -- the server -------------------------------------------------------------------
 
 
-class BenchServer:
-    """One gunicorn master with `workers` gevent workers (one unless said) on a free localhost port."""
+class ServerProcess:
+    """A server started in its own session on a free localhost port, with a high open-files
+    limit, waited for until it answers and its `workers` child processes exist, stopped by
+    its pid. Subclasses say how: `command`, `cwd`, `answers` (and `env`, `log_path`)."""
 
-    def __init__(
-        self,
-        database_url: str,
-        log_path: Path,
-        *,
-        open_files: int,
-        app_dir: Path = ROOT,
-        app: str = "app:create_app()",
-        env: dict[str, str] | None = None,
-        workers: int = 1,
-        **config: object,
-    ) -> None:
-        self.workers = workers
-        self.app_dir = app_dir
-        self.app = app
-        self.is_postgres = database_url.startswith("postgresql")
+    name = "server"
+    host = "127.0.0.1"
+    cwd: Path = ROOT
+    workers = 0  # child worker processes to wait for (gunicorn's); 0: the process serves itself
+
+    def __init__(self, log_path: Path, open_files: int) -> None:
         self.port = free_port()
-        self.host = "127.0.0.1"
         self.url = f"http://{self.host}:{self.port}"
-        self.log_path = log_path
-        self.open_files = open_files
-        self.env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "SECRET_KEY": "bench-secret-" + secrets.token_hex(8),
-            "WEB_CONCURRENCY": str(workers),
-            "FLASK_REALTIME_PUBLISH_KEY": PUBLISH_KEY,
-            # Production defaults, written out so the run's JSON records them.
-            "FLASK_REALTIME_HEARTBEAT_S": "15",
-            "FLASK_REALTIME_RETRY_MS": "2000",
-            "FLASK_REALTIME_POLL_S": "0.25",  # SQLite only
-            # Only so a token survives the seconds it takes to open 5,000 streams.
-            "FLASK_REALTIME_TOKEN_TTL_S": "600",
-        }
-        self.env.update(env or {})
-        self.env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
+        self.log_path, self.open_files = log_path, open_files
+        self.env: dict[str, str] = dict(os.environ)
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "BenchServer":
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def answers(self) -> None:
+        """Raise OSError until the server answers."""
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60.0) -> "ServerProcess":
         self._log = open(self.log_path, "ab")
         open_files = self.open_files
 
@@ -160,27 +143,25 @@ class BenchServer:
             raise_open_files_limit(open_files)
 
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app,
-             "--bind", f"{self.host}:{self.port}"],
-            cwd=self.app_dir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            self.command(), cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=in_child,
         )
         deadline = time.monotonic() + timeout
         while not self._answers():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"gunicorn did not answer within {timeout}s (log: {self.log_path})")
+                raise TimeoutError(f"{self.name} did not answer within {timeout}s (log: {self.log_path})")
             time.sleep(0.1)
         while len(self.worker_pids()) != self.workers:
             if time.monotonic() > deadline:
-                raise TimeoutError("gunicorn's worker did not appear")
+                raise TimeoutError(f"{self.name}'s workers did not appear")
             time.sleep(0.1)
         return self
 
     def _answers(self) -> bool:
         if self.process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
         try:
-            self.stats()
+            self.answers()
             return True
         except OSError:
             return False
@@ -194,21 +175,69 @@ class BenchServer:
 
     @property
     def worker_pid(self) -> int:
+        if not self.workers:
+            return self.process.pid
         (pid,) = self.worker_pids()
         return pid
 
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
-        self.process = None
+        try:
+            if self.process.poll() is None:
+                os.kill(self.process.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+        finally:
+            self._log.close()
+            self.process = None
+
+
+class BenchServer(ServerProcess):
+    """One gunicorn master with `workers` gevent workers (one unless said) on a free localhost port."""
+
+    name = "gunicorn"
+
+    def __init__(
+        self,
+        database_url: str,
+        log_path: Path,
+        *,
+        open_files: int,
+        app_dir: Path = ROOT,
+        app: str = "app:create_app()",
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        **config: object,
+    ) -> None:
+        super().__init__(log_path, open_files)
+        self.workers = workers
+        self.cwd = app_dir
+        self.app = app
+        self.is_postgres = database_url.startswith("postgresql")
+        self.env.update({
+            "DATABASE_URL": database_url,
+            "SECRET_KEY": "bench-secret-" + secrets.token_hex(8),
+            "WEB_CONCURRENCY": str(workers),
+            "FLASK_REALTIME_PUBLISH_KEY": PUBLISH_KEY,
+            # Production defaults, written out so the run's JSON records them.
+            "FLASK_REALTIME_HEARTBEAT_S": "15",
+            "FLASK_REALTIME_RETRY_MS": "2000",
+            "FLASK_REALTIME_POLL_S": "0.25",  # SQLite only
+            # Only so a token survives the seconds it takes to open 5,000 streams.
+            "FLASK_REALTIME_TOKEN_TTL_S": "600",
+        })
+        self.env.update(env or {})
+        self.env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app, "--bind", f"{self.host}:{self.port}"]
+
+    def answers(self) -> None:
+        self.stats()
 
     # -- HTTP helpers (stdlib only: cheap, and no extra client in the numbers) --
 
