@@ -103,7 +103,7 @@ def realtime(app):
 # -- databases ----------------------------------------------------------------------
 
 
-def _create_pg_database() -> str | None:
+def create_pg_database() -> str | None:
     try:
         import psycopg
 
@@ -115,7 +115,7 @@ def _create_pg_database() -> str | None:
         return None
 
 
-def _drop_pg_database(name: str) -> None:
+def drop_pg_database(name: str) -> None:
     import psycopg
 
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
@@ -125,11 +125,11 @@ def _drop_pg_database(name: str) -> None:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    name = _create_pg_database()
+    name = create_pg_database()
     if name is None:
         skip_or_fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}")
     yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    _drop_pg_database(name)
+    drop_pg_database(name)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -281,7 +281,7 @@ def shared_server(request, tmp_path_factory) -> Iterator[LiveServer]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp / 'shared.sqlite3'}"
     else:
-        pg_name = _create_pg_database()
+        pg_name = create_pg_database()
         if pg_name is None:
             skip_or_fail("PostgreSQL is not reachable on 127.0.0.1:5432")
         url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}"
@@ -291,4 +291,4 @@ def shared_server(request, tmp_path_factory) -> Iterator[LiveServer]:
     finally:
         server.stop()
         if pg_name:
-            _drop_pg_database(pg_name)
+            drop_pg_database(pg_name)

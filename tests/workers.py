@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from conftest import ROOT, LiveServer, _create_pg_database, _drop_pg_database, skip_or_fail
+from conftest import ROOT, LiveServer, create_pg_database, drop_pg_database, skip_or_fail
 from realtime.client import Message, subscribe, token_from
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -26,7 +26,7 @@ def require_broker(name: str, port: int) -> None:
 
 def live_server_on_postgres(tmp: Path) -> Iterator[LiveServer]:
     """A 1-worker gunicorn on a fresh PostgreSQL database, for a module's tests."""
-    name = _create_pg_database()
+    name = create_pg_database()
     if name is None:
         skip_or_fail("PostgreSQL is not reachable on 127.0.0.1:5432")
     server = LiveServer(tmp / "gunicorn.log", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", workers=1)
@@ -34,7 +34,7 @@ def live_server_on_postgres(tmp: Path) -> Iterator[LiveServer]:
         yield server.start()
     finally:
         server.stop()
-        _drop_pg_database(name)
+        drop_pg_database(name)
 
 
 class Worker:
