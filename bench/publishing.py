@@ -88,8 +88,9 @@ def run_publishers(make: Callable[[], Publisher], connections: int,
 
 
 def paced(make: Callable[[], Publisher], rate: float, seconds: float, connections: int = 4, *,
-          channels: list[str] | None = None, channel_of: dict[int, str] | None = None) -> list[tuple]:
-    """`rate` messages per second on a fixed schedule, open loop.
+          channels: list[str] | None = None, channel_of: dict[int, str] | None = None,
+          until: threading.Event | None = None) -> list[tuple]:
+    """`rate` messages per second on a fixed schedule, open loop, for `seconds` (or until `until` is set).
 
     Message k is due at start + k/rate. Several connections take turns, so one
     slow answer does not delay the messages due after it (no coordinated
@@ -105,7 +106,7 @@ def paced(make: Callable[[], Publisher], rate: float, seconds: float, connection
     def next_due() -> tuple[float, str | None] | None:
         nonlocal k
         with lock:
-            if k >= count:
+            if (k >= count) if until is None else until.is_set():
                 return None
             k += 1
             return start + (k - 1) / rate, channels[(k - 1) % len(channels)] if channels else None
@@ -131,9 +132,11 @@ def burst(make: Callable[[], Publisher], publishers: int, seconds: float, max_me
 
 
 def publish_paced(server: BenchServer, channel: str, rate: float, seconds: float, connections: int = 4,
-                  channels: list[str] | None = None, channel_of: dict[int, str] | None = None) -> list[tuple]:
+                  channels: list[str] | None = None, channel_of: dict[int, str] | None = None,
+                  until: threading.Event | None = None) -> list[tuple]:
     """`paced` through this project's publish endpoint, on `channel` (or round robin on `channels`)."""
-    return paced(lambda: Publisher(server, channel), rate, seconds, connections, channels=channels, channel_of=channel_of)
+    return paced(lambda: Publisher(server, channel), rate, seconds, connections, channels=channels,
+                 channel_of=channel_of, until=until)
 
 
 def publish_burst(server: BenchServer, channel: str, publishers: int, seconds: float) -> list[tuple]:

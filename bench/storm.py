@@ -15,7 +15,7 @@ import time
 
 from analysis import analyse, percentile
 from clients import ClientPool
-from publishing import TOPIC, Publisher, publish_paced
+from publishing import TOPIC, Publisher, paced
 from server import BenchServer
 
 
@@ -32,10 +32,14 @@ def run_storm_phase(args, database, log_path, clients: ClientPool) -> dict:  # n
 
         during: list[tuple] = []
         stop = threading.Event()
+        # The publisher elsewhere is already connected, as a running service's would be: each of
+        # its connections has had an answer before the storm begins.
+        connections = [Publisher(server, "bench.other") for _ in range(4)]
+        for connection in connections:
+            connection.publish()
 
         def publish_elsewhere() -> None:
-            while not stop.is_set():
-                during.extend(publish_paced(server, "bench.other", args.rate, 1.0))
+            during.extend(paced(connections.pop, args.rate, 0, len(connections), until=stop))
 
         background = threading.Thread(target=publish_elsewhere)
         clients.broadcast({"cmd": "mark"}, timeout=30)
