@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from common.database import Database, database_for
 
+from .admission import StreamAdmission
 from .changes import PostgresChangeFeed
 from .cursor import Cursor
 from .dispatch import Dispatcher
@@ -51,6 +52,7 @@ DEFAULTS = {
     "REALTIME_STREAM_BUFFER": 1000,  # frames queued for a slow client before its stream ends
     "REALTIME_SEND_TIMEOUT_S": 10,  # a write to a client that stopped reading is cut after this
     "REALTIME_PRUNE_INTERVAL_S": 300,
+    "REALTIME_STREAM_ADMISSION": 16,  # stream requests let into the app at once per process; 0: no limit
 }
 
 
@@ -89,6 +91,9 @@ class Realtime:
         self._stopped = threading.Event()
 
         app.extensions["realtime"] = self
+        admission = int(config["REALTIME_STREAM_ADMISSION"])
+        if admission > 0:
+            app.wsgi_app = StreamAdmission(app.wsgi_app, admission)  # type: ignore[method-assign]
         # Background work starts with the first request, i.e. in the serving
         # process after gunicorn forked, never at import or in `flask` commands.
         app.before_request(self.start)
