@@ -48,12 +48,15 @@ class Channel:
     queued after the stream's look is never slept through.
     """
 
-    __slots__ = ("name", "subscriptions", "event")
+    __slots__ = ("name", "subscriptions", "event", "known_from", "last_id")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, known_from: int = 0) -> None:
         self.name = name
         self.subscriptions: set[Subscription] = set()
         self.event = threading.Event()
+        # Every message of the channel after `known_from` went through the
+        # dispatcher while this object existed; `last_id` is the newest.
+        self.known_from = self.last_id = known_from
 
     def wake(self) -> None:
         event, self.event = self.event, threading.Event()
@@ -198,7 +201,8 @@ class Dispatcher:
         self._hole: Hole | None = None
         #: Replay pages shared by streams that ask for the same one together (a reconnect storm).
         self.replays = ReplayReads(
-            store, lambda: self._last_id or 0, page_size=REPLAY_PAGE, page_bytes=REPLAY_PAGE_BYTES, clock=clock
+            store, lambda: self._last_id or 0, page_size=REPLAY_PAGE, page_bytes=REPLAY_PAGE_BYTES, clock=clock,
+            quiet_after=self.quiet_after,
         )
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -257,12 +261,23 @@ class Dispatcher:
                 subscription.close("shutdown")
                 return subscription
             if channel not in self._channels:
-                self._channels[channel] = Channel(channel)
+                self._channels[channel] = Channel(channel, known_from=self._last_id or 0)
             subscription = Subscription(self._channels[channel], topics, self.buffer_size, self._clock())
             subscription.channel.subscriptions.add(subscription)
             # Its history ends here: everything after comes live.
             subscription.history_through = self._last_id
         return subscription
+
+    def quiet_after(self, channel: str, after_id: int) -> bool:
+        """True when no message of `channel` up to `position` is newer than `after_id`.
+
+        Known only for a channel with streams, since before `after_id`: its
+        messages all passed through `_deliver`. A replay page read up to
+        `after_id` is then complete up to `position` (replay.py).
+        """
+        with self._lock:
+            known = self._channels.get(channel)
+            return known is not None and known.known_from <= after_id and known.last_id <= after_id
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
@@ -346,6 +361,7 @@ class Dispatcher:
                     continue
                 channel = self._channels.get(message.channel)
                 if channel is not None:
+                    channel.last_id = message.id
                     # One bytes object for every subscriber of the channel.
                     frame = sse.message_frame(f"{epoch}-{message.id}", message.topic, message.envelope_json())
                     queued = sum(s.offer(message, frame, now) for s in channel.subscriptions)

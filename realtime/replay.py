@@ -9,7 +9,10 @@ leaves the connection pool to publishes and the dispatcher.
 
 A page is read up to the dispatcher's current position, which is at or past
 the history end of every stream already subscribed: each stream keeps the
-messages up to its own `history_through`, and gets the rest live.
+messages up to its own `history_through`, and gets the rest live. A stream
+that subscribed after the position moved on still shares the page if nothing
+was published on its channel since the read (`quiet_after`): messages on
+other channels do not make a storm read again.
 """
 from __future__ import annotations
 
@@ -45,11 +48,13 @@ class ReplayReads:
         ttl_s: float = 1.0,
         concurrency: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        quiet_after: Callable[[str, int], bool] = lambda channel, after_id: False,
     ) -> None:
         self.store = store
         self.page_size, self.page_bytes = page_size, page_bytes
         self.ttl_s = ttl_s
         self._horizon = horizon  # the dispatcher's position: how far a shared read may go
+        self._quiet_after = quiet_after  # no message of the channel after this id, up to the position
         self._clock = clock
         self._lock = threading.Lock()
         self._reads: dict[Key, _Read] = {}
@@ -62,7 +67,7 @@ class ReplayReads:
             with self._lock:
                 read = self._reads.get(key)
                 stale = read is None or read.error is not None or self._clock() >= read.expires or (
-                    read.done.is_set() and read.through < through
+                    read.done.is_set() and not self._covers(read, channel, through)
                 )
                 if stale:
                     read = self._reads[key] = _Read(threading.Event())
@@ -72,9 +77,12 @@ class ReplayReads:
                 read.done.wait()
             if read.error is not None:
                 raise read.error
-            if read.through >= through:
+            if self._covers(read, channel, through):
                 return _up_to(read.page, through)
             # A shared read that stopped short of this stream's history end: read again.
+
+    def _covers(self, read: _Read, channel: str, through: int) -> bool:
+        return read.through >= through or self._quiet_after(channel, read.through)
 
     def _read(self, key: Key, read: _Read, through: int) -> None:
         channel, topics, after_id = key

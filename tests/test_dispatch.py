@@ -108,6 +108,26 @@ def test_dispatch_routes_by_channel_and_reads_once_for_any_number_of_streams(sto
     assert dispatcher.stream_count == 1002
 
 
+def test_a_channel_is_quiet_after_an_id_until_a_message_of_its_own_is_dispatched(store, dispatcher):
+    """What lets a replay page read before serve a stream that subscribes later (replay.py)."""
+    store.append("c", "t", "history")
+    dispatcher.subscribe("c", None)
+    read_through = dispatcher.position
+    assert dispatcher.quiet_after("c", read_through)
+    store.append("elsewhere", "t", "1")
+    dispatcher.dispatch_new()
+    assert dispatcher.position > read_through
+    assert dispatcher.quiet_after("c", read_through), "another channel's messages do not count"
+    own = store.append("c", "t", "2")
+    dispatcher.dispatch_new()
+    assert not dispatcher.quiet_after("c", read_through), "a page read up to there misses `own`"
+    assert dispatcher.quiet_after("c", own.id)
+    assert not dispatcher.quiet_after("nobody", dispatcher.position), "a channel without streams is not watched"
+    before_d = dispatcher.position - 1
+    dispatcher.subscribe("d", None)
+    assert not dispatcher.quiet_after("d", before_d), "not known for the time before its first stream"
+
+
 def test_every_subscriber_of_a_channel_gets_the_same_frame_object(store, dispatcher):
     subscriptions = [dispatcher.subscribe("c", None) for _ in range(3)]
     message = store.append("c", "status", '{"p": 1}')

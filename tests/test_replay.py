@@ -68,6 +68,19 @@ def test_a_stream_whose_history_ends_past_a_shared_read_reads_again():
     assert store.reads == [(0, 5), (0, 8)]
 
 
+def test_a_page_serves_a_later_history_end_while_its_channel_is_quiet():
+    store, horizon, quiet = Store(), [5], [True]
+    replays = ReplayReads(store, lambda: horizon[0], page_size=500, page_bytes=1 << 20, clock=Clock(),
+                          quiet_after=lambda channel, after_id: quiet[0])
+    assert [m.id for m in replays.page("c", None, 0, 5)] == [1, 2, 3, 4, 5]
+    horizon[0] = 8  # 6-8 were published on other channels
+    assert [m.id for m in replays.page("c", None, 0, 8)] == [1, 2, 3, 4, 5]
+    assert store.reads == [(0, 5)], "shared: nothing of channel c after 5"
+    quiet[0] = False  # one of 6-8 was c's
+    assert [m.id for m in replays.page("c", None, 0, 8)] == list(range(1, 9))
+    assert store.reads == [(0, 5), (0, 8)]
+
+
 def test_a_failed_read_fails_its_waiters_and_the_next_stream_reads_again():
     class Failing(Store):
         def read_replay(self, *args, **kwargs):
