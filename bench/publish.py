@@ -60,7 +60,7 @@ def raw_worker(url: str, seconds: float, start: "Start", out: "multiprocessing.Q
             if batch:
                 conn.execute(
                     "INSERT INTO raw_messages (channel, topic, data, run_id, created_at)"
-                    " SELECT c, t, d, r, now() FROM unnest(%s::varchar[], %s::varchar[], %s::text[], %s::varchar[])"
+                    " SELECT c, t, d, r, now() FROM unnest(%b::varchar[], %b::varchar[], %b::text[], %b::varchar[])"
                     " AS m(c, t, d, r)", columns,
                 )
             else:

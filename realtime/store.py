@@ -119,7 +119,7 @@ _INSERT_SQL = (
 # and each draws its id from the sequence as it is inserted, so ids ascend in list order.
 _INSERT_MANY_SQL = (
     "INSERT INTO realtime_messages (channel, topic, data, run_id, created_at)"
-    " SELECT c, t, d, r, %s FROM unnest(%s::varchar[], %s::varchar[], %s::text[], %s::varchar[])"
+    " SELECT c, t, d, r, %s FROM unnest(%b::varchar[], %b::varchar[], %b::text[], %b::varchar[])"
     " WITH ORDINALITY AS m(c, t, d, r, n) ORDER BY n RETURNING id"
 )
 _WRITERS = text(

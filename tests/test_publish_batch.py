@@ -35,6 +35,15 @@ def test_publish_many_stores_every_message_in_list_order(batch_app):
     assert [m["data"]["n"] for m in history(batch_app, "batch.2")] == [1]
 
 
+def test_a_batch_stores_every_character_as_sent(batch_app):
+    """The batch goes to PostgreSQL as binary arrays: nothing is escaped, so nothing can be
+    mis-escaped. Quotes, backslashes, braces, commas and the word NULL come back as sent."""
+    awkward = ['"quoted" \\ back\\slash', "{a,b}", "NULL", "", "  spaced  ", "é ü 日本 \u2603", "tab\tnew\nline"]
+    realtime = batch_app.extensions["realtime"]
+    realtime.publish_many([{"channel": "batch.chars", "topic": "t", "data": text} for text in awkward])
+    assert [m["data"] for m in history(batch_app, "batch.chars")] == awkward
+
+
 def test_http_batch_answers_every_envelope_and_the_stream_reads_them_in_order(batch_app):
     client = batch_app.test_client()
     response = client.post(PUBLISH, json={"messages": [item(n) for n in range(1000)]}, headers=AUTH)
