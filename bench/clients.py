@@ -1,6 +1,6 @@
 """The subscriber processes of `make bench`: a pool of load.py processes driven by JSON lines.
 
-Each process holds many streams in gevent; run.py sends every process one
+Each process holds many streams in one epoll loop; run.py sends every process one
 command per line and reads one JSON answer per line (see load.py).
 """
 from __future__ import annotations

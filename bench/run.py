@@ -21,7 +21,7 @@ Before them, on PostgreSQL: publish   realtime.publish() against raw INSERT+COMM
 After them: peers  the same load client against this project, flask-sse (Redis) and
                 sse-starlette (in memory), one worker each (peers.py).
 
-Subscribers live in `--client-procs` gevent processes (load.py). For every phase the
+Subscribers live in `--client-procs` epoll processes (load.py). For every phase the
 CPU time of the server worker, of each client process and of this process (the
 publisher) is read and reported as a share of one core: a client near 100 % would
 mean the figures measure the client, not the server. The machine's total CPU use is
