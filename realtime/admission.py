@@ -14,6 +14,12 @@ has done anything for them, parked on a semaphore in arrival order, costing
 nothing until their turn. A stream leaves the gate as soon as the app has
 returned its response; the frames are then written by the server as usual.
 Every other path passes straight through.
+
+The gate orders a storm; it never refuses a stream, nor holds one for long:
+after `max_wait_s` a request goes in without a turn. Otherwise setups stuck
+on a stalled database (each up to its call timeout) would hold the streams
+behind them past the 10 s in which every request must be answered
+(CONTRACT §5), even those that need no database at all.
 """
 from __future__ import annotations
 
@@ -27,17 +33,22 @@ STREAM_PATH = "/api/realtime/subscribe"
 
 
 class StreamAdmission:
-    def __init__(self, app: WSGIApp, limit: int, path: str = STREAM_PATH) -> None:
+    def __init__(self, app: WSGIApp, limit: int, *, max_wait_s: float = 1.0, path: str = STREAM_PATH) -> None:
         self.app = app
         self.path = path
+        self.max_wait_s = max_wait_s
         self._slots = threading.BoundedSemaphore(limit)  # gevent's own under its monkey-patching
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != self.path:
             return self.app(environ, start_response)
-        with self._slots:
+        admitted = self._slots.acquire(timeout=self.max_wait_s)
+        try:
             # Under gevent, the release that woke us is still handing out
             # slots in the same turn of the loop: run the setup on our own
             # turn, not chained inside that one with every stream after us.
             time.sleep(0)
             return self.app(environ, start_response)
+        finally:
+            if admitted:
+                self._slots.release()

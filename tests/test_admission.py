@@ -24,7 +24,7 @@ class HeldApp:
             self.inside += 1
             self.most_inside = max(self.most_inside, self.inside)
         try:
-            if environ["PATH_INFO"] == STREAM_PATH:
+            if environ["PATH_INFO"] == STREAM_PATH and not environ.get("quick"):
                 self.release.wait(30)
             if environ.get("fail"):
                 raise RuntimeError("the view failed")
@@ -52,6 +52,21 @@ def test_at_most_limit_streams_are_inside_the_app_and_the_rest_wait_their_turn()
         thread.join(30)
     assert held.served == [STREAM_PATH] * 6, "every stream got its turn"
     assert held.most_inside == 2
+
+
+def test_a_stream_that_waited_its_longest_goes_in_without_a_turn():
+    """A setup stuck on a stalled database must not hold the streams behind it (CONTRACT §5)."""
+    held = HeldApp()
+    gate = StreamAdmission(held, limit=1, max_wait_s=0.05)
+    stuck = _call(gate, STREAM_PATH)
+    wait_until(lambda: held.inside == 1, what="the first stream inside")
+    # Goes in beside the stuck one, and gives back no turn it never had (a BoundedSemaphore
+    # released once too often raises).
+    assert gate({"PATH_INFO": STREAM_PATH, "quick": True}, None) == [b"ok"]
+    assert held.most_inside == 2
+    held.release.set()
+    stuck.join(30)
+    assert held.served == [STREAM_PATH] * 2
 
 
 def test_other_requests_pass_while_the_gate_is_full():
