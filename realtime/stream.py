@@ -102,8 +102,7 @@ def open_stream(
         start: tuple[int, Reset | None] = (cursor.message_id, None)
     else:
         start = resolve_cursor(store, channel, cursor)
-    return event_stream(dispatcher, channel, topics, cursor, start, retry_ms=retry_ms,
-                        log_context={"request_id": request_id})
+    return event_stream(dispatcher, channel, topics, cursor, start, retry_ms=retry_ms, request_id=request_id)
 
 
 def event_stream(
@@ -114,10 +113,10 @@ def event_stream(
     start: tuple[int, Reset | None],
     *,
     retry_ms: int,
-    log_context: dict[str, Any] | None = None,
+    request_id: str | None = None,
 ) -> Iterator[bytes]:
     store, clock = dispatcher.store, dispatcher.clock
-    log_context = log_context if log_context is not None else {}  # the log line at the end gets `resume`
+    resume: str | None = None  # for the log line at the end; no dict held for hours per idle stream
     yield sse.retry_frame(retry_ms)
     subscription = dispatcher.subscribe(channel, topics)
     opened = clock()
@@ -148,9 +147,9 @@ def event_stream(
                     reset = Reset("history_truncated", str(Cursor(epoch, page.pruned_through)))
                     replayed.append(reset.frame())
                 recheck_prune = False
-            if cursor is not None and "resume" not in log_context:
-                log_context["resume"] = reset.reason if reset is not None else "exact"
-                metrics.RESUMES.labels(log_context["resume"]).inc()
+            if cursor is not None and resume is None:
+                resume = reset.reason if reset is not None else "exact"
+                metrics.RESUMES.labels(resume).inc()
             frames = _replay_frames(page, epoch)
             yield from _write(subscription, clock, itertools.chain(replayed, frames))
             metrics.FRAMES_SENT.inc(len(page))
@@ -176,19 +175,26 @@ def event_stream(
             yield sse.SHUTDOWN
     finally:
         dispatcher.unsubscribe(subscription)
-        reason = subscription.closed_reason or "client_gone"
-        metrics.STREAMS_OPEN.dec()
-        metrics.STREAMS_CLOSED.labels(reason).inc()
-        duration = clock() - opened
-        # The channel's hash, never its name: channel names may name users or runs.
-        channel_hash = hashlib.sha256(channel.encode()).hexdigest()[:12]
-        log.info(
-            "stream ended: channel %s, %s, %d frames, %d bytes in %.1f s",
-            channel_hash, reason, subscription.sent_frames, subscription.sent_bytes, duration,
-            extra={**(log_context or {}), "channel_hash": channel_hash, "close_reason": reason,
-                   "duration_s": round(duration, 3), "frames": subscription.sent_frames,
-                   "bytes": subscription.sent_bytes},
-        )
+        _ended(subscription, channel, clock() - opened, request_id, resume)
+
+
+def _ended(subscription: Subscription, channel: str, duration: float, request_id: str | None,
+           resume: str | None) -> None:
+    """The metrics and the log line of a stream that ended (a function of its own: every local
+    of event_stream is held in each idle stream's generator, for hours)."""
+    reason = subscription.closed_reason or "client_gone"
+    metrics.STREAMS_OPEN.dec()
+    metrics.STREAMS_CLOSED.labels(reason).inc()
+    # The channel's hash, never its name: channel names may name users or runs.
+    channel_hash = hashlib.sha256(channel.encode()).hexdigest()[:12]
+    log.info(
+        "stream ended: channel %s, %s, %d frames, %d bytes in %.1f s",
+        channel_hash, reason, subscription.sent_frames, subscription.sent_bytes, duration,
+        extra={"request_id": request_id, **({"resume": resume} if resume else {}),
+               "channel_hash": channel_hash, "close_reason": reason,
+               "duration_s": round(duration, 3), "frames": subscription.sent_frames,
+               "bytes": subscription.sent_bytes},
+    )
 
 
 def _replay_frames(page: Page, epoch: str) -> list[bytes]:
