@@ -14,7 +14,7 @@ Phases, each against a fresh database and ONE gunicorn gevent worker (server.py)
                 server accepts, for `--burst-seconds`.
 4. idle memory  a fresh server: worker RSS before and after `--idle-streams` streams are
                 open and idle, per stream.
-5. storm        `--storm-streams` reconnect at once with one cursor (storm.py).
+5. storm        `--storm-streams` reconnect at once with one cursor, on 1 then 2 workers (storm.py).
 6. scale        20,000 streams on 2 workers, each receiving 1 message/s (scale.py).
 Before them, on PostgreSQL: publish   realtime.publish() against raw INSERT+COMMIT,
                 4 processes, and publish_many() in batches of 1,000 (publish.py).
@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.storm_streams > 0:
             print("  reconnect storm ...", flush=True)
             report["storm"] = run_storm_phase(args, database, log_path, clients)
+            report["storm_2_workers"] = run_storm_phase(args, database, log_path, clients, workers=2)
         if args.scale_streams > 0:
             print(f"  {args.scale_streams} streams on {args.scale_workers} workers ...", flush=True)
             report["scale"] = run_scale_phase(args, database, log_path, clients)

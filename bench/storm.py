@@ -1,6 +1,7 @@
 """The reconnect storm after a deploy: every client comes back at once with its cursor (issue 10).
 
-Phase of bench/run.py (`--storm-streams`, 2,000 by default): on a fresh
+Phase of bench/run.py (`--storm-streams`, 2,000 by default), run on one worker
+(the issue's measure) and again on two (gunicorn.conf.py's default): on a fresh
 server, `--storm-streams` streams reconnect together, all with the same
 cursor, `--storm-behind` messages behind, while another client publishes on
 another channel at `--rate` messages/s. Measured: the time from the first
@@ -19,8 +20,9 @@ from publishing import TOPIC, Publisher, paced
 from server import BenchServer
 
 
-def run_storm_phase(args, database, log_path, clients: ClientPool) -> dict:  # noqa: ANN001
-    server = BenchServer(database.url, log_path, open_files=args.open_files, app_dir=args.app_dir).start()
+def run_storm_phase(args, database, log_path, clients: ClientPool, workers: int = 1) -> dict:  # noqa: ANN001
+    server = BenchServer(database.url, log_path, open_files=args.open_files, app_dir=args.app_dir,
+                         workers=workers).start()
     try:
         token = server.token("bench.storm", [TOPIC])
         publisher = Publisher(server, "bench.storm")
@@ -59,6 +61,7 @@ def run_storm_phase(args, database, log_path, clients: ClientPool) -> dict:  # n
         acks = sorted(s[2] - s[1] for s in during)
         return {
             "phase": "storm",
+            "workers": workers,
             "streams": args.storm_streams,
             "behind": args.storm_behind,
             "opened": opened["ready"],
