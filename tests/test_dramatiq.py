@@ -72,6 +72,14 @@ def test_a_retried_failure_says_running_again_and_failed_once(server, actors):
     ]
 
 
+def test_a_message_past_its_age_limit_is_skipped_and_says_cancelled(server, actors):
+    """Dramatiq's AgeLimit skips a message older than its max_age (ms) before it runs."""
+    message_id = actors.module.generate_report.send_with_options(args=(3,), max_age=1).message_id
+    assert as_pairs(read_run(server, message_id, ["status", "run"], actors.worker)) == [
+        ("run", {"status": "cancelled"}),
+    ]
+
+
 def test_publish_outside_an_actor_is_a_clear_error():
     from realtime.integrations.dramatiq import publish
 

@@ -6,6 +6,7 @@ import secrets
 import sys
 from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from readme import code_block
@@ -13,13 +14,22 @@ from workers import Worker, as_pairs, live_server_on_postgres, read_run, require
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
-# Beside the README's job: one that fails.
+# Beside the README's job: one that fails, and one that runs until it is stopped.
 EXTRA = '''
 
 @realtime_job
 def broken():
     publish("status", {"percent": 50})
     raise ValueError("the printer caught fire")
+
+
+@realtime_job
+def endless():
+    import time
+
+    publish("status", {"percent": 1})
+    while True:
+        time.sleep(0.1)
 '''
 
 
@@ -81,6 +91,32 @@ def test_a_failing_job_ends_failed_with_its_error(server, jobs):
         ("status", {"percent": 50}),
         ("run", {"status": "failed", "error": "ValueError: the printer caught fire"}),
     ]
+
+
+def test_a_stopped_job_says_cancelled(server, jobs):
+    """`rq.command.send_stop_job_command` kills the work horse; the worker runs `on_stopped`."""
+    from redis import Redis
+    from rq import Queue
+    from rq.command import send_stop_job_command
+
+    from conftest import wait_until
+    from realtime.integrations.rq import enqueue
+
+    with Redis.from_url(REDIS_URL) as redis:
+        job = enqueue(Queue(jobs.queue, connection=redis), jobs.module.endless)
+        token = server.token(f"run.{job.id}", ["status"])
+
+        def progressed() -> bool:
+            page = httpx.get(f"{server.url}/api/realtime/messages", params={"token": token}, timeout=10).json()
+            return bool(page["messages"])
+
+        wait_until(progressed, timeout=60, interval=0.1, what="the job's first progress")
+        send_stop_job_command(redis, job.id)
+        assert as_pairs(read_run(server, job.id, ["status", "run"], jobs.worker)) == [
+            ("run", {"status": "running"}),
+            ("status", {"percent": 1}),
+            ("run", {"status": "cancelled"}),
+        ]
 
 
 def test_publish_outside_a_job_is_a_clear_error(jobs):
