@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from readme import code_block
-from workers import Worker, as_pairs, live_server_on_postgres, read_run, require_broker
+from workers import Worker, as_pairs, live_server_on_postgres, read_run, require_broker, wait_for_progress
 
-# Beside the README's code: this test's own queue, and a task that fails.
+# Beside the README's code: this test's own queue, a task that fails, and one that runs until revoked.
 EXTRA = '''
 import os
 
@@ -23,6 +23,15 @@ app.conf.broker_connection_retry_on_startup = True
 def broken(self):
     self.publish("status", {"percent": 50})
     raise ValueError("the printer caught fire")
+
+
+@app.task(base=RealtimeTask, bind=True)
+def endless(self):
+    import time
+
+    self.publish("status", {"percent": 1})
+    while True:
+        time.sleep(0.1)
 '''
 
 
@@ -73,6 +82,18 @@ def test_a_failing_task_ends_failed_with_its_error(server, tasks):
         ("run", {"status": "running"}),
         ("status", {"percent": 50}),
         ("run", {"status": "failed", "error": "ValueError: the printer caught fire"}),
+    ]
+
+
+def test_a_task_revoked_while_it_runs_says_cancelled(server, tasks):
+    """`revoke(terminate=True)` ends the pool process running it; the worker sends `task_revoked`."""
+    task_id = tasks.module.endless.delay().id
+    wait_for_progress(server, task_id)
+    tasks.module.app.control.revoke(task_id, terminate=True)
+    assert as_pairs(read_run(server, task_id, ["status", "run"], tasks.worker)) == [
+        ("run", {"status": "running"}),
+        ("status", {"percent": 1}),
+        ("run", {"status": "cancelled"}),
     ]
 
 

@@ -6,11 +6,10 @@ import secrets
 import sys
 from types import SimpleNamespace
 
-import httpx
 import pytest
 
 from readme import code_block
-from workers import Worker, as_pairs, live_server_on_postgres, read_run, require_broker
+from workers import Worker, as_pairs, live_server_on_postgres, read_run, require_broker, wait_for_progress
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -99,18 +98,11 @@ def test_a_stopped_job_says_cancelled(server, jobs):
     from rq import Queue
     from rq.command import send_stop_job_command
 
-    from conftest import wait_until
     from realtime.integrations.rq import enqueue
 
     with Redis.from_url(REDIS_URL) as redis:
         job = enqueue(Queue(jobs.queue, connection=redis), jobs.module.endless)
-        token = server.token(f"run.{job.id}", ["status"])
-
-        def progressed() -> bool:
-            page = httpx.get(f"{server.url}/api/realtime/messages", params={"token": token}, timeout=10).json()
-            return bool(page["messages"])
-
-        wait_until(progressed, timeout=60, interval=0.1, what="the job's first progress")
+        wait_for_progress(server, job.id)
         send_stop_job_command(redis, job.id)
         assert as_pairs(read_run(server, job.id, ["status", "run"], jobs.worker)) == [
             ("run", {"status": "running"}),

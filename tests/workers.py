@@ -11,7 +11,9 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from conftest import ROOT, LiveServer, create_pg_database, drop_pg_database, skip_or_fail
+import httpx
+
+from conftest import ROOT, LiveServer, create_pg_database, drop_pg_database, skip_or_fail, wait_until
 from realtime.client import Message, subscribe, token_from
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -85,6 +87,17 @@ def read_run(server: LiveServer, task_id: str, topics: list[str], worker: Worker
         guard.join()
         messages.close()
     raise AssertionError(f"{channel} did not end within {guard_s}s: {received}\nworker log: {worker.log()}")
+
+
+def wait_for_progress(server: LiveServer, task_id: str) -> None:
+    """Until the task has published on topic `status`: it is running its own code, not starting."""
+    token = server.token(f"run.{task_id}", ["status"])
+
+    def progressed() -> bool:
+        page = httpx.get(f"{server.url}/api/realtime/messages", params={"token": token}, timeout=10).json()
+        return bool(page["messages"])
+
+    wait_until(progressed, timeout=60, interval=0.1, what=f"progress of task {task_id}")
 
 
 def as_pairs(messages: list[Message]) -> list[tuple[str, object]]:
