@@ -122,18 +122,14 @@ class Notifier:
             self._wanted.wait()
             self._wanted.clear()
             if self._closed:
-                conn, self._conn = self._conn, None
-                if conn is not None:
-                    conn.close()
+                self._disconnect()
                 return
             sent = time.monotonic()
             try:
                 self._send()
             except psycopg.Error as exc:  # the safety poll covers what a lost NOTIFY would have said
                 log.warning("NOTIFY failed (%s); listeners will look at their next poll", type(exc).__name__)
-                conn, self._conn = self._conn, None
-                if conn is not None:
-                    conn.close()
+                self._disconnect()
             threading.Event().wait(max(0.0, sent + self.spacing_s - time.monotonic()))
 
     def _send(self) -> None:
@@ -141,6 +137,11 @@ class Notifier:
         if self._conn is None:
             self._conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=3)
         self._conn.execute(f"NOTIFY {self._channel}")
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
 
 class PostgresChangeFeed:

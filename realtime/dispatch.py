@@ -48,15 +48,16 @@ class Channel:
     queued after the stream's look is never slept through.
     """
 
-    __slots__ = ("name", "subscriptions", "event", "known_from", "last_id")
+    __slots__ = ("name", "subscriptions", "event", "last_id")
 
-    def __init__(self, name: str, known_from: int = 0) -> None:
+    def __init__(self, name: str, position: int = 0) -> None:
         self.name = name
         self.subscriptions: set[Subscription] = set()
         self.event = threading.Event()
-        # Every message of the channel after `known_from` went through the
-        # dispatcher while this object existed; `last_id` is the newest.
-        self.known_from = self.last_id = known_from
+        # The newest message of the channel the dispatcher delivered while this
+        # object existed, or the dispatcher's position when it was made: after
+        # `last_id`, nothing of the channel went past unseen.
+        self.last_id = position
 
     def wake(self) -> None:
         event, self.event = self.event, threading.Event()
@@ -261,7 +262,7 @@ class Dispatcher:
                 subscription.close("shutdown")
                 return subscription
             if channel not in self._channels:
-                self._channels[channel] = Channel(channel, known_from=self._last_id or 0)
+                self._channels[channel] = Channel(channel, position=self._last_id or 0)
             subscription = Subscription(self._channels[channel], topics, self.buffer_size, self._clock())
             subscription.channel.subscriptions.add(subscription)
             # Its history ends here: everything after comes live.
@@ -277,7 +278,7 @@ class Dispatcher:
         """
         with self._lock:
             known = self._channels.get(channel)
-            return known is not None and known.known_from <= after_id and known.last_id <= after_id
+            return known is not None and known.last_id <= after_id
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:

@@ -172,10 +172,11 @@ class Message:
         )
 
 
-def _insert_statement() -> Any:
-    """INSERT one message, built once."""
-    names = ("channel", "topic", "data", "run_id", "created_at")
-    return insert(messages).values({name: bindparam(name) for name in names}).returning(messages.c.id)
+# INSERT one message, through SQLAlchemy (SQLite, and in a caller's transaction); _INSERT_SQL is
+# the same statement for PostgreSQL's hot path.
+_INSERT = insert(messages).values(
+    {name: bindparam(name) for name in ("channel", "topic", "data", "run_id", "created_at")}
+).returning(messages.c.id)
 
 
 def create_schema(engine: Engine) -> None:
@@ -217,7 +218,6 @@ class MessageStore:
         self._epoch: str | None = None
         self.reads = 0  # SELECTs issued by this store (tests; /metrics counts them for operators)
         db.add_schema(create_schema)
-        self._insert = _insert_statement()
 
     @property
     def epoch(self) -> str:
@@ -350,7 +350,7 @@ class MessageStore:
             if first is not None:
                 return replace(_message(first), replayed=True)
         values = {"channel": channel, "topic": topic, "data": data_json, "run_id": run_id, "created_at": created_at}
-        row = conn.execute(self._insert, values).one()
+        row = conn.execute(_INSERT, values).one()
         if idempotency_key is not None:
             conn.execute(insert(idempotency).values(
                 channel=channel, key=idempotency_key, message_id=row.id, created_at=created_at
@@ -458,14 +458,18 @@ class MessageStore:
             .where(sized.c.through - sized.c.size < max_bytes)
             .order_by(messages.c.id)
         )
-        self.reads += 1
-        metrics.STORE_READS.labels(kind).inc()
+        self._count_read(kind)
         with self.engine.connect() as conn:
             found = conn.execute(query).all()
         page = Page(_message(row) for row in found)
         # Full in rows (more may follow), or cut short by the byte budget.
         page.more = bool(found) and (found[0].rows >= limit or len(found) < found[0].rows)
         return page
+
+    def _count_read(self, kind: str) -> None:
+        """A SELECT of messages: for tests (`reads`) and for operators (/metrics, by kind)."""
+        self.reads += 1
+        metrics.STORE_READS.labels(kind).inc()
 
     # -- where readers may go (the module docstring) -------------------------
 
@@ -509,8 +513,7 @@ class MessageStore:
         return self._max_id()
 
     def _max_id(self) -> int:
-        self.reads += 1
-        metrics.STORE_READS.labels("lookup").inc()
+        self._count_read("lookup")
         with self.engine.connect() as conn:
             return conn.execute(select(func.max(messages.c.id))).scalar() or 0
 
@@ -520,8 +523,7 @@ class MessageStore:
         return self._pruned_through(channel)
 
     def _pruned_through(self, channel: str) -> int:
-        self.reads += 1
-        metrics.STORE_READS.labels("lookup").inc()
+        self._count_read("lookup")
         with self.engine.connect() as conn:
             return conn.execute(
                 select(pruned.c.through_id).where(pruned.c.channel == channel)

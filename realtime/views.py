@@ -17,6 +17,7 @@ from common.request_input import bearer_matches, bearer_token, json_object
 from .errors import Forbidden, InvalidRequest, InvalidToken, MessageTooLarge, NotFound
 from .extension import Realtime
 from .names import check_channel, check_topics
+from .store import Message
 from .tokens import Grant
 
 blueprint = Blueprint("realtime", __name__, url_prefix="/api/realtime")
@@ -79,8 +80,7 @@ def publish() -> Response:
     if "messages" in body:
         if request.headers.get("Idempotency-Key") is not None:
             raise InvalidRequest("Idempotency-Key applies to one message, not a batch", code="invalid_idempotency_key")
-        stored = realtime.publish_many(body["messages"])
-        return _json_text('{"messages": [' + ", ".join(m.envelope_json() for m in stored) + "]}", 201)
+        return _json_text(_envelopes(realtime.publish_many(body["messages"])) + "}", 201)
     if "data" not in body:
         raise InvalidRequest("'data' is required (any JSON value)", code="invalid_data")
     message = realtime.publish(
@@ -108,7 +108,12 @@ def history() -> Response:
     tail = f', "cursor": {json.dumps(cursor)}'
     if reset is not None:
         tail += f', "reset": {json.dumps(reset.to_json())}'
-    return _json_text('{"messages": [' + ", ".join(m.envelope_json() for m in found) + "]" + tail + "}", 200)
+    return _json_text(_envelopes(found) + tail + "}", 200)
+
+
+def _envelopes(stored: list[Message]) -> str:
+    """`{"messages": [...]` (left open): the stored envelopes as they are, never parsed again."""
+    return '{"messages": [' + ", ".join(m.envelope_json() for m in stored) + "]"
 
 
 def _json_text(text: str, status: int) -> Response:
