@@ -15,6 +15,7 @@ import re
 
 from flask import Flask, Response, jsonify
 from gunicorn.http.errors import ParseException
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,15 @@ class AppError(Exception):
         self.message = message
         if code is not None:
             self.code = code
+
+
+def describe(exc: BaseException) -> str:
+    """A run's or a task's `error`, which is also published on its channel, hence shown in browsers."""
+    if isinstance(exc, SQLAlchemyError):
+        # SQL text and parameters stay in the worker's log.
+        return f"{type(exc).__name__}: a database error; the worker's log has the details"
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 def error_response(status: int, code: str, message: str) -> Response:

@@ -102,18 +102,21 @@ def _lab_id() -> str:
     return lab
 
 
+# The cases are fixed data: their JSON, and the page's sections of it, are built once.
+CASES_JSON = [case.to_json() for case in CASES.values()]
+SECTIONS: dict[str, list[dict[str, Any]]] = {}  # in the cases' order: parsing first
+for case_json in CASES_JSON:
+    SECTIONS.setdefault(case_json["section"], []).append(case_json)
+
+
 @blueprint.get("")
 def page() -> str:
-    cases = [case.to_json() for case in CASES.values()]
-    sections: dict[str, list[dict[str, Any]]] = {}  # in the cases' order: parsing first
-    for case in cases:
-        sections.setdefault(case["section"], []).append(case)
-    return render_template("workshop.html", cases=cases, sections=sections.items(), spec_url=SPEC_URL)
+    return render_template("workshop.html", cases=CASES_JSON, sections=SECTIONS.items(), spec_url=SPEC_URL)
 
 
 @blueprint.get("/cases")
 def cases() -> dict[str, Any]:
-    return {"cases": [case.to_json() for case in CASES.values()]}
+    return {"cases": CASES_JSON}
 
 
 @blueprint.get("/cases/<name>")

@@ -22,9 +22,11 @@ from typing import Callable
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.errors import describe
+
 from .errors import NonRetriableError
 from .registry import JobFunction, Registry
-from .steps import CancelRequested, Context, Publisher, Steps, Suspended, WorkerStopping, describe, to_json
+from .steps import CancelRequested, Context, Publisher, Steps, Suspended, WorkerStopping, to_json
 from .journal import StepJournal
 from .records import CANCELLED, COMPLETED, FAILED, Claim, LeaseLost
 from .runs import RunStore

@@ -27,10 +27,10 @@ import re
 from datetime import datetime, timedelta
 from typing import Any, Callable, Protocol
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from common import jsontext
+from common.errors import describe
 
 from .errors import NonRetriableError
 from .journal import StepJournal
@@ -67,15 +67,6 @@ class Suspended(Interrupt):
 
 class WorkerStopping(Interrupt):
     pass
-
-
-def describe(exc: BaseException) -> str:
-    """The run's `error`, which is also published on its channel, hence shown in browsers."""
-    if isinstance(exc, SQLAlchemyError):
-        # SQL text and parameters stay in the worker's log (runner.py).
-        return f"{type(exc).__name__}: a database error; the worker's log has the details"
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 def to_json(value: JSON, what: str) -> str:

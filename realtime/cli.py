@@ -1,7 +1,6 @@
 """`flask realtime ...`: watch a channel's raw frames, prune old messages."""
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -45,29 +44,30 @@ def tail(channel: str, topics: tuple[str, ...], last_event_id: str | None, url: 
 def _tail_remote(url: str, channel: str, topics: tuple[str, ...], last_event_id: str | None, token: str | None) -> None:
     """The same frames, read through realtime.client: it resumes with its cursor after every disconnect,
     so the output has no gap and no repeat (a token it fetched itself is fetched again when it expires)."""
+    from common import jsontext
+
     from .client import ClientError, Reset, subscribe, token_from
-    from .sse import format_event
+    from .sse import message_frame, reset_frame
+    from .store import Message
 
     if token is None and not topics:
         raise click.UsageError("with --url, name the topics (--topic T ...): the server's token names them")
 
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+    def write(frame: bytes) -> None:
+        sys.stdout.buffer.write(frame)
+        sys.stdout.buffer.flush()
 
     def on_reset(reset: Reset) -> None:
-        write(format_event(id=reset.cursor, event="reset", data=json.dumps({"reason": reset.reason, "cursor": reset.cursor})))
+        write(reset_frame(reset.reason, reset.cursor))
 
     source = token if token is not None else token_from(url, channel, topics)
     messages = subscribe(url, source, last_event_id=last_event_id, on_reset=on_reset,
-                         topics=list(topics) if token is not None and topics else None)
+                         topics=topics if token is not None else None)
     try:
-        for message in messages:
-            envelope = {
-                "id": message.id, "channel": message.channel, "topic": message.topic, "data": message.data,
-                "run_id": message.run_id, "created_at": message.created_at.isoformat(timespec="microseconds"),
-            }
-            write(format_event(id=message.cursor, event=message.topic, data=json.dumps(envelope, ensure_ascii=False)))
+        for m in messages:
+            # The server's own bytes: its envelope around the data as the store encodes it.
+            envelope = Message(m.id, m.channel, m.topic, jsontext.encode(m.data), m.run_id, m.created_at).envelope_json()
+            write(message_frame(m.cursor, m.topic, envelope))
     except ClientError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

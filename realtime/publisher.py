@@ -22,11 +22,12 @@ from typing import Any, Mapping, Sequence
 from common.database import Database, prepared_statements
 
 from .errors import RealtimeError
+from .extension import DEFAULTS
 from .messages import check_batch, check_message
 from .names import check_idempotency_key
 from .store import Message, MessageStore
 
-DEFAULT_MAX_MESSAGE_BYTES = 524288  # REALTIME_MAX_MESSAGE_BYTES, as the app's default (CONTRACT §2)
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULTS["REALTIME_MAX_MESSAGE_BYTES"]  # the app's own default (CONTRACT §2)
 
 
 class PublisherConfigError(RealtimeError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common.errors import AppError
+from common.errors import AppError, describe
 
 from ..errors import InvalidRequest, MessageTooLarge
 from ..publisher import shared_publisher
@@ -36,7 +36,7 @@ def completed(task_id: str, output: Any) -> None:
 
 
 def failed(task_id: str, error: BaseException | str) -> None:
-    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    text = error if isinstance(error, str) else describe(error)
     _announce(task_id, {"status": "failed", "error": text})
 
 
