@@ -129,20 +129,14 @@ export interface RealtimeSnapshot<M extends TopicMap = AnyTopics> {
   readonly retryAt: number | null;
 }
 
-export declare class Subscription<M extends TopicMap = AnyTopics> implements RealtimeSnapshot<M> {
+/** A subscription has every field of its snapshot, live (declaration merging: not written twice). */
+export interface Subscription<M extends TopicMap = AnyTopics> extends RealtimeSnapshot<M> {}
+
+export declare class Subscription<M extends TopicMap = AnyTopics> {
   constructor(options: SubscribeOptions<M>);
   readonly channel: string;
   readonly topics: readonly TopicOf<M>[];
   readonly transport: "eventsource" | "fetch";
-  readonly state: RealtimeState;
-  readonly error: RealtimeError | null;
-  readonly lastEventId: string | null;
-  readonly latest: MessageOf<M> | null;
-  readonly latestByTopic: { readonly [T in TopicOf<M>]?: RealtimeMessage<T, M[T]> };
-  readonly messages: readonly MessageOf<M>[];
-  readonly runStatus: string | null;
-  readonly lastReset: RealtimeReset | null;
-  readonly retryAt: number | null;
   readonly snapshot: RealtimeSnapshot<M>;
   /** Call `listener` after every change; returns a function that stops it. */
   onChange(listener: ChangeListener<M>): () => void;
