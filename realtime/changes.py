@@ -99,6 +99,10 @@ class Notifier:
         self._lock = threading.Lock()
         self._closed = False
 
+    @classmethod
+    def for_url(cls, url: URL, channel: str) -> Notifier:
+        return cls(_conninfo(url), channel)
+
     def poke(self) -> None:
         if self._thread is None:
             with self._lock:
@@ -158,7 +162,7 @@ class PostgresChangeFeed:
     def __init__(self, listen_url: URL, channel: str, *, notify_url: URL, safety_poll_s: float = 1.0) -> None:
         self._conninfo = _conninfo(listen_url)
         self._channel = channel
-        self._notifier = Notifier(_conninfo(notify_url), channel)
+        self._notifier = Notifier.for_url(notify_url, channel)
         self._conn: psycopg.Connection | None = None
         self.safety_poll_s = safety_poll_s
         self._next_look = time.monotonic()

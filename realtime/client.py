@@ -137,9 +137,11 @@ class Subscription:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() blocked in the iterating thread
             except OSError:
                 pass
-        if inspect.getgeneratorstate(self._messages) != inspect.GEN_RUNNING:
-            self._messages.close()  # its `finally` releases the connection
-            self._release()
+        state = inspect.getgeneratorstate(self._messages)
+        if state != inspect.GEN_RUNNING:
+            self._messages.close()  # a started loop's `finally` releases the connection ...
+            if state == inspect.GEN_CREATED:
+                self._release()  # ... one never started has no `finally` to run
 
     # -- the loop: connect, read, decide how long to wait, again ----------------------
 

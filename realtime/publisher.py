@@ -44,9 +44,9 @@ class Publisher:
         self.max_message_bytes = max_message_bytes
         self._db = Database(database_url, prepared_statements=prepared_statements)
         self.store = MessageStore(self._db)
-        # Only its wake-up half is used: on PostgreSQL, `poke` sends one NOTIFY from a background
-        # thread after commits (the Notifier in changes.py); on SQLite it is a no-op for others.
-        self._feed = self.store.change_feed(poll_s=1.0)
+        # On PostgreSQL one NOTIFY after commits, from a background thread; on SQLite others poll.
+        self._notifier = self.store.notifier()
+        self._committed = self._notifier.poke if self._notifier is not None else None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Publisher:
@@ -75,17 +75,18 @@ class Publisher:
         new = check_message(channel, topic, data, run_id, max_bytes=self.max_message_bytes)
         return self.store.append(
             new.channel, new.topic, new.data_json, run_id=new.run_id,
-            on_commit=self._feed.poke, idempotency_key=idempotency_key,
+            on_commit=self._committed, idempotency_key=idempotency_key,
         )
 
     def publish_many(self, messages: Sequence[Mapping[str, Any]]) -> list[Message]:
         """Store 1-1000 messages in one transaction, ids in list order (see `Realtime.publish_many`)."""
         checked = check_batch(messages, max_bytes=self.max_message_bytes)
-        return self.store.append_many(checked, on_commit=self._feed.poke)
+        return self.store.append_many(checked, on_commit=self._committed)
 
     def close(self) -> None:
         """Send the last NOTIFY, then release the database connections."""
-        self._feed.close()
+        if self._notifier is not None:
+            self._notifier.close()
         self._db.dispose()
 
     def __enter__(self) -> Publisher:

@@ -57,7 +57,7 @@ from sqlalchemy.orm import Session
 from common.database import Database, as_utc, database_call, upsert, utcnow
 
 from . import metrics
-from .changes import ChangeFeed, PostgresChangeFeed, PollingChangeFeed
+from .changes import ChangeFeed, Notifier, PostgresChangeFeed, PollingChangeFeed
 
 metadata = MetaData()
 
@@ -540,6 +540,12 @@ class MessageStore:
             url = make_url(listen_url) if listen_url else self.engine.url
             return PostgresChangeFeed(url, NOTIFY_CHANNEL, notify_url=self.engine.url, safety_poll_s=poll_s)
         return PollingChangeFeed(poll_s)
+
+    def notifier(self) -> Notifier | None:
+        """What tells the other processes that this one appended, for a process that publishes
+        but does not stream (realtime/publisher.py): a NOTIFY on PostgreSQL; on SQLite, nothing
+        (the others poll)."""
+        return Notifier.for_url(self.engine.url, NOTIFY_CHANNEL) if self.is_postgres else None
 
     # -- helpers ----------------------------------------------------------
 
