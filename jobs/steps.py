@@ -12,10 +12,18 @@ safe is memoization (Inngest's model):
   executions of the run return the stored result without calling `fn`.
 - `step.sleep(id, seconds)` records a wake-up time and hands the run back;
   no thread waits, and the run resumes there once the time has come.
-- `ctx.publish(...)` outside a step is a step of its own (`publish:1`,
-  `publish:2`, ... in call order), written in the same transaction as its
-  message: resumed runs never repeat a message. A function must therefore make
-  the same calls in the same order each time, which memoized steps ensure.
+- `ctx.publish(...)` is a step of its own, written in the same transaction as
+  its message: resumed runs never repeat a message. Its id says where it was
+  called from: `publish:1`, `publish:2`, ... count the publishes of the
+  function's own code in call order, `fetch/publish:1`, ... those made inside
+  step `fetch`'s code. A replay skips a completed step's code, publishes and
+  all, so publishes are counted per step: skipping one step never shifts the
+  ids of the publishes after it, which would make a later message look already
+  sent (issue 17, item 3). A function must make the same calls in the same
+  order each time, which memoized steps ensure.
+- A step that fails and runs again publishes once per id: its retry skips the
+  publishes an earlier attempt stored (matched by position within the step,
+  not by content) and publishes those past them.
 
 Each step is also a boundary where a cancelled run, or a stopping worker,
 stops (CONTRACT §3: "the run stops before its next step").
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any, Callable, Protocol
 
@@ -92,6 +101,8 @@ class Steps:
         self._done = done
         self._stopping = stopping
         self._used: set[str] = set()
+        self._running: list[str] = []  # the steps whose code is executing, innermost last
+        self._effects: Counter[tuple[str | None, str]] = Counter()  # (step or None, kind) -> effects so far
 
     def run(self, step_id: str, fn: Callable[..., JSON], *args: Any, **kwargs: Any) -> JSON:
         """Run `fn(*args, **kwargs)` once per run; return its (stored) JSON result."""
@@ -102,11 +113,14 @@ class Steps:
         self._boundary()
         if not self._journal.start(self._claim, step_id):
             raise CancelRequested()
+        self._running.append(step_id)
         try:
             output_json = to_json(fn(*args, **kwargs), f"the result of step {step_id!r}")
         except Exception as exc:
             self._journal.fail(self._claim, step_id, describe(exc))
             raise
+        finally:
+            self._running.pop()
         self._journal.complete(self._claim, step_id, output_json)
         # What a replay would return, so both paths give the function equal values.
         return json.loads(output_json)
@@ -130,8 +144,17 @@ class Steps:
             raise Suspended(until)
         self._journal.complete(self._claim, step_id, json.dumps(done.output))
 
-    def effect(self, step_id: str, effect: Callable[[Session], JSON]) -> None:
-        """Do `effect(session)` once per run, in the transaction that records it as done."""
+    def effect(self, kind: str, effect: Callable[[Session], JSON]) -> None:
+        """Do `effect(session)` once per run, in the transaction that records it as done.
+
+        Its step id counts the effects of `kind` made so far by the same code:
+        `kind:N` in the function's own code, `S/kind:N` inside step S's code.
+        """
+        scope = self._running[-1] if self._running else None
+        self._effects[scope, kind] += 1
+        step_id = f"{kind}:{self._effects[scope, kind]}"
+        if scope is not None:
+            step_id = f"{scope}/{step_id}"  # no step id chosen by job code has a '/' or ':'
         if step_id in self._done:
             return
         self._boundary()
@@ -160,14 +183,12 @@ class Context:
         self.event = event
         self.step = step
         self._publisher = publisher
-        self._published = 0
 
     def publish(self, channel: str, topic: str, data: JSON) -> None:
         """Publish a realtime message once per run, however often the function is resumed."""
-        self._published += 1
 
         def publish_now(session: Session) -> JSON:
             message = self._publisher(channel, topic, data, run_id=self.run_id, session=session)
             return {"message_id": message.id}
 
-        self.step.effect(f"publish:{self._published}", publish_now)
+        self.step.effect("publish", publish_now)

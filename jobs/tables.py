@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from sqlalchemy import (
-    Boolean, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, func, select, text,
+    Boolean, Column, DateTime, Engine, Index, Integer, MetaData, String, Table, Text, func, inspect, select, text,
 )
+from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateIndex
 
 from common.database import add_missing_columns, create_tables, write_session
@@ -51,7 +52,8 @@ steps = Table(
     "job_steps",
     metadata,
     Column("run_id", String(32), primary_key=True),
-    Column("id", String(100), primary_key=True),
+    # A step id (100 characters at most), or the id of a publish inside one (`fetch/publish:1`, steps.py).
+    Column("id", String(200), primary_key=True),
     Column("position", Integer, nullable=False),  # order of first execution within the run
     Column("status", String(16), nullable=False),  # running | completed | failed | sleeping
     Column("attempts", Integer, nullable=False),  # times its code was started
@@ -75,7 +77,7 @@ _INDEX_LOCK = 0x70B5_0003
 
 
 def create_schema(engine: Engine) -> None:
-    """Create the tables if missing, and the columns later versions added. Safe to race with other processes."""
+    """Create the tables if missing, and what later versions added to them. Safe to race with other processes."""
     create_tables(engine, metadata)
     add_missing_columns(engine, runs)  # job_runs.crashes, missing from databases made before it
     # create_all makes a table's indexes with the table only: databases made
@@ -85,3 +87,18 @@ def create_schema(engine: Engine) -> None:
             session.execute(select(func.pg_advisory_xact_lock(_INDEX_LOCK)))
         for index in (*events.indexes, *runs.indexes):
             session.execute(CreateIndex(index, if_not_exists=True))
+        _widen_step_ids(session)
+
+
+def _widen_step_ids(session: Session) -> None:
+    """Give job_steps.id its current width in a database made when it was 100 characters.
+
+    SQLite never enforces a VARCHAR's length; PostgreSQL widens one without
+    rewriting the table or its index.
+    """
+    conn = session.connection()
+    if conn.dialect.name != "postgresql":
+        return
+    [column] = [c for c in inspect(conn).get_columns(steps.name) if c["name"] == "id"]
+    if column["type"].length < steps.c.id.type.length:
+        conn.exec_driver_sql(f"ALTER TABLE {steps.name} ALTER COLUMN id TYPE VARCHAR({steps.c.id.type.length})")

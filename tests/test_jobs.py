@@ -326,6 +326,23 @@ def test_a_crashed_run_resumes_after_its_lease_without_repeating_steps_or_messag
     ]
 
 
+def test_a_publish_inside_a_step_never_swallows_a_later_one(app, jobs, clock, calls):
+    """Issue 17, item 3: the replay after the retry skips "inner", publish and all."""
+    @jobs.function(id="chatty", trigger="test.chatty", retries=1)
+    def chatty(ctx):
+        ctx.publish(ctx.channel, "log", "start")
+        ctx.step.run("inner", lambda: ctx.publish(ctx.channel, "log", "inside"))
+        ctx.step.run("flaky", lambda: calls.update(["flaky"]) or calls["flaky"] > 1 or 1 / 0)
+        ctx.publish(ctx.channel, "log", "done")
+
+    run_id = send(jobs, "test.chatty")
+    clock.advance(jobs.runner.retry_base_s)
+    assert jobs.drain() == 1
+
+    assert jobs.run(run_id).status == "completed" and calls["flaky"] == 2
+    assert messages(app, run_id, "log") == [("log", "start"), ("log", "inside"), ("log", "done")]
+
+
 def _all_runs(jobs):
     with jobs.runs.engine.connect() as conn:
         return conn.execute(select(runs)).all()

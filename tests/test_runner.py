@@ -207,6 +207,13 @@ def test_a_stopping_worker_releases_the_run_at_a_step_boundary(app, jobs, clock,
     assert [m["status"] for m in lifecycle(app, run_id)] == ["queued", "running", "completed"]
 
 
+def test_a_step_with_the_longest_id_can_publish(jobs):
+    step_id = "s" * 100
+    run_id = start(jobs, lambda ctx: ctx.step.run(step_id, lambda: ctx.publish(ctx.channel, "log", "inside")))
+    assert execute(jobs) == "completed"
+    assert stored_steps(jobs, run_id) == {step_id: "completed", f"{step_id}/publish:1": "completed"}
+
+
 def test_a_lost_lease_stops_the_execution_without_writing(app, jobs, clock, calls):
     usurper = []
 

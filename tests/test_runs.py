@@ -14,7 +14,7 @@ from sqlalchemy import Boolean, Column, DateTime, Integer, MetaData, String, Tab
 from common.database import add_missing_columns, make_engine
 from conftest import FakeClock, app_on, wait_until
 from jobs.records import LeaseLost
-from jobs.tables import create_schema, runs
+from jobs.tables import create_schema, runs, steps
 
 
 @pytest.fixture
@@ -237,6 +237,21 @@ def test_the_schema_adds_new_columns_to_a_database_made_before_them(database_url
         with engine.connect() as conn:
             assert {c["name"] for c in inspect(conn).get_columns("job_runs")} == set(runs.c.keys())
             assert conn.execute(select(runs.c.id, runs.c.crashes)).all() == [("0123456789abcdef", 0)]
+    finally:
+        engine.dispose()
+
+
+def test_the_schema_widens_step_ids_in_a_database_made_when_they_were_narrower(postgres_url):
+    """SQLite ignores a VARCHAR's length; PostgreSQL would refuse `<100-character step>/publish:1`."""
+    engine = make_engine(postgres_url)
+    try:
+        create_schema(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE job_steps ALTER COLUMN id TYPE VARCHAR(100)")  # as it was made
+        create_schema(engine)
+        with engine.connect() as conn:
+            [width] = [c["type"].length for c in inspect(conn).get_columns("job_steps") if c["name"] == "id"]
+        assert width == steps.c.id.type.length == 200
     finally:
         engine.dispose()
 

@@ -127,6 +127,42 @@ def test_publish_outside_a_step_is_a_step_of_its_own_and_is_not_repeated_on_resu
     assert calls == Counter(work=1)
 
 
+def test_publishes_inside_a_step_are_counted_apart_so_a_replay_never_shifts_the_others(app, jobs, claim):
+    """A replay skips a completed step's code with its publishes (issue 17, item 3)."""
+    def body(ctx, resumed: bool) -> None:
+        ctx.publish(ctx.channel, "log", "start")
+        ctx.step.run("inner", lambda: ctx.publish(ctx.channel, "log", "inside"))
+        if resumed:
+            ctx.publish(ctx.channel, "log", "done")
+
+    body(execution(jobs, claim), resumed=False)
+    body(resumed(jobs, claim), resumed=True)
+
+    assert [s[0] for s in stored_steps(jobs, claim.run.id)] == ["publish:1", "inner", "inner/publish:1", "publish:2"]
+    assert published(app, claim.run.channel) == ["start", "inside", "done"]
+
+
+def test_a_retried_step_publishes_each_of_its_messages_once(app, jobs, claim):
+    def body(ctx, attempt: int) -> None:
+        def flaky():
+            ctx.publish(ctx.channel, "log", f"trying, attempt {attempt}")
+            if attempt == 1:
+                raise RuntimeError("broke")
+            ctx.publish(ctx.channel, "log", "worked")
+
+        ctx.step.run("flaky", flaky)
+
+    with pytest.raises(RuntimeError):
+        body(execution(jobs, claim), attempt=1)
+    body(resumed(jobs, claim), attempt=2)
+
+    assert stored_steps(jobs, claim.run.id) == [
+        ("flaky", "completed", 2), ("flaky/publish:1", "completed", 1), ("flaky/publish:2", "completed", 1),
+    ]
+    # Matched by position within the step: the retry's first message is taken as sent.
+    assert published(app, claim.run.channel) == ["trying, attempt 1", "worked"]
+
+
 @pytest.mark.parametrize("boundary", ["run", "sleep", "publish"])
 def test_a_cancel_requested_before_a_step_stops_the_run_there(app, jobs, claim, calls, boundary):
     ctx = execution(jobs, claim)
