@@ -6,164 +6,48 @@ rows once, builds each frame once, and hands the same bytes to every
 subscription of that channel. Database reads per message are the same for 1
 stream and for 10,000, and an idle stream holds a small queue, no connection.
 
+Holes (visibility.py). On PostgreSQL an id can be missing below one that
+committed: its transaction is still in flight, or rolled back. The reader then
+asks which transactions are in flight and which channels they may write, and
+*holds* the messages of those channels only (a `Hold` per transaction and
+channel key), delivering every other channel's at once. When a transaction
+ends, the held messages of its channels are read again and delivered, in id
+order, each once. One slow transaction on channel A never delays channel B.
+
 The hand-over from history to live has no gap because of one lock: a stream
-registers its subscription under the same lock under which the dispatcher
-delivers a batch and advances `last_id`. Either the stream was registered
-before the batch (and receives it live), or the batch is at most `last_id`,
-hence already committed (store.py), hence in the history the stream reads
-after registering. Overlap is possible and removed by id in stream.py.
+registers its subscription under the lock under which the dispatcher
+delivers and moves `position` and its holds. Its history then ends where live
+delivery of its channel stands (`history_through`): the position, or just
+before the first message of the channel still held. Overlap is possible and
+removed by id in stream.py.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable
-
-from common.greenlets import current_greenlet, interrupt
 
 from . import metrics, sse
 from .changes import ChangeFeed
 from .replay import ReplayReads
-from .store import Message, MessageStore
+from .holds import Holds
+from .schema import intent_key
+from .store import Message, MessageStore, Page
+from .subscription import Channel, Frame, Subscription
+from .visibility import backoff
+
+__all__ = ["Channel", "Clock", "Dispatcher", "Frame", "Subscription"]
 
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500  # messages per replay read ...
-REPLAY_PAGE_BYTES = 256 * 1024  # ... and bytes of data, but its first message
+REPLAY_PAGE_BYTES = 256 * 1024  # ... and bytes of data, but its first
 
-Frame = tuple[int, bytes]  # (message id, the frame's bytes); id 0 is a keep-alive
 Clock = Callable[[], float]
-
-
-class Channel:
-    """The streams of one channel, and the one wake-up they share.
-
-    The dispatcher queues a batch's frames on every subscription of the
-    channel, then wakes the channel once: one event set per channel and batch,
-    not one per stream. A stream reads `event` *before* it looks at its queue,
-    and `wake()` swaps in a fresh event before setting the old one, so a frame
-    queued after the stream's look is never slept through.
-    """
-
-    __slots__ = ("name", "subscriptions", "event", "last_id")
-
-    def __init__(self, name: str, position: int = 0) -> None:
-        self.name = name
-        self.subscriptions: set[Subscription] = set()
-        self.event = threading.Event()
-        # The newest message of the channel the dispatcher delivered while this
-        # object existed, or the dispatcher's position when it was made: after
-        # `last_id`, nothing of the channel went past unseen.
-        self.last_id = position
-
-    def wake(self) -> None:
-        event, self.event = self.event, threading.Event()
-        event.set()
-
-
-class Subscription:
-    """A bounded queue of frames for one stream, filled by the dispatcher.
-
-    Bounded twice: in frames (`limit`, REALTIME_STREAM_BUFFER) and in bytes,
-    since 1,000 frames of the largest allowed message would be half a gigabyte.
-    """
-
-    max_pending_bytes = 8 * 1024 * 1024
-
-    __slots__ = (
-        "channel", "topics", "closed_reason", "quiet_since", "writer", "writing_since",
-        "sent_frames", "sent_bytes", "history_through", "_limit", "_pending", "_pending_bytes",
-    )
-
-    def __init__(self, channel: Channel, topics: Iterable[str] | None, limit: int, now: float) -> None:
-        self.channel = channel
-        # A tuple: a few topics are found in it as fast as in a frozenset, at a quarter of the memory.
-        self.topics = tuple(sorted(set(topics))) if topics is not None else None
-        self.closed_reason: str | None = None
-        self.quiet_since = now  # when a frame was last queued
-        # The greenlet that writes this stream to its client (None outside
-        # gevent), and since when it has been handing bytes to the server: a
-        # client that stops reading leaves it blocked there (see cut_stalled).
-        self.writer = current_greenlet()
-        self.writing_since: float | None = None
-        self.sent_frames = self.sent_bytes = 0  # for the log line a stream writes when it ends
-        self.history_through: int | None = None  # the last id its replay reads; later ones come live
-        self._limit = limit
-        # A list, swapped out whole by take(): an empty one is 56 bytes where a
-        # deque is over 600, and an idle stream's queue is nearly always empty.
-        self._pending: list[Frame] = []
-        self._pending_bytes = 0
-
-    @property
-    def queued(self) -> int:
-        """Frames waiting for the stream to take them."""
-        return len(self._pending)
-
-    def offer(self, message: Message, frame: bytes, now: float) -> bool:
-        """Queue the frame if the stream wants it; True when it was queued (the caller wakes the channel)."""
-        if self.closed_reason is not None:
-            return False
-        if self.topics is not None and message.topic not in self.topics:
-            return False
-        if len(self._pending) >= self._limit or self._pending_bytes > self.max_pending_bytes:
-            # A client that stops reading must not grow the server: end its
-            # stream; it resumes from the store with its cursor.
-            self.close("overflow")
-            return False
-        self._queue((message.id, frame), now)
-        return True
-
-    def keep_alive(self, now: float) -> bool:
-        if self.closed_reason is None and not self._pending:
-            self._queue((0, sse.KEEP_ALIVE), now)
-            return True
-        return False
-
-    def _queue(self, frame: Frame, now: float) -> None:
-        self._pending.append(frame)
-        self._pending_bytes += len(frame[1])
-        self.quiet_since = now
-
-    def take(self) -> list[Frame]:
-        """Wait for frames and return all queued so far; [] once closed.
-
-        No timeout here: keep-alives are queued by the dispatcher like
-        messages. A timeout per wait would arm and cancel a timer on every
-        wake-up, which at 1,000 streams cost more than the frames themselves.
-        """
-        while not self._pending and self.closed_reason is None:
-            event = self.channel.event  # before looking again: see Channel
-            if not self._pending and self.closed_reason is None:
-                event.wait()
-        frames, self._pending = self._pending, []
-        self._pending_bytes = 0
-        return frames
-
-    def close(self, reason: str) -> None:
-        if self.closed_reason is None:
-            self.closed_reason = reason
-        self._pending.clear()
-        self._pending_bytes = 0
-        self.channel.wake()
-
-    def cut(self, reason: str) -> None:
-        """Close, and if the stream is blocked writing to its client, end that write now."""
-        self.close(reason)
-        if self.writing_since is not None and self.writer is not None:
-            # gunicorn treats a reset as a client that went away: it closes
-            # the connection and logs nothing above debug.
-            interrupt(self.writer, ConnectionResetError(errno.ECONNRESET, f"stream cut: {reason}"))
-
-
-@dataclass(frozen=True)
-class Hole:
-    """A missing id below `through`, which committed: settled once these `writers` ended."""
-
-    through: int
-    writers: frozenset[str]
+def _has_hole(rows: Page, after_id: int) -> bool:
+    """Whether an id is missing between `after_id` and the page's last."""
+    return bool(rows) and rows[-1].id - after_id != len(rows)
 
 
 class Dispatcher:
@@ -198,11 +82,12 @@ class Dispatcher:
         self._clock = clock
         self._lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
-        self._last_id: int | None = None  # set by prime()
-        self._hole: Hole | None = None
+        self._position: int | None = None  # set by prime()
+        self._holds = Holds()
+        self._priming = threading.Lock()
         #: Replay pages shared by streams that ask for the same one together (a reconnect storm).
         self.replays = ReplayReads(
-            store, lambda: self._last_id or 0, page_size=REPLAY_PAGE, page_bytes=REPLAY_PAGE_BYTES, clock=clock,
+            store, lambda: self._position or 0, page_size=REPLAY_PAGE, page_bytes=REPLAY_PAGE_BYTES, clock=clock,
             quiet_after=self.quiet_after,
         )
         self._threads: list[threading.Thread] = []
@@ -219,8 +104,8 @@ class Dispatcher:
 
     @property
     def position(self) -> int:
-        """Where live delivery stands: every settled message up to here was dispatched."""
-        return self._last_id or 0
+        """Where live delivery stands: every message up to here was dispatched, or is held."""
+        return self._position or 0
 
     @property
     def stream_count(self) -> int:
@@ -244,15 +129,22 @@ class Dispatcher:
                 thread.start()
 
     def prime(self) -> None:
-        """Fix where live delivery starts, once: after the settled messages of this moment.
+        """Fix where live delivery starts, once: after the last id drawn at this moment.
 
         Everything up to it is history, which each stream reads itself. It
         needs the database, so streams call it before their response starts.
+        It waits for no transaction: the channels of those in flight are held
+        (and their streams' history waits for them, stream.py).
         """
-        if self._last_id is None:
-            with self._lock:
-                if self._last_id is None:
-                    self._last_id = self.store.settled_id()
+        if self._position is not None:
+            return
+        with self._priming:
+            if self._position is None:
+                drawn = self.store.last_drawn()
+                writers = self.store.writers(self.store.probe.clock())  # looked at after `drawn`
+                with self._lock:
+                    self._holds = Holds().adding(writers, drawn, self._clock(), from_prime=True)
+                    self._position = drawn
 
     def subscribe(self, channel: str, topics: Iterable[str] | None) -> Subscription:
         self.prime()
@@ -261,12 +153,16 @@ class Dispatcher:
                 subscription = Subscription(Channel(channel), topics, self.buffer_size, self._clock())
                 subscription.close("shutdown")
                 return subscription
+            # Its history ends where live delivery of its channel stands: everything after comes live.
+            key = intent_key(channel)
+            held_after = self._holds.after(key)
+            through = self.position if held_after is None else min(held_after, self.position)
             if channel not in self._channels:
-                self._channels[channel] = Channel(channel, position=self._last_id or 0)
+                self._channels[channel] = Channel(channel, position=through)
             subscription = Subscription(self._channels[channel], topics, self.buffer_size, self._clock())
             subscription.channel.subscriptions.add(subscription)
-            # Its history ends here: everything after comes live.
-            subscription.history_through = self._last_id
+            subscription.history_through = through
+            subscription.history_settled = not self._holds.from_prime(key)
         return subscription
 
     def quiet_after(self, channel: str, after_id: int) -> bool:
@@ -278,7 +174,7 @@ class Dispatcher:
         """
         with self._lock:
             known = self._channels.get(channel)
-            return known is not None and known.last_id <= after_id
+            return known is not None and known.last_id <= after_id and self._holds.after(intent_key(channel)) is None
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
@@ -315,54 +211,82 @@ class Dispatcher:
 
     @property
     def waiting_on_a_hole(self) -> bool:
-        """A hole below a committed id waits for writers to end: the reader looks again soon."""
-        return self._hole is not None
+        """Messages are held for transactions in flight: the reader looks again soon."""
+        return bool(self._holds)
+
+    def _next_look_s(self) -> float:
+        """How long the reader may wait for the feed: soon while messages are held, backing off."""
+        if not self._holds:
+            return self.tick_s
+        oldest = min(h.since for h in self._holds.by_entry.values())
+        return min(self.tick_s, backoff(self._clock() - oldest))
 
     def dispatch_new(self) -> int:
-        """Read every row after `last_id` once and deliver it, in id order; return how many rows.
+        """Deliver what was committed since the last look, in id order; return how many messages.
 
-        On PostgreSQL an id may be missing below one that committed: its
-        writer is still in flight, or rolled back. Delivery stops at such a
-        hole until every writer in flight when it was seen has ended; then
-        everything up to the newest id of that read is settled, and a hole
-        still there was a rollback (store.py's module docstring).
+        First the held messages whose transactions ended, then every new row:
+        the rows of channels no transaction in flight may still write go out
+        at once; the others wait in a hold (the module docstring).
         """
-        total = 0
-        while self._last_id is not None:
-            settled = self._last_id
-            if self._hole is not None:
-                if self.store.any_in_flight(self._hole.writers):
-                    break
-                settled, self._hole = self._hole.through, None
-            rows = self.store.read_new(self._last_id, self.batch_size, self.batch_bytes)
-            ready = []
-            expected = self._last_id + 1
-            for message in rows:
-                if message.id > expected and message.id > settled:
-                    self._hole = Hole(through=rows[-1].id, writers=self.store.writers_in_flight())
-                    break
-                ready.append(message)
-                expected = message.id + 1
-            if ready:
-                self._deliver(ready)
-                total += len(ready)
-            if settled > self._last_id and len(ready) == len(rows):
-                self._last_id = settled  # a rolled-back id at the end of a settled read
-            if self._hole is not None or not rows.more:
+        if self._position is None:
+            return 0
+        total = self._release_ended()
+        while True:
+            position = self._position
+            rows = self.store.read_new(position, self.batch_size, self.batch_bytes)
+            if not rows:
+                break
+            holds = self._holds
+            if _has_hole(rows, position):
+                # Who may still fill it (looked at after the read), then the rows again: a
+                # transaction that ended between the two looks is in this read.
+                writers = self.store.writers(self.store.probe.clock())
+                rows = self.store.read_new(position, self.batch_size, self.batch_bytes, through=rows[-1].id)
+                if _has_hole(rows, position):
+                    holds = holds.adding(writers, position, self._clock())
+            total += self._deliver([m for m in rows if not holds.held(m)], position=rows[-1].id, holds=holds)
+            if not rows.more:
                 break
         return total
 
-    def _deliver(self, rows: list[Message]) -> None:
+    def _release_ended(self) -> int:
+        """Deliver the held messages of the transactions that ended since the last look."""
+        if not self._holds:
+            return 0
+        writers = self.store.writers(self.store.probe.clock())
+        before = self._holds
+        after, ended = before.without_ended(writers)
+        self.store.probe.waiting_on({h.writer for h in after.by_entry.values()}, "live delivery")
+        if not ended:
+            return 0
+        with self._lock:
+            # From here on a new stream's history reaches past the released messages,
+            # and the ones it replays arrive again live, removed by id (stream.py).
+            self._holds = after
+        keys = None if any(h.writer.keys is None for h in ended) else sorted(
+            {key for h in ended for key in h.writer.keys or ()}
+        )
+        after_id, total = min(h.after_id for h in ended), 0
+        while True:
+            rows = self.store.read_new(after_id, self.batch_size, self.batch_bytes, through=self._position, keys=keys)
+            if not rows:
+                break
+            total += self._deliver([m for m in rows if before.held(m) and not after.held(m)])
+            after_id = rows[-1].id
+            if not rows.more:
+                break
+        return total
+
+    def _deliver(self, rows: list[Message], *, position: int | None = None, holds: Holds | None = None) -> int:
+        """Offer each message's frame to the streams of its channel; then move `position` and the holds."""
         epoch = self.store.epoch
         now = self._clock()
         woken: dict[str, Channel] = {}
         with self._lock:
             for message in rows:
-                if message.id <= self._last_id:
-                    continue
                 channel = self._channels.get(message.channel)
                 if channel is not None:
-                    channel.last_id = message.id
+                    channel.last_id = max(channel.last_id, message.id)
                     # One bytes object for every subscriber of the channel.
                     frame = sse.message_frame(f"{epoch}-{message.id}", message.topic, message.envelope_json())
                     queued = sum(s.offer(message, frame, now) for s in channel.subscriptions)
@@ -370,9 +294,13 @@ class Dispatcher:
                         woken[channel.name] = channel
                         metrics.FRAMES_SENT.inc(queued)
                         metrics.PUBLISH_TO_SEND.observe(max(0.0, time.time() - message.created_at.timestamp()))
-                self._last_id = message.id
+            if position is not None:
+                self._position = position
+            if holds is not None:
+                self._holds = holds
             for channel in woken.values():
                 channel.wake()
+        return len(rows)
 
     def send_keep_alives(self) -> None:
         """Queue `: keep-alive` for every stream that was quiet for about heartbeat_s."""
@@ -406,7 +334,7 @@ class Dispatcher:
         while not self._stopping:
             try:
                 self.prime()  # at once, so streams opened later need no database to start
-                timeout = 0.005 if self.waiting_on_a_hole else self.tick_s
+                timeout = self._next_look_s()
                 if (self._feed.wait(timeout=timeout) or self.waiting_on_a_hole) and not self._stopping:
                     self.dispatch_new()
                 backoff = 0.1

@@ -173,11 +173,18 @@ class Realtime:
     ) -> tuple[list[Message], str, Reset | None]:
         """Up to `limit` messages after `after`, and about HISTORY_BYTES of data at most:
         (messages, the cursor to continue from, reset or None)."""
-        after_id, reset = resolve_cursor(self.store, channel, Cursor.parse(after) if after else None)
+        cursor = Cursor.parse(after) if after else None
+        after_id, reset = resolve_cursor(self.store, channel, cursor)
         # Only settled messages: a page must never step over one that commits late.
-        found = self.store.read_after(channel, topics, after_id, limit, HISTORY_BYTES, through=self.store.settled_id())
-        last_id = found[-1].id if found else after_id
-        return found, str(Cursor(self.store.epoch, last_id)), reset
+        page = self.store.read_after(
+            channel, topics, after_id, limit, HISTORY_BYTES, through=self.store.settled_through(channel)
+        )
+        if cursor is not None and reset is None and page.pruned_through > after_id:
+            # Pruned between the cursor's check and the page (the mark is the page's own).
+            after_id = page.pruned_through
+            reset = Reset("history_truncated", str(Cursor(self.store.epoch, after_id)))
+        last_id = page[-1].id if page else after_id
+        return list(page), str(Cursor(self.store.epoch, last_id)), reset
 
     # -- lifecycle ----------------------------------------------------------
 

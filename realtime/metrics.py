@@ -37,3 +37,14 @@ STORE_READS = Counter(
     "replay (a channel's page for streams and history, shared in a storm), lookup (where a cursor stands).",
     ["kind"],
 )
+VISIBILITY_WAIT = Gauge(
+    "realtime_visibility_wait_seconds",
+    "How long delivery (or a history read) has been waiting for a transaction that may still commit "
+    "messages on its channels; 0 when nothing waits. The longest over the instance's workers.",
+    multiprocess_mode="livemax",
+)
+VISIBILITY_STALLS = Counter(
+    "realtime_visibility_stalls_total",
+    "Transactions that held back delivery on their channels for more than a second (each is logged "
+    "with its backend pid).",
+)

@@ -21,9 +21,24 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from . import sse
 from .store import MessageStore, Page
 
 Key = tuple[str, "tuple[str, ...] | None", int]
+
+
+@dataclass(frozen=True)
+class ReplayPage:
+    """A replay page and its frames, one per message: built once for every stream that shares
+    the page (in a reconnect storm, building them per stream was a quarter of the worker's CPU)."""
+
+    page: Page
+    frames: tuple[bytes, ...]
+
+    def up_to(self, through: int) -> ReplayPage:
+        """The part a stream may replay: its ids up to `through` (the rest comes to it live)."""
+        mine = self.page.up_to(through)
+        return self if mine is self.page else ReplayPage(mine, self.frames[: len(mine)])
 
 
 @dataclass
@@ -32,7 +47,7 @@ class _Read:
 
     done: threading.Event
     through: int = 0  # the page holds the messages up to this id
-    page: Page | None = None
+    page: ReplayPage | None = None
     error: BaseException | None = None
     expires: float = float("inf")
 
@@ -60,8 +75,8 @@ class ReplayReads:
         self._reads: dict[Key, _Read] = {}
         self._slots = threading.BoundedSemaphore(concurrency)
 
-    def page(self, channel: str, topics: Sequence[str] | None, after_id: int, through: int) -> Page:
-        """The messages after `after_id` and up to `through`, as `MessageStore.read_replay` reads them."""
+    def page(self, channel: str, topics: Sequence[str] | None, after_id: int, through: int) -> ReplayPage:
+        """The messages after `after_id` and up to `through`, as `MessageStore.read_after` reads them."""
         key = (channel, tuple(topics) if topics is not None else None, after_id)
         while True:
             with self._lock:
@@ -78,7 +93,7 @@ class ReplayReads:
             if read.error is not None:
                 raise read.error
             if self._covers(read, channel, through):
-                return _up_to(read.page, through)
+                return read.page.up_to(through)
             # A shared read that stopped short of this stream's history end: read again.
 
     def _covers(self, read: _Read, channel: str, through: int) -> bool:
@@ -89,8 +104,10 @@ class ReplayReads:
         try:
             with self._slots:
                 read.through = max(through, self._horizon())
-                read.page = self.store.read_replay(
-                    channel, topics, after_id, self.page_size, self.page_bytes, read.through
+                page = self.store.read_after(channel, topics, after_id, self.page_size, self.page_bytes, read.through)
+                epoch = self.store.epoch
+                read.page = ReplayPage(
+                    page, tuple(sse.message_frame(f"{epoch}-{m.id}", m.topic, m.envelope_json()) for m in page)
                 )
         except BaseException as exc:
             read.error = exc
@@ -105,14 +122,3 @@ class ReplayReads:
         with self._lock:
             for key in [k for k, r in self._reads.items() if r.expires <= now]:
                 del self._reads[key]
-
-
-def _up_to(page: Page, through: int) -> Page:
-    """The part of a shared page a stream may replay: its ids up to `through`."""
-    if not page or page[-1].id <= through:
-        return page
-    mine = Page(m for m in page if m.id <= through)
-    mine.more = False  # what follows comes live to this stream
-    mine.pruned_through = page.pruned_through
-    mine.source = page.source or page  # a prefix of it: its frames serve this one too
-    return mine

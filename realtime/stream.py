@@ -32,7 +32,7 @@ from common.database import DatabaseUnavailable
 from . import metrics, sse
 from .cursor import Cursor
 from .dispatch import Clock, Dispatcher, Subscription
-from .store import MessageStore, Page
+from .store import MessageStore
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,21 @@ def event_stream(
         last_id, reset = start
         epoch = store.epoch
         replayed: list[bytes] = [reset.frame()] if reset is not None else []
-        recheck_prune = cursor is not None and reset is None
+        # Whether a prune mark past the position means lost messages: always after the first
+        # page; on the first, only for a cursor (without one, the stream starts at the oldest).
+        check_prune = cursor is not None and reset is None
         quiet_since = clock()
         while subscription.closed_reason is None:
             try:
                 # A replay read waits at most a heartbeat: a stream opened as
                 # the database stalls keeps its client with keep-alives.
                 with store.db.time_limit(dispatcher.heartbeat_s):
-                    page = dispatcher.replays.page(channel, topics, last_id, subscription.history_through)
+                    if not subscription.history_settled:
+                        # This process started while a transaction on the channel was in
+                        # flight: its messages below history_through may still commit.
+                        store.settled_through(channel)
+                        subscription.history_settled = True
+                    shared = dispatcher.replays.page(channel, topics, last_id, subscription.history_through)
             except DatabaseUnavailable:
                 if clock() - quiet_since >= dispatcher.heartbeat_s - dispatcher.tick_s:
                     replayed.append(sse.KEEP_ALIVE)
@@ -141,24 +148,25 @@ def event_stream(
                 replayed, quiet_since = [], clock()
                 threading.Event().wait(dispatcher.tick_s)  # the database is away: do not spin
                 continue
-            if recheck_prune:
-                # Messages right after the cursor were pruned, before or while it was away.
-                if page.pruned_through > last_id:
-                    reset = Reset("history_truncated", str(Cursor(epoch, page.pruned_through)))
-                    replayed.append(reset.frame())
-                recheck_prune = False
+            page = shared.page
+            if check_prune and page.pruned_through > last_id:
+                # Messages right after the position were pruned before this page was read (its
+                # mark comes from the page's own snapshot): say so, never skip them silently.
+                reset = Reset("history_truncated", str(Cursor(epoch, page.pruned_through)))
+                replayed.append(reset.frame())
+                last_id = page.pruned_through
+            check_prune = True
             if cursor is not None and resume is None:
                 resume = reset.reason if reset is not None else "exact"
                 metrics.RESUMES.labels(resume).inc()
-            frames = _replay_frames(page, epoch)
-            yield from _write(subscription, clock, itertools.chain(replayed, frames))
+            yield from _write(subscription, clock, itertools.chain(replayed, shared.frames))
             metrics.FRAMES_SENT.inc(len(page))
             last_id = page[-1].id if page else last_id
             replayed, quiet_since = [], clock()
             if not page.more:
                 break
         # Live from here, maybe for hours: hold no page and no frame of the replay.
-        page = frames = replayed = None  # type: ignore[assignment]
+        shared = page = replayed = None  # type: ignore[assignment]
 
         while True:
             queued = subscription.take()
@@ -195,18 +203,6 @@ def _ended(subscription: Subscription, channel: str, duration: float, request_id
                "duration_s": round(duration, 3), "frames": subscription.sent_frames,
                "bytes": subscription.sent_bytes},
     )
-
-
-def _replay_frames(page: Page, epoch: str) -> list[bytes]:
-    """The frames of a replay page, built once for all the streams that share the page.
-
-    In a reconnect storm thousands of streams replay the same page (replay.py):
-    building its frames was a quarter of the worker's CPU, the same bytes each time.
-    """
-    shared = page.source or page
-    if shared.frames is None:
-        shared.frames = [sse.message_frame(f"{epoch}-{m.id}", m.topic, m.envelope_json()) for m in shared]
-    return shared.frames[: len(page)]
 
 
 def _write(subscription: Subscription, clock: Clock, frames: Iterable[bytes]) -> Iterator[bytes]:

@@ -41,7 +41,7 @@ def test_append_then_read_after_in_id_order(store):
     assert [m.id for m in found] == [first.id, second.id]
     assert found[1].data == "line" and found[1].run_id == "r1"
     assert [m.id for m in store.read_after("run.1", ["log"], 0, 100)] == [second.id]
-    assert store.read_after("run.1", None, second.id, 100) == []
+    assert list(store.read_after("run.1", None, second.id, 100)) == []
     assert [m.id for m in store.read_after("run.1", None, 0, 1)] == [first.id]
     assert store.last_id() == second.id
 

@@ -59,7 +59,7 @@ def test_only_the_given_topics_are_replayed_and_streamed(store, dispatcher):  # 
 
 def test_a_message_committed_during_replay_is_sent_once(store, dispatcher, clock, monkeypatch):  # noqa: F811
     first = store.append("c", "t", "1")
-    read_after = store._read_after
+    read_after = store.read_after
     racing: list[int] = []
 
     def read_after_while_someone_publishes(*args, **kwargs):
@@ -70,7 +70,7 @@ def test_a_message_committed_during_replay_is_sent_once(store, dispatcher, clock
             dispatcher.dispatch_new()
         return read_after(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_read_after", read_after_while_someone_publishes)
+    monkeypatch.setattr(store, "read_after", read_after_while_someone_publishes)
     stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
     frames = [next(stream) for _ in range(2)]  # retry, then the two replayed messages in one write
     live = store.append("c", "t", "3")
@@ -149,7 +149,7 @@ def test_resolve_cursor(store):  # noqa: F811
 def test_a_prune_between_cursor_check_and_replay_is_reported(store, dispatcher, monkeypatch):  # noqa: F811
     old = store.append("c", "t", "1")
     kept_before = store.append("c", "t", "2")
-    read_after = store._read_after
+    read_after = store.read_after
     pruned: list[int] = []
 
     def read_after_a_prune(*args, **kwargs):
@@ -158,7 +158,7 @@ def test_a_prune_between_cursor_check_and_replay_is_reported(store, dispatcher, 
             store.append("c", "t", "3")
         return read_after(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_read_after", read_after_a_prune)
+    monkeypatch.setattr(store, "read_after", read_after_a_prune)
     stream = open_stream(dispatcher, "c", None, Cursor(store.epoch, old.id), retry_ms=100)
     next(stream)
     write = next(stream)
@@ -188,7 +188,7 @@ def test_replay_waits_for_the_database_with_keep_alives_and_misses_nothing(
     store, dispatcher, clock, monkeypatch  # noqa: F811
 ):
     kept = store.append("c", "t", "1")
-    read_replay = store.read_replay
+    read_replay = store.read_after
     failures = [DatabaseUnavailable("away"), DatabaseUnavailable("still away")]
 
     def read_replay_an_outage(*args, **kwargs):
@@ -197,7 +197,7 @@ def test_replay_waits_for_the_database_with_keep_alives_and_misses_nothing(
             raise failures.pop(0)
         return read_replay(*args, **kwargs)
 
-    monkeypatch.setattr(store, "read_replay", read_replay_an_outage)
+    monkeypatch.setattr(store, "read_after", read_replay_an_outage)
     stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
     assert next(stream) == b"retry: 100\n\n"
     assert [next(stream), next(stream)] == [sse.KEEP_ALIVE, sse.KEEP_ALIVE]
@@ -235,13 +235,11 @@ def test_a_process_that_never_read_the_epoch_reads_it_before_any_byte(store, dis
 def test_streams_replaying_one_shared_page_share_its_frames(store, dispatcher):  # noqa: F811
     """A storm's streams replay the same page (replay.py): its frames are built once, and a
     stream whose history ends earlier takes the start of the same frames."""
-    from realtime.replay import _up_to
-    from realtime.stream import _replay_frames
-
     ids = [store.append("c", "t", str(n)).id for n in range(3)]
-    page = store.read_replay("c", None, 0, 100, 1 << 20, ids[-1])
-    first = _replay_frames(page, store.epoch)
-    again = _replay_frames(page, store.epoch)
-    shorter = _replay_frames(_up_to(page, ids[1]), store.epoch)
-    assert _ids(first) == ids and len(shorter) == 2
-    assert all(a is b for a, b in zip(first, again)) and all(a is b for a, b in zip(first, shorter))
+    dispatcher.dispatch_new()
+    first = dispatcher.replays.page("c", None, 0, ids[-1])
+    again = dispatcher.replays.page("c", None, 0, ids[-1])
+    shorter = dispatcher.replays.page("c", None, 0, ids[1])
+    assert _ids(first.frames) == ids and len(shorter.frames) == 2
+    assert all(a is b for a, b in zip(first.frames, again.frames))
+    assert all(a is b for a, b in zip(first.frames, shorter.frames))

@@ -1,0 +1,150 @@
+"""Reading messages back: pages bounded in rows and in bytes, and what a page knows.
+
+A page is a value (`Page`): its messages, oldest first; whether more may follow;
+and, for a channel's page, how far the channel was pruned *in the same snapshot
+as its rows*, so the reader of any page, not only the first, knows whether
+messages right after its cursor were pruned before it looked (CONTRACT §4's
+`history_truncated`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator, Sequence
+
+from sqlalchemy import Engine, LargeBinary, cast, func, select, true
+
+from common.database import as_utc
+
+from .schema import messages, pruned
+
+PAGE_BYTES = 4 * 1024 * 1024  # the most message data one read returns, but for its first message
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to store: its data already JSON text (Realtime.publish_many checks and encodes it)."""
+
+    channel: str
+    topic: str
+    data_json: str
+    run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """A stored message, as every layer above the store sees it."""
+
+    id: int
+    channel: str
+    topic: str
+    data_json: str
+    run_id: str | None
+    created_at: datetime
+    replayed: bool = False  # an Idempotency-Key repeat: stored by an earlier publish
+
+    @property
+    def data(self) -> Any:
+        return json.loads(self.data_json)
+
+    def envelope(self) -> dict[str, Any]:
+        return json.loads(self.envelope_json())
+
+    def envelope_json(self) -> str:
+        """The JSON line of CONTRACT §4, built around the stored data text without re-encoding it."""
+        dump = json.dumps
+        created_at = self.created_at.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        return (
+            f'{{"id": {self.id}, "channel": {dump(self.channel)}, "topic": {dump(self.topic)}, '
+            f'"data": {self.data_json}, "run_id": {dump(self.run_id)}, '
+            f'"created_at": {dump(created_at)}}}'
+        )
+
+
+@dataclass(frozen=True)
+class Page:
+    """Messages of one read, oldest first.
+
+    `more`: the read stopped at its row or byte limit, so the next read (after
+    the last id) may find more. `pruned_through`: for a channel's page, the
+    channel's highest pruned id as of the same snapshot (0: never pruned).
+    """
+
+    messages: tuple[Message, ...] = ()
+    more: bool = False
+    pruned_through: int = 0
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.messages)
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __getitem__(self, index: int) -> Message:
+        return self.messages[index]
+
+    @property
+    def last_id(self) -> int | None:
+        return self.messages[-1].id if self.messages else None
+
+    def up_to(self, through: int) -> Page:
+        """Its messages up to id `through`; what follows them is not this page's to tell (more=False)."""
+        if not self.messages or self.messages[-1].id <= through:
+            return self
+        return Page(tuple(m for m in self.messages if m.id <= through), False, self.pruned_through)
+
+
+def message_from(row: Any) -> Message:
+    return Message(row.id, row.channel, row.topic, row.data, row.run_id, as_utc(row.created_at))
+
+
+def read_page(
+    engine: Engine, where: Sequence[Any], limit: int, max_bytes: int, *, pruned_channel: str | None = None
+) -> Page:
+    """The messages matching `where`, in id order: at most `limit`, and no more than `max_bytes`
+    of data but the first. With `pruned_channel`, the page also carries that channel's prune
+    mark, read by the same statement (one snapshot, even when no row matches)."""
+    # Bounded in bytes as well as rows: 500 rows of the largest message would be
+    # 250 MB in memory. The database sums the sizes over the page (a window over
+    # at most `limit` ids, never their data) and returns the rows that start
+    # before the budget is spent, so at least one.
+    data_size = (
+        func.octet_length(messages.c.data) if engine.dialect.name == "postgresql"
+        else func.length(cast(messages.c.data, LargeBinary))
+    )
+    first = select(messages.c.id, data_size.label("size")).where(*where).order_by(messages.c.id).limit(limit).subquery()
+    sized = select(
+        first.c.id,
+        first.c.size,
+        func.sum(first.c.size).over(order_by=first.c.id).label("through"),
+        func.count().over().label("rows"),
+    ).subquery()
+    rows = (
+        select(messages, sized.c.rows)
+        .join(sized, messages.c.id == sized.c.id)
+        .where(sized.c.through - sized.c.size < max_bytes)
+    )
+    if pruned_channel is None:
+        with engine.connect() as conn:
+            found = conn.execute(rows.order_by(messages.c.id)).all()
+        mark = 0
+    else:
+        # One row for the mark, joined to the page's rows (or to none: an empty page still knows).
+        page = rows.subquery()
+        mark_of = select(
+            func.coalesce(select(pruned.c.through_id).where(pruned.c.channel == pruned_channel).scalar_subquery(), 0)
+            .label("pruned_through")
+        ).subquery()
+        query = (
+            select(mark_of.c.pruned_through, page)
+            .select_from(mark_of.outerjoin(page, true()))
+            .order_by(page.c.id)
+        )
+        with engine.connect() as conn:
+            found = conn.execute(query).all()
+        mark = found[0].pruned_through if found else 0
+        found = [row for row in found if row.id is not None]
+    # Full in rows (more may follow), or cut short by the byte budget.
+    more = bool(found) and (found[0].rows >= limit or len(found) < found[0].rows)
+    return Page(tuple(message_from(row) for row in found), more, mark)
