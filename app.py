@@ -11,7 +11,9 @@ import os
 import secrets
 from typing import Any, Mapping
 
+import click
 from flask import Flask
+from flask.cli import run_command
 
 from common import errors, health, logs, metrics
 from common.config import flag
@@ -37,7 +39,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     os.makedirs(app.instance_path, exist_ok=True)
 
     app.config["DATABASE_URL"] = "sqlite:///" + os.path.join(app.instance_path, "realtime.sqlite3")
-    app.config["DEMO_ENABLED"] = True  # the demo page and its report job; off on an API-only server
+    # The demo page, its report job and its allow-all token policy: on under
+    # `flask run` (what `make run` starts), off unless asked for anywhere else.
+    app.config["DEMO_ENABLED"] = _served_by_flask_run()
     # instance/config.py (the Flask tutorial's place for a local SECRET_KEY;
     # `make run` writes one), then the environment, which wins.
     app.config.from_pyfile("config.py", silent=True)
@@ -80,6 +84,19 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.cli.add_command(realtime_cli.group)
     app.cli.add_command(jobs_cli.group)
     return app
+
+
+def _served_by_flask_run() -> bool:
+    """Whether Flask's development server is loading this app (`flask run`, `make run`).
+
+    The demo hands out tokens for every channel and starts jobs for anyone, so
+    only the command made for trying the project turns it on by itself:
+    gunicorn, tests and the other `flask` commands (jobs worker, tail) get it
+    only with DEMO_ENABLED (issue 17, item 10). `flask run` loads the app
+    inside its own click command, also in the reloader's child process.
+    """
+    context = click.get_current_context(silent=True)
+    return context is not None and context.command is run_command
 
 
 def _database_problem(app: Flask) -> str | None:

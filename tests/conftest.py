@@ -69,7 +69,8 @@ def app_on(database_url: str, **config: object) -> Iterator["Flask"]:
 
 @pytest.fixture
 def app(tmp_path):
-    yield from app_on(f"sqlite:///{tmp_path / 'test.sqlite3'}", REALTIME_PUBLISH_KEY=PUBLISH_KEY)
+    """The demo app: its allow-all token policy, its report job, its page (off unless asked for)."""
+    yield from app_on(f"sqlite:///{tmp_path / 'test.sqlite3'}", REALTIME_PUBLISH_KEY=PUBLISH_KEY, DEMO_ENABLED=True)
 
 
 class FakeClock:
@@ -285,7 +286,7 @@ def shared_server(request, tmp_path_factory) -> Iterator[LiveServer]:
         if pg_name is None:
             skip_or_fail("PostgreSQL is not reachable on 127.0.0.1:5432")
         url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}"
-    server = LiveServer(tmp / "gunicorn.log", url)
+    server = LiveServer(tmp / "gunicorn.log", url, DEMO_ENABLED=True)  # its token policy lets tests subscribe
     try:
         yield server.start()
     finally:

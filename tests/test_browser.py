@@ -71,7 +71,7 @@ def console(page) -> Console:
 
 @pytest.fixture
 def server(start_server, tmp_path) -> LiveServer:
-    return start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}")
+    return start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", DEMO_ENABLED=True)
 
 
 # -- the real job ---------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def server(start_server, tmp_path) -> LiveServer:
 
 def test_reports_run_to_completion_side_by_side_and_serve_their_pdf(start_server, tmp_path, page, console):
     # Needs the jobs package (issue 3). Short steps keep the test quick, long enough to watch.
-    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", DEMO_REPORT_STEP_S=0.5)
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", DEMO_ENABLED=True, DEMO_REPORT_STEP_S=0.5)
     page.goto(server.url + "/")
     generate = page.get_by_role("button", name="Generate report")
     generate.click()
@@ -150,7 +150,7 @@ def test_dropping_the_connection_in_the_workshop_loses_no_log_line(server, page,
 
 def test_eventsource_resumes_with_last_event_id_when_the_server_restarts(start_server, tmp_path, page, console):
     # A long `retry:` leaves time to publish while the browser waits to reconnect.
-    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", REALTIME_RETRY_MS=1500)
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", DEMO_ENABLED=True, REALTIME_RETRY_MS=1500)
     report = FakeReport(server)
     report.run("running")
     for n in range(1, 4):
@@ -228,7 +228,7 @@ def test_reloading_mid_run_replays_the_whole_history(server, page, console):
 
 
 def test_the_page_refreshes_an_expired_token_transparently(start_server, tmp_path, page, console):
-    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", REALTIME_TOKEN_TTL_S=2)
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", DEMO_ENABLED=True, REALTIME_TOKEN_TTL_S=2)
     report = FakeReport(server)
     report.run("running")
     report.log("line 1")
@@ -263,7 +263,7 @@ def test_the_page_refreshes_an_expired_token_transparently(start_server, tmp_pat
 
 def test_the_client_probes_a_failed_eventsource_and_refreshes_a_refused_token(start_server, tmp_path, page, console):
     """Without a known expiry the EventSource meets a 401, which it cannot see: realtime.js asks with fetch."""
-    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", REALTIME_TOKEN_TTL_S=2)
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", DEMO_ENABLED=True, REALTIME_TOKEN_TTL_S=2)
     report = FakeReport(server)
     report.log("line 1")
     page.goto(server.url + "/")

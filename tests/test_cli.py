@@ -92,7 +92,7 @@ def _lines_of(process: subprocess.Popen) -> Callable[[str], bool]:
 
 
 def test_tail_with_url_watches_a_remote_server_through_the_python_client(start_server, tmp_path):
-    server = start_server(f"sqlite:///{tmp_path / 'remote.sqlite3'}", workers=1)
+    server = start_server(f"sqlite:///{tmp_path / 'remote.sqlite3'}", workers=1, DEMO_ENABLED=True)
     first = server.publish("run.42", "status", {"percent": 10})
     server.publish("run.42", "log", {"skip": True})
     command = shlex.split(code_block("realtime tail --url", "sh").replace("http://127.0.0.1:5000", server.url))

@@ -23,7 +23,7 @@ FAST = Backoff(initial_s=0.05, max_s=0.2)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("client")
-    live = LiveServer(tmp / "gunicorn.log", f"sqlite:///{tmp / 'client.sqlite3'}")
+    live = LiveServer(tmp / "gunicorn.log", f"sqlite:///{tmp / 'client.sqlite3'}", DEMO_ENABLED=True)
     try:
         yield live.start()
     finally:

@@ -1,12 +1,22 @@
-"""The demo's report job and routes, in eager mode: progress, the PDF, bad parameters, 404s."""
+"""The demo's report job and routes, in eager mode: progress, the PDF, bad parameters, 404s;
+which commands turn it on."""
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from typing import Iterator
+
+import httpx
 import pytest
 from sqlalchemy import func, select
 
-from conftest import app_on
+from conftest import ROOT, app_on, free_port, wait_until
 from jobs.tables import runs
-from json_errors import assert_json_error
+from json_errors import TOKEN, assert_json_error
 from test_jobs import clock, jobs, messages, send  # noqa: F401 - fixtures and helpers
 
 
@@ -122,6 +132,73 @@ def test_demo_enabled_on_from_the_environment(demo_env_app):
     assert "generate-report" in demo_env_app.extensions["jobs"].registry.ids
 
 
-def test_demo_enabled_is_on_by_default(app):
-    assert app.config["DEMO_ENABLED"] is True
-    assert "demo" in app.extensions
+def test_demo_is_off_unless_asked_for(tmp_path, monkeypatch):
+    """An app made by create_app (gunicorn's way, a test's) has no demo without DEMO_ENABLED."""
+    monkeypatch.delenv("FLASK_DEMO_ENABLED", raising=False)
+    for app in app_on(f"sqlite:///{tmp_path / 'default.sqlite3'}"):
+        assert app.config["DEMO_ENABLED"] is False
+        assert "demo" not in app.extensions
+        assert_json_error(app.test_client().post(TOKEN, json={"channel": "run.1", "topics": ["status"]}), 403, "forbidden")
+
+
+# -- the commands of CONTRACT §1 ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_the_production_command_hands_out_no_token_and_serves_no_demo(start_server, tmp_path, monkeypatch):
+    """`gunicorn -c gunicorn.conf.py "app:create_app()"` with no DEMO flag (issue 17, item 10)."""
+    monkeypatch.delenv("FLASK_DEMO_ENABLED", raising=False)
+    server = start_server(f"sqlite:///{tmp_path / 'production.sqlite3'}", workers=1)
+    assert_json_error(httpx.post(server.url + TOKEN, json={"channel": "run.1", "topics": ["status"]}), 403, "forbidden")
+    for path in ("/", "/workshop"):
+        assert_json_error(httpx.get(server.url + path), 404, "not_found")
+    assert_json_error(httpx.post(server.url + "/demo/reports", json={}), 404, "not_found")
+    started = httpx.post(server.url + "/api/events", json={"name": "report.requested", "data": {}})
+    assert started.status_code == 202 and started.json()["runs"] == [], "no report job to run"
+
+
+def make_run_command(port: int) -> list[str]:
+    """The command of the Makefile's `run` target, on `port`: what `make run` starts."""
+    recipe = re.search(r"^run:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert recipe.startswith("$(BIN)/flask ") and "--port 5000" in recipe, recipe
+    words = shlex.split(recipe.replace("--port 5000", f"--port {port}"))
+    return [sys.executable, "-m", "flask", *words[1:]]
+
+
+@pytest.fixture
+def make_run(tmp_path, monkeypatch) -> Iterator[str]:
+    """`make run`'s server (Flask's, with its SECRET_KEY from the environment), its URL."""
+    monkeypatch.delenv("FLASK_DEMO_ENABLED", raising=False)
+    port = free_port()
+    env = {**os.environ, "SECRET_KEY": "make-run-secret", "DATABASE_URL": f"sqlite:///{tmp_path / 'run.sqlite3'}"}
+    with open(tmp_path / "flask.log", "wb") as log:
+        process = subprocess.Popen(make_run_command(port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"flask run exited: {(tmp_path / 'flask.log').read_text()[-3000:]}")
+        try:
+            return httpx.get(url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(answers, timeout=30, what=f"flask run on port {port}")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.integration
+def test_make_run_serves_the_demo(make_run):
+    token = httpx.post(make_run + TOKEN, json={"channel": "run.1", "topics": ["status"]}, timeout=10)
+    assert token.status_code == 200, token.text
+    assert b"Generate report" in httpx.get(make_run + "/", timeout=10).content
+    assert httpx.get(make_run + "/workshop", timeout=10).status_code == 200

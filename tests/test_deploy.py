@@ -139,7 +139,7 @@ def proxied(start_server, tmp_path) -> Iterator[tuple[LiveServer, Nginx]]:
     """A 2-worker gunicorn on SQLite, and nginx with deploy/nginx.conf in front of it."""
     if not os.access(NGINX, os.X_OK):
         skip_or_fail("Debian's nginx is not installed (apt-get install nginx)")
-    server = start_server(f"sqlite:///{tmp_path / 'deploy.sqlite3'}")
+    server = start_server(f"sqlite:///{tmp_path / 'deploy.sqlite3'}", DEMO_ENABLED=True)
     nginx = Nginx(tmp_path / "nginx", server.port)
     try:
         yield server, nginx.start()
@@ -241,7 +241,7 @@ def test_a_client_that_stops_reading_is_cut_by_the_app_not_absorbed_by_nginx(sta
     stream into a temporary file (up to 1 GB per stream), and the stream would never end."""
     if not os.access(NGINX, os.X_OK):
         skip_or_fail("Debian's nginx is not installed (apt-get install nginx)")
-    server = start_server(f"sqlite:///{tmp_path / 'slow.sqlite3'}", REALTIME_SEND_TIMEOUT_S=1)
+    server = start_server(f"sqlite:///{tmp_path / 'slow.sqlite3'}", DEMO_ENABLED=True, REALTIME_SEND_TIMEOUT_S=1)
     nginx = Nginx(tmp_path / "nginx", server.port).start()
 
     def cut_by_the_app() -> float:

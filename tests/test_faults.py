@@ -76,7 +76,7 @@ def keep_alives(items, count: int) -> list[str]:
 
 @pytest.mark.postgres
 def test_a_database_cut_keeps_streams_open_workers_booting_and_loses_nothing(start_server, proxy, postgres_url):
-    server = start_server(proxy.url_for(postgres_url))
+    server = start_server(proxy.url_for(postgres_url), DEMO_ENABLED=True)
     channel = "cut.1"
     subscribers = [Subscriber(server, channel, ["t"], seed=n, cursor_in_query=n % 2 == 1) for n in range(4)]
     publisher = BackgroundPublisher(server, channel)
@@ -124,7 +124,7 @@ def test_a_database_cut_keeps_streams_open_workers_booting_and_loses_nothing(sta
 
 @pytest.mark.postgres
 def test_a_stalled_database_answers_503_and_a_retried_publish_is_stored_once(start_server, proxy, postgres_url):
-    server = start_server(proxy.url_for(postgres_url), workers=1)
+    server = start_server(proxy.url_for(postgres_url), workers=1, DEMO_ENABLED=True)
     wait_until(lambda: readyz(server).status_code == 200, what="the worker ready: it listens, it knows the newest id")
     first = publish(server, "stall.1", "before")
     assert first.status_code == 201
@@ -155,7 +155,7 @@ def test_a_stalled_database_answers_503_and_a_retried_publish_is_stored_once(sta
 
 def test_sqlite_locked_by_another_process_does_not_freeze_the_worker(start_server, tmp_path):
     path = tmp_path / "locked.sqlite3"
-    server = start_server(f"sqlite:///{path}", workers=1)
+    server = start_server(f"sqlite:///{path}", workers=1, DEMO_ENABLED=True)
     assert publish(server, "lock.1", "before").status_code == 201
     token = server.token("lock.1", ["t"])
     holder = subprocess.Popen(
@@ -202,7 +202,7 @@ def test_sqlite_locked_by_another_process_does_not_freeze_the_worker(start_serve
 
 @pytest.mark.postgres
 def test_behind_pgbouncer_in_transaction_mode_with_a_direct_listen_url(start_server, pgbouncer, postgres_url):
-    server = start_server(pgbouncer.url_for(postgres_url), REALTIME_LISTEN_URL=postgres_url)
+    server = start_server(pgbouncer.url_for(postgres_url), DEMO_ENABLED=True, REALTIME_LISTEN_URL=postgres_url)
     token = server.token("bouncer.1", ["t"])
     with open_stream(server, token) as stream:
         items = events_of(stream)
@@ -219,7 +219,7 @@ def test_listen_through_pgbouncer_fails_silently_but_messages_still_arrive(start
     """Without REALTIME_LISTEN_URL, LISTEN goes through the pooler and never hears a NOTIFY:
     the safety poll still brings each message within REALTIME_SAFETY_POLL_S. (Nothing tells
     the app it is behind a pooler, so prepared statements are turned off by hand.)"""
-    server = start_server(pgbouncer.url_for(postgres_url), workers=1, DATABASE_PREPARED_STATEMENTS="false")
+    server = start_server(pgbouncer.url_for(postgres_url), workers=1, DEMO_ENABLED=True, DATABASE_PREPARED_STATEMENTS="false")
     token = server.token("bouncer.2", ["t"])
     with open_stream(server, token) as stream:
         items = events_of(stream)

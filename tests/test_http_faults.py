@@ -27,7 +27,7 @@ HEAD = (
 
 @pytest.fixture
 def server(start_server, tmp_path) -> LiveServer:
-    return start_server(f"sqlite:///{tmp_path / 'x.sqlite3'}")
+    return start_server(f"sqlite:///{tmp_path / 'x.sqlite3'}", DEMO_ENABLED=True)
 
 
 def connect(server: LiveServer) -> socket.socket:

@@ -74,6 +74,7 @@ def test_gunicorn_from_requirements_txt_alone_serves_and_stops_cleanly(runtime_v
         DATABASE_URL=f"sqlite:///{tmp_path / 'install.sqlite3'}",
         SECRET_KEY="install-test-secret",
         WEB_CONCURRENCY="1",
+        FLASK_DEMO_ENABLED="true",  # its allow-all token policy lets the check open a stream
         PATH=f"{runtime_venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     with open(log_path, "wb") as log:

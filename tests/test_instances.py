@@ -66,7 +66,7 @@ class Alternating(threading.Thread):
 
 
 def test_a_client_hopping_between_two_instances_gets_every_message_once_in_order(start_server, postgres_url):
-    servers = [start_server(postgres_url, workers=1), start_server(postgres_url, workers=1)]
+    servers = [start_server(postgres_url, workers=1, DEMO_ENABLED=True) for _ in range(2)]
     subscribers: list[Subscriber] = []
     for i, channel in enumerate(CHANNELS):
         # One that stays on each instance (it sees the other's publishes live) ...

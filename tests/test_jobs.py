@@ -170,7 +170,7 @@ def test_cancel_needs_the_event_key_when_set(client, jobs):
 def test_the_event_key_comes_from_the_config(tmp_path):
     from conftest import app_on
 
-    for app in app_on(f"sqlite:///{tmp_path / 'key.sqlite3'}", JOBS_EVENT_KEY="from-config"):
+    for app in app_on(f"sqlite:///{tmp_path / 'key.sqlite3'}", DEMO_ENABLED=True, JOBS_EVENT_KEY="from-config"):
         jobs = app.extensions["jobs"]
         jobs.eager = False
         run_id = send(jobs, "report.requested")

@@ -127,11 +127,11 @@ def start_worker(tmp_path):
         worker.stop()
 
 
-WORKER_CONFIG = {"JOBS_POLL_S": 0.05, "JOBS_LEASE_S": 2, "JOBS_THREADS": 2}
+WORKER_CONFIG = {"DEMO_ENABLED": True, "JOBS_POLL_S": 0.05, "JOBS_LEASE_S": 2, "JOBS_THREADS": 2}
 
 
 def test_embedded_pool_runs_a_report_and_streams_its_progress(database_url, start_server):
-    server = start_server(database_url, DEMO_REPORT_STEP_S=0.1, JOBS_POLL_S=0.05)
+    server = start_server(database_url, DEMO_ENABLED=True, DEMO_REPORT_STEP_S=0.1, JOBS_POLL_S=0.05)
     [run_id] = send_report(server)
     seen, _ = subscribe(server, run_id, until=run_finished)
     assert [(e["topic"], e["data"]) for e in seen] == expected_for(server, run_id)
@@ -144,7 +144,7 @@ def test_embedded_pool_runs_a_report_and_streams_its_progress(database_url, star
 
 
 def test_bad_requests_get_json_errors(database_url, start_server):
-    server = start_server(database_url, JOBS_EMBEDDED="false")
+    server = start_server(database_url, DEMO_ENABLED=True, JOBS_EMBEDDED="false")
     for method, path, body, status, code in [
         ("post", "/api/events", {"name": "no spaces", "data": {}}, 400, "invalid_event_name"),
         ("post", "/api/events", {"name": "a.b", "data": 3}, 400, "invalid_event_data"),
@@ -162,7 +162,7 @@ def test_bad_requests_get_json_errors(database_url, start_server):
 
 
 def test_kill_9_of_a_worker_mid_run_loses_nothing_and_repeats_nothing(database_url, start_server, start_worker):
-    server = start_server(database_url, JOBS_EMBEDDED="false")
+    server = start_server(database_url, DEMO_ENABLED=True, JOBS_EMBEDDED="false")
     first = start_worker(database_url, DEMO_REPORT_STEP_S=1.5, **WORKER_CONFIG)
     [run_id] = send_report(server)
 
@@ -191,7 +191,7 @@ def test_kill_9_of_a_worker_mid_run_loses_nothing_and_repeats_nothing(database_u
 def test_two_workers_never_run_the_same_run(database_url, start_server, start_worker):
     """Two workers of one thread each share 12 runs: each run executes once, and both
     workers take part (one alone would need 12 x 0.3 s while the other polls every 0.05 s)."""
-    server = start_server(database_url, JOBS_EMBEDDED="false")
+    server = start_server(database_url, DEMO_ENABLED=True, JOBS_EMBEDDED="false")
     workers = [start_worker(database_url, DEMO_REPORT_STEP_S=0.1, **{**WORKER_CONFIG, "JOBS_THREADS": 1})
                for _ in range(2)]
     run_ids = send_report(server, count=12)
@@ -214,7 +214,7 @@ def test_two_workers_never_run_the_same_run(database_url, start_server, start_wo
 @pytest.fixture
 def sender(database_url):
     """The app in this process, to send events and read runs; it executes none."""
-    yield from app_on(database_url, JOBS_EAGER=False, JOBS_EMBEDDED=False)
+    yield from app_on(database_url, DEMO_ENABLED=True, JOBS_EAGER=False, JOBS_EMBEDDED=False)
 
 
 def test_a_run_that_kills_its_worker_fails_after_max_crashes(database_url, sender, start_worker):
@@ -247,7 +247,7 @@ def test_a_reload_mid_step_finishes_the_step_and_hands_the_run_back(database_url
     """SIGHUP makes gunicorn SIGTERM its old workers: each finishes the step in progress and
     releases its run, which a new worker resumes at once. With a 600 s lease, a run that was
     not handed back would time this test out; a step run again would show 2 attempts."""
-    server = start_server(database_url, DEMO_REPORT_STEP_S=3, JOBS_LEASE_S=600, JOBS_POLL_S=0.05)
+    server = start_server(database_url, DEMO_ENABLED=True, DEMO_REPORT_STEP_S=3, JOBS_LEASE_S=600, JOBS_POLL_S=0.05)
     old_workers = set(server.worker_pids())
     [run_id] = send_report(server)
     wait_until(lambda: {"id": "process", "status": "running", "attempts": 1} in get_run(server, run_id)["steps"],

@@ -21,7 +21,7 @@ RETENTION_S = 7 * 24 * 3600  # the default
 
 @pytest.fixture
 def app(database_url):
-    yield from app_on(database_url, JOBS_EAGER=False, DEMO_REPORT_STEP_S=0, JOBS_POLL_S=0.01)
+    yield from app_on(database_url, JOBS_EAGER=False, DEMO_ENABLED=True, DEMO_REPORT_STEP_S=0, JOBS_POLL_S=0.01)
 
 
 @pytest.fixture

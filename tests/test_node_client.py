@@ -71,7 +71,7 @@ class NodeSubscriber:
 
 
 def test_eventsource_package_resumes_across_sighup_reload(node, start_server, database_url):
-    server = start_server(database_url)
+    server = start_server(database_url, DEMO_ENABLED=True)
     token = server.token("node.1", ["t"])
     published = [server.publish("node.1", "t", {"n": n})["id"] for n in range(5)]  # replayed
     client = NodeSubscriber(node, f"{server.url}/api/realtime/subscribe?token={token}", "t", count=25, timeout_s=40)

@@ -22,7 +22,7 @@ def publish(server: LiveServer, channel: str, data: object) -> dict:
 
 
 def test_metrics_are_summed_over_the_workers_and_name_no_channel(start_server, tmp_path):
-    server = start_server(f"sqlite:///{tmp_path / 'metrics.sqlite3'}", workers=2)
+    server = start_server(f"sqlite:///{tmp_path / 'metrics.sqlite3'}", workers=2, DEMO_ENABLED=True)
     channel = "metrics.secret-channel-name"
     token = server.token(channel, ["t"])
     published = [publish(server, channel, n) for n in range(12)]  # the kernel spreads them over both workers
@@ -61,7 +61,7 @@ def test_metrics_key_protects_the_endpoint(start_server, tmp_path):
 
 
 def test_json_logs_one_object_per_line_and_never_a_secret(start_server, tmp_path):
-    server = start_server(f"sqlite:///{tmp_path / 'logs.sqlite3'}", workers=1, env={"LOG_FORMAT": "json"})
+    server = start_server(f"sqlite:///{tmp_path / 'logs.sqlite3'}", workers=1, DEMO_ENABLED=True, env={"LOG_FORMAT": "json"})
     token = server.token("logs.1", ["t"])
     secret_data = "message-data-that-must-not-be-logged"
     with open_stream(server, token) as stream:

@@ -15,7 +15,7 @@ from realtime.publisher import Publisher, PublisherConfigError
 
 
 def test_the_readme_snippet_publishes_from_another_process_to_open_streams(start_server, postgres_url):
-    server = start_server(postgres_url, workers=1)
+    server = start_server(postgres_url, workers=1, DEMO_ENABLED=True)
     with subscribe(server.url, token=server.token("run.42", ["status"])) as messages:
         server.publish("run.42", "status", "first")  # the stream is live once this one arrives
         assert next(messages).data == "first"

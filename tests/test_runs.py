@@ -20,7 +20,7 @@ from jobs.tables import create_schema, runs, steps
 @pytest.fixture
 def app(database_url):
     # These tests claim by hand or start the pool themselves.
-    yield from app_on(database_url, JOBS_EAGER=False, DEMO_REPORT_STEP_S=0)
+    yield from app_on(database_url, JOBS_EAGER=False, DEMO_ENABLED=True, DEMO_REPORT_STEP_S=0)
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def drain(sock: socket.socket) -> bytes:
 
 
 def test_a_client_that_stops_reading_is_cut_after_the_send_timeout(start_server, tmp_path):
-    server = start_server(f"sqlite:///{tmp_path / 'slow.sqlite3'}", REALTIME_SEND_TIMEOUT_S=1)
+    server = start_server(f"sqlite:///{tmp_path / 'slow.sqlite3'}", DEMO_ENABLED=True, REALTIME_SEND_TIMEOUT_S=1)
     token = server.token("slow.1", ["t"])
     with closing(stalled_stream(server, token)) as sock:
         wait_until(lambda: streams_open(server) == 1, what="the stream open")
@@ -67,7 +67,7 @@ def test_a_client_that_stops_reading_is_cut_after_the_send_timeout(start_server,
 def test_a_client_that_stops_reading_does_not_hold_a_reload(start_server, tmp_path):
     """The send timeout and the graceful timeout are far beyond the test's patience:
     the reload must cut the blocked write itself."""
-    server = start_server(f"sqlite:///{tmp_path / 'reload.sqlite3'}", gunicorn_args=["--graceful-timeout", "600"],
+    server = start_server(f"sqlite:///{tmp_path / 'reload.sqlite3'}", DEMO_ENABLED=True, gunicorn_args=["--graceful-timeout", "600"],
                           REALTIME_SEND_TIMEOUT_S=600)
     token = server.token("slow.2", ["t"])
     with ExitStack() as stack:
@@ -99,7 +99,7 @@ def memory_kib(pid: int, field: str) -> int:
 def test_stalled_clients_cost_a_bounded_amount_of_memory(start_server, tmp_path, phase):
     """20 stalled replays of 31 large messages, or 30 stalled live streams while 8 MB are
     published: before issue 8 each took the worker from about 100 MiB to over 400."""
-    server = start_server(f"sqlite:///{tmp_path / 'memory.sqlite3'}", workers=1, REALTIME_SEND_TIMEOUT_S=600)
+    server = start_server(f"sqlite:///{tmp_path / 'memory.sqlite3'}", workers=1, DEMO_ENABLED=True, REALTIME_SEND_TIMEOUT_S=600)
     token = server.token("memory.1", ["t"])
     (pid,) = server.worker_pids()
     with ExitStack() as stack:

@@ -59,7 +59,7 @@ def _storm(server, publish_on: str) -> float:
 
 
 def test_streams_resuming_together_from_one_cursor_get_every_message_once(start_server, database_url):
-    server = start_server(database_url, workers=1)
+    server = start_server(database_url, workers=1, DEMO_ENABLED=True)
     reads = _storm(server, publish_on=CHANNEL)
     assert reads < STREAMS / 2, f"{reads:.0f} reads for {STREAMS} replays from one cursor: they were not shared"
 
@@ -67,6 +67,6 @@ def test_streams_resuming_together_from_one_cursor_get_every_message_once(start_
 def test_a_storm_let_in_two_at_a_time_while_other_channels_publish(start_server, database_url):
     """Admission spreads the storm over time, and publishing elsewhere moves the worker's position
     on meanwhile: streams that subscribe later still share the pages read before (replay.py)."""
-    server = start_server(database_url, workers=1, REALTIME_STREAM_ADMISSION=2)
+    server = start_server(database_url, workers=1, DEMO_ENABLED=True, REALTIME_STREAM_ADMISSION=2)
     reads = _storm(server, publish_on="storm.elsewhere")
     assert reads < STREAMS / 2, f"{reads:.0f} reads for {STREAMS} replays from one cursor: they were not shared"

@@ -103,7 +103,7 @@ def run_disruption(server: LiveServer, channel: str, disrupt) -> list[Subscriber
 
 
 def test_kill_9_of_workers_loses_nothing(start_server, database_url):
-    server = start_server(database_url)
+    server = start_server(database_url, DEMO_ENABLED=True)
 
     def kill_both_workers(subscribers):
         for pid in server.worker_pids():
@@ -118,7 +118,7 @@ def test_sighup_reload_ends_streams_itself_and_loses_nothing(start_server, datab
     """A reload ends every open stream with the shutdown comment: the old workers do not wait
     for their streams, which never end by themselves, for the whole graceful timeout (set far
     beyond the test's patience here, so a held reload fails the test)."""
-    server = start_server(database_url, gunicorn_args=["--graceful-timeout", "600"])
+    server = start_server(database_url, DEMO_ENABLED=True, gunicorn_args=["--graceful-timeout", "600"])
     open_at_reload: dict[Subscriber, int | None] = {}
 
     def reload(subscribers):
@@ -138,7 +138,7 @@ def test_sighup_reload_ends_streams_itself_and_loses_nothing(start_server, datab
 def test_sigterm_ends_streams_and_the_master_exits(start_server, database_url):
     """SIGTERM ends every stream with the shutdown comment, and the master exits cleanly
     without waiting out a graceful timeout set far beyond the test's patience."""
-    server = start_server(database_url, gunicorn_args=["--graceful-timeout", "600"])
+    server = start_server(database_url, DEMO_ENABLED=True, gunicorn_args=["--graceful-timeout", "600"])
     token = server.token("term.1", ["t"])
     last_lines: dict[int, str] = {}
     opened = threading.Barrier(5, timeout=10)
@@ -165,7 +165,7 @@ def test_sigterm_ends_streams_and_the_master_exits(start_server, database_url):
 @pytest.mark.postgres
 def test_postgres_listen_connection_lost_then_live_again(start_server, postgres_url):
     """The cross-process wake-up (LISTEN) is a connection too; losing it must not stall streams."""
-    server = start_server(postgres_url)
+    server = start_server(postgres_url, DEMO_ENABLED=True)
     token = server.token("listen.1", ["t"])
     with open_stream(server, token) as response:
         items = events_of(response)
@@ -184,7 +184,7 @@ def test_postgres_listen_connection_lost_then_live_again(start_server, postgres_
 def test_a_client_that_stops_reading_is_cut_off_then_resumes(start_server, tmp_path):
     """A stalled reader must not make the server buffer without bound (issue 2): its stream ends
     once REALTIME_STREAM_BUFFER frames wait, and it resumes from the store with its cursor."""
-    server = start_server(f"sqlite:///{tmp_path / 'slow.sqlite3'}", REALTIME_STREAM_BUFFER=5)
+    server = start_server(f"sqlite:///{tmp_path / 'slow.sqlite3'}", DEMO_ENABLED=True, REALTIME_STREAM_BUFFER=5)
     token = server.token("slow.1", ["t"])
     received, cursor, connections = [], None, 0
     with open_stream(server, token) as response:

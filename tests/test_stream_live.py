@@ -170,7 +170,7 @@ def test_cursor_from_another_database_gets_unknown_cursor_reset(shared_server):
 
 
 def test_cursor_older_than_pruned_history_gets_history_truncated(start_server, database_url):
-    server = start_server(database_url, REALTIME_RETENTION_S=1)
+    server = start_server(database_url, DEMO_ENABLED=True, REALTIME_RETENTION_S=1)
     old = [server.publish("trunc.1", "t", n) for n in range(3)]
     server.publish("trunc.other", "t", "also old")
     token = server.token("trunc.1", ["t"])

@@ -31,7 +31,7 @@ def live_server_on_postgres(tmp: Path) -> Iterator[LiveServer]:
     name = create_pg_database()
     if name is None:
         skip_or_fail("PostgreSQL is not reachable on 127.0.0.1:5432")
-    server = LiveServer(tmp / "gunicorn.log", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", workers=1)
+    server = LiveServer(tmp / "gunicorn.log", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", workers=1, DEMO_ENABLED=True)
     try:
         yield server.start()
     finally:

@@ -4,6 +4,7 @@
 
 export FLASK_REALTIME_PUBLISH_KEY=dev-key  # turns on POST /api/realtime/publish (off when unset)
 export FLASK_REALTIME_HEARTBEAT_S=2        # a keep-alive comment after 2 s of silence, not 15
+export FLASK_DEMO_ENABLED=true             # the demo's report job in `flask jobs worker` too (`make run` has it anyway)
 export FLASK_JOBS_EMBEDDED=false           # jobs run in `flask jobs worker`, which exercise 12 kills
 export FLASK_JOBS_LEASE_S=3                # a killed worker's run is resumed after 3 s, not 30
 export WORKSHOP_URL=http://localhost:5000  # the server docs/workshop/*.py talk to
