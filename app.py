@@ -15,7 +15,7 @@ import click
 from flask import Flask
 from flask.cli import run_command
 
-from common import errors, health, logs, metrics
+from common import errors, health, logs, metrics, request_input
 from common.config import flag
 from common.database import DatabaseUnavailable, database_for
 from demo import Demo
@@ -61,6 +61,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     logs.configure()  # LOG_FORMAT=json: one JSON object per line
     logs.init_app(app)
     errors.init_app(app)
+    request_input.init_app(app)  # no POST from another site's page (issue 17, item 11)
     realtime = Realtime(app)
     jobs = Jobs(app, realtime=realtime)
     if demo_enabled:

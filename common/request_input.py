@@ -7,20 +7,24 @@ a token request is small, a batch of events is not) and the error that names
 what was too large; time limits come from `BODY_TIMEOUT_S` (CONTRACT §5
 "Bounds").
 
-Why the Content-Type matters: a web page on another site can make a browser
-POST `text/plain`, `application/x-www-form-urlencoded` or
-`multipart/form-data` anywhere without asking (no CORS preflight), but not
-`application/json`. Refusing every other type keeps such cross-site form
-posts from starting or cancelling runs, e.g. on a server only the victim's
-browser can reach.
+Cross-site requests: a web page on another site can make a browser POST
+anywhere without asking (no CORS preflight) as long as the body is
+`text/plain`, a form, or nothing at all, e.g. `fetch(url, {method: "POST",
+mode: "no-cors"})`; the page cannot read the answer, but the request has
+done its work: started or cancelled a run, on a server only the victim's
+browser may reach. So `refuse_cross_site` turns away every state-changing
+request a browser says came from another site, whatever its body, and the
+Content-Type rule below stays for browsers too old to say (no
+`Sec-Fetch-Site`, no `Origin` on a form post).
 """
 from __future__ import annotations
 
 import hmac
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
-from flask import current_app, request
+from flask import Flask, current_app, request
 from gevent import Timeout
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
@@ -55,14 +59,61 @@ class UnsupportedMediaType(AppError):
     headers = {"Accept-Post": "application/json"}  # the type that would do, as a 405's Allow names methods
 
 
+class CrossSiteRequest(AppError):
+    status = 403
+    code = "cross_site_request"
+
+
+#: Methods that change state: all but the safe ones (RFC 9110 §9.2.1), which change nothing here.
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+#: `Sec-Fetch-Site` values of requests this app's own pages send, or the user typed.
+#: `same-site` is refused too: a sibling subdomain (user content, a forgotten
+#: host taken over) is another site for this app, which answers no CORS request.
+TRUSTED_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
+def refuse_cross_site() -> None:
+    """403 `cross_site_request` for a state-changing request sent by a page of another site.
+
+    Browsers say where a request comes from: `Sec-Fetch-Site` (Fetch Metadata,
+    all current browsers) or, from older ones, `Origin` (sent with every POST).
+    A request with neither did not come from a web page (curl, a server, a
+    task queue) and passes.
+    """
+    if request.method not in STATE_CHANGING_METHODS:
+        return
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        if fetch_site.lower() in TRUSTED_FETCH_SITES:
+            return
+        raise CrossSiteRequest(
+            f"a page on another site may not change anything here (Sec-Fetch-Site: {fetch_site}); "
+            "call this API from this server's own pages, or from a server"
+        )
+    origin = request.headers.get("Origin")
+    # The host and port the browser put in the URL, in both headers; not the
+    # scheme, which behind a TLS proxy the app may not know.
+    if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
+        raise CrossSiteRequest(
+            f"a page of {origin} may not change anything on {request.host}; "
+            "call this API from this server's own pages, or from a server"
+        )
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(refuse_cross_site)
+
+
 def check_content_type() -> None:
     """415 unless a body, if any, is declared `application/json` (parameters such as a charset allowed).
 
     `json_body` calls it; so do POST views that read no body but change state
-    (cancel a run, start a report), since a cross-site form can reach them too.
-    A POST with no body and no Content-Type (`curl -X POST`, `fetch` without
-    a body) passes; any other declared type is refused even with an empty
-    body, which is what a cross-site form without fields sends.
+    (cancel a run, start a report), since a cross-site form from a browser
+    without `Sec-Fetch-Site` can reach them too. A POST with no body and no
+    Content-Type (`curl -X POST`, `fetch` without a body) passes; any other
+    declared type is refused even with an empty body, which is what a
+    cross-site form without fields sends.
     """
     declared = request.headers.get("Content-Type")
     if declared is None and not _has_body():
