@@ -4,15 +4,16 @@ Every write is fenced by the run's lease (runs.py) in the same transaction,
 so a worker that lost its run cannot record a step for it. `record_effect`
 runs a side effect (a realtime publish) in the transaction that records its
 step: the effect commits if and only if the step does, so a resumed run never
-repeats it.
+repeats it. `hand_back` undoes the start of the steps an execution could not
+end because the database was away (runner.py).
 """
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Any, Callable
+from datetime import datetime, timedelta
+from typing import Any, Callable, Mapping
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from common.database import database_call
@@ -93,9 +94,26 @@ class StepJournal:
             self.runs.release(claim, at=until, session=session)
         return True
 
+    @database_call
+    def hand_back(self, claim: Claim, in_progress: Mapping[str, Step | None], *, after_s: float) -> None:
+        """Give the run back, due in `after_s`, as if this execution had never started the steps
+        `in_progress` (each with what the journal held of it before: None for nothing), atomically.
+
+        Neither the run's attempt, nor the steps' attempts, nor a crash are counted.
+        """
+        with self.runs.write() as session:
+            self.runs.fence(session, claim)
+            for step_id, before in in_progress.items():
+                if before is None:
+                    session.execute(delete(steps).where(steps.c.run_id == claim.run.id, steps.c.id == step_id))
+                else:
+                    self._update(session, claim.run.id, step_id, status=before.status, attempts=before.attempts)
+            self.runs.release(claim, at=self.now() + timedelta(seconds=after_s), session=session)
+
     def _insert(self, session: Session, run_id: str, step_id: str, **values: Any) -> None:
+        # After the last, not at the count: a hand back may have deleted a step before others.
         position = session.execute(
-            select(func.count()).select_from(steps).where(steps.c.run_id == run_id)
+            select(func.coalesce(func.max(steps.c.position) + 1, 0)).where(steps.c.run_id == run_id)
         ).scalar_one()
         session.execute(
             insert(steps).values(run_id=run_id, id=step_id, position=position, updated_at=self.now(), **values)

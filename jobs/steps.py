@@ -24,6 +24,9 @@ safe is memoization (Inngest's model):
 - A step that fails and runs again publishes once per id: its retry skips the
   publishes an earlier attempt stored (matched by position within the step,
   not by content) and publishes those past them.
+- `DatabaseUnavailable` (the app's database is away, stalled or locked) is no
+  failure of a step: it is not recorded, and the runner hands the run back
+  without counting the step's attempt (runner.py).
 
 Each step is also a boundary where a cancelled run, or a stopping worker,
 stops (CONTRACT §3: "the run stops before its next step").
@@ -39,6 +42,7 @@ from typing import Any, Callable, Protocol
 from sqlalchemy.orm import Session
 
 from common import jsontext
+from common.database import DatabaseUnavailable
 from common.errors import describe
 
 from .errors import NonRetriableError
@@ -101,6 +105,9 @@ class Steps:
         self._done = done
         self._stopping = stopping
         self._used: set[str] = set()
+        # Steps started by this execution and not ended, each with what the
+        # journal held of it before (None: nothing), for a hand back (runner.py).
+        self.in_progress: dict[str, Step | None] = {}
         self._running: list[str] = []  # the steps whose code is executing, innermost last
         self._effects: Counter[tuple[str | None, str]] = Counter()  # (step or None, kind) -> effects so far
 
@@ -111,17 +118,22 @@ class Steps:
         if done is not None and done.status == COMPLETED:
             return done.output
         self._boundary()
+        self.in_progress[step_id] = done
         if not self._journal.start(self._claim, step_id):
             raise CancelRequested()
         self._running.append(step_id)
         try:
             output_json = to_json(fn(*args, **kwargs), f"the result of step {step_id!r}")
+        except DatabaseUnavailable:
+            raise  # the moment failed, not the step: the runner hands the run back
         except Exception as exc:
             self._journal.fail(self._claim, step_id, describe(exc))
+            del self.in_progress[step_id]
             raise
         finally:
             self._running.pop()
         self._journal.complete(self._claim, step_id, output_json)
+        del self.in_progress[step_id]
         # What a replay would return, so both paths give the function equal values.
         return json.loads(output_json)
 

@@ -128,10 +128,12 @@ class Worker:
             # a lapsed lease would let another worker start it a second time.
             while not self._stopping or self._held:
                 try:
-                    self._fill(executor)
+                    # Renewals first: a claim failing while the database is
+                    # away must not also cost the held runs their renewal.
                     if time.monotonic() >= next_renewal:
                         self._renew()
                         next_renewal = time.monotonic() + renew_every
+                    self._fill(executor)
                     if self.retention is not None and not self._stopping:
                         if not pruning and time.monotonic() >= next_prune:
                             next_prune = time.monotonic() + self.retention.interval_s
@@ -177,7 +179,8 @@ class Worker:
             self._held.pop(token, None)
         exc = future.exception()
         if exc is not None:
-            # A database failure mid-run: the lease lapses and the run resumes elsewhere.
+            # A bug, or the database still away once this worker stopped
+            # (runner.py): the lease lapses and the run resumes elsewhere.
             log.error("run execution crashed", exc_info=exc)
         self._wake.set()
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from common.database import as_utc
+from common.database import DatabaseUnavailable, as_utc
 from jobs import NonRetriableError
 from jobs.runner import backoff_s
 from jobs.tables import runs
@@ -78,6 +78,24 @@ def lifecycle(app, run_id: str) -> list[dict]:
 
 def stored_steps(jobs, run_id: str) -> dict[str, str]:
     return {s.id: s.status for s in jobs.run(run_id).steps}
+
+
+def crashes(jobs, run_id: str) -> int:
+    return row(jobs, run_id).crashes
+
+
+def away(monkeypatch, store, method: str, times: int) -> Counter:
+    """Make `store.method` raise DatabaseUnavailable on its first `times` calls; count its calls."""
+    real, calls = getattr(store, method), Counter()
+
+    def blip(*args, **kwargs):
+        calls[method] += 1
+        if calls[method] <= times:
+            raise DatabaseUnavailable("the database is unavailable; try again shortly")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, method, blip)
+    return calls
 
 
 def test_a_returned_value_completes_the_run_with_its_output(app, jobs, clock):
@@ -234,3 +252,75 @@ def test_a_lost_lease_stops_the_execution_without_writing(app, jobs, clock, call
 
     assert jobs.runner.execute(other) == "completed"
     assert jobs.run(run_id).output == "slow" and calls["slow"] == 2
+
+
+# -- the database away for a moment (issue 17, item 9) -------------------------------
+
+
+@pytest.mark.parametrize("write", ["mark_started", "finish"])
+def test_a_runs_own_write_is_tried_again_while_the_database_is_away(app, jobs, monkeypatch, write):
+    waits = []
+
+    def wait(seconds):
+        waits.append(seconds)
+        assert claim(jobs, owner="other") is None, "the run stays held"
+
+    jobs.runner.wait = wait
+    run_id = start(jobs, lambda ctx: ctx.step.run("work", lambda: "done"))
+    tries = away(monkeypatch, jobs.runs, write, times=3)
+    assert execute(jobs) == "completed"
+    assert tries[write] == 4 and waits == [0.25, 0.5, 1.0]
+    run = jobs.run(run_id)
+    assert (run.status, run.attempt, run.output, crashes(jobs, run_id)) == ("completed", 1, "done", 0)
+    assert [(s.id, s.attempts) for s in run.steps] == [("work", 1)]
+    assert [m["status"] for m in lifecycle(app, run_id)] == ["queued", "running", "completed"]
+
+
+@pytest.mark.parametrize("where", ["in the step's code", "recording its start", "recording its result"])
+def test_the_database_away_during_a_step_hands_the_run_back_uncounted(jobs, clock, monkeypatch, calls, where):
+    def work():
+        calls["work"] += 1
+        if where == "in the step's code" and calls["work"] == 1:
+            raise DatabaseUnavailable("the database is unavailable; try again shortly")
+        return "done"
+
+    run_id = start(jobs, lambda ctx: ctx.step.run("work", work))
+    if where != "in the step's code":
+        away(monkeypatch, jobs.journal, {"recording its start": "start", "recording its result": "complete"}[where], 1)
+    waits = []
+    jobs.runner.wait = waits.append
+    away(monkeypatch, jobs.journal, "hand_back", 2)  # still away when the runner hands the run back
+    assert execute(jobs) == "handed_back"
+    assert waits == [0.25, 0.5]
+    run, held = jobs.run(run_id), row(jobs, run_id)
+    assert (run.status, run.attempt, run.error, run.steps) == ("running", 1, None, ())
+    assert (held.lease_owner, held.crashes) == (None, 0)
+
+    assert wait_until_due(jobs, clock) == jobs.runner.retry_base_s
+    assert execute(jobs) == "completed"
+    run = jobs.run(run_id)
+    assert (run.status, run.attempt, run.output, crashes(jobs, run_id)) == ("completed", 1, "done", 0)
+    assert [(s.id, s.status, s.attempts) for s in run.steps] == [("work", "completed", 1)]
+
+
+def test_a_step_keeps_the_attempts_it_had_before_the_database_went_away(jobs, clock, calls):
+    def work():
+        calls["work"] += 1
+        if calls["work"] == 1:
+            raise RuntimeError("a failure of its own")
+        if calls["work"] == 2:
+            raise DatabaseUnavailable("the database is unavailable; try again shortly")
+        return "done"
+
+    run_id = start(jobs, lambda ctx: ctx.step.run("work", work))
+    assert execute(jobs) == "retrying"
+    wait_until_due(jobs, clock)
+    assert execute(jobs) == "handed_back"
+    run = jobs.run(run_id)
+    assert (run.attempt, [(s.id, s.status, s.attempts) for s in run.steps]) == (2, [("work", "failed", 1)])
+
+    wait_until_due(jobs, clock)
+    assert execute(jobs) == "completed"
+    run = jobs.run(run_id)
+    assert (run.attempt, [(s.id, s.status, s.attempts) for s in run.steps]) == (2, [("work", "completed", 2)])
+    assert crashes(jobs, run_id) == 0

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select
 
-from common.database import as_utc
+from common.database import DatabaseUnavailable, as_utc
 from conftest import FakeClock, app_on, wait_until
 from jobs.tables import runs
 from jobs.worker import Worker
@@ -177,6 +177,70 @@ def test_a_stopping_worker_keeps_renewing_until_its_step_ends(jobs, new_worker, 
     held = row(jobs, run_id)
     assert (held.status, held.lease_owner) == ("running", None), "handed back after the step"
     assert [(s.id, s.status, s.attempts) for s in jobs.run(run_id).steps] == [("long", "completed", 1)]
+
+
+def test_a_run_keeps_its_lease_while_its_outcome_waits_for_the_database(jobs, new_worker, go, monkeypatch):
+    """Issue 17, item 9: a blip at the end of a run is no crash."""
+    clock = FakeClock()
+    jobs.runs.now = clock
+    database_away, retrying = threading.Event(), threading.Event()
+    database_away.set()
+    finish = jobs.runs.finish
+
+    def finish_unless_away(*args, **kwargs):
+        if database_away.is_set():
+            raise DatabaseUnavailable("the database is unavailable; try again shortly")
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.runs, "finish", finish_unless_away)
+    jobs.runner.wait = lambda seconds: retrying.set() or go.wait(30)
+
+    @jobs.function(id="job", trigger="test.job")
+    def job(ctx):
+        return ctx.step.run("work", lambda: "done")
+
+    [run_id] = send(jobs)
+    new_worker(lease_s=0.3).start()  # renews every 0.1 s of real time
+    assert retrying.wait(15)
+    for _ in range(2):
+        clock.advance(60)  # far past the lease: only renewals keep the run held
+        wait_until(lambda: as_utc(row(jobs, run_id).available_at) > clock.now, what="a renewed lease")
+        assert jobs.runs.claim(["job"], {}, owner="thief", lease_s=30) is None
+    database_away.clear()
+    go.set()
+    wait_until(lambda: status(jobs, run_id) == "completed", what="the run")
+    run = jobs.run(run_id)
+    assert (run.output, run.attempt, row(jobs, run_id).crashes) == ("done", 1, 0)
+    assert [(s.id, s.attempts) for s in run.steps] == [("work", 1)]
+
+
+def test_claims_failing_while_the_database_is_away_do_not_stop_renewals(jobs, new_worker, go, monkeypatch):
+    clock = FakeClock()
+    jobs.runs.now = clock
+    started = threading.Event()
+    claim = jobs.runs.claim
+
+    def claim_until_started(*args, **kwargs):
+        if started.is_set():
+            raise DatabaseUnavailable("the database is unavailable; try again shortly")
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.runs, "claim", claim_until_started)
+
+    @jobs.function(id="job", trigger="test.job")
+    def job(ctx):
+        return ctx.step.run("block", lambda: started.set() or go.wait(30))
+
+    [run_id] = send(jobs)
+    new_worker(threads=2, lease_s=0.3).start()  # a free thread: the loop goes on claiming
+    assert started.wait(15)
+    for _ in range(2):
+        clock.advance(60)
+        wait_until(lambda: as_utc(row(jobs, run_id).available_at) > clock.now, what="a renewed lease")
+        assert claim(["job"], {}, owner="thief", lease_s=30) is None
+    go.set()
+    wait_until(lambda: status(jobs, run_id) == "completed", what="the run")
+    assert row(jobs, run_id).crashes == 0
 
 
 def test_a_worker_never_holds_more_runs_than_its_threads(jobs, new_worker):
