@@ -7,6 +7,10 @@ Package errors (`RealtimeError`, `JobError`, `DatabaseUnavailable`, all
 (404, 405, 413 ...) and gunicorn's errors reading a malformed body are
 translated; anything unexpected is logged with its traceback and answered
 with a bare 500 that says nothing about the internals.
+
+The same rule holds for the errors of runs and tasks, which are published on
+their channels and so shown in browsers: `describe` gives an error's type
+alone, and its message only for a `PublicError`.
 """
 from __future__ import annotations
 
@@ -15,18 +19,32 @@ import re
 
 from flask import Flask, Response, jsonify
 from gunicorn.http.errors import ParseException
-from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
+#: The longest public message `describe` passes on whole.
+MAX_DESCRIPTION_CHARS = 2000
 
-class AppError(Exception):
+
+class PublicError(Exception):
+    """An error whose message was written for the people using the app, so it may be shown to them.
+
+    A job or a task raises one (or a subclass) to tell the browser watching it
+    why it failed: `raise PublicError("the file has no 'amount' column")`.
+    Other errors' messages were written for developers and often carry what
+    no browser may see (SQL, a driver's `DETAIL: Key (email)=(...)`, paths,
+    another user's data): `describe` shows their type alone. Mix it in to
+    make another error public: `class BadInput(NonRetriableError, PublicError)`.
+    """
+
+
+class AppError(PublicError):
     """What a client got wrong: the base of each package's root error.
 
     Subclasses carry their HTTP `status` and snake_case `code` as class
     attributes (itsdangerous' `BadData` family is the model); `message` is
-    written for the person who has to fix the request.
+    written for the person who has to fix the request, hence public.
     """
 
     status = 400
@@ -42,12 +60,17 @@ class AppError(Exception):
 
 
 def describe(exc: BaseException) -> str:
-    """A run's or a task's `error`, which is also published on its channel, hence shown in browsers."""
-    if isinstance(exc, SQLAlchemyError):
-        # SQL text and parameters stay in the worker's log.
-        return f"{type(exc).__name__}: a database error; the worker's log has the details"
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 2000 else text[:2000] + " ..."
+    """A run's or a task's `error`, which is also published on its channel, hence shown in browsers.
+
+    `IntegrityError` for most errors; `BadInput: the file has no 'amount'
+    column` for a `PublicError`, capped at MAX_DESCRIPTION_CHARS. A log line
+    wants the exception itself (`exc_info=`), not this.
+    """
+    name = type(exc).__name__
+    if not isinstance(exc, PublicError):
+        return name
+    text = f"{name}: {exc}"
+    return text if len(text) <= MAX_DESCRIPTION_CHARS else text[:MAX_DESCRIPTION_CHARS] + " ..."
 
 
 def error_response(status: int, code: str, message: str) -> Response:

@@ -17,12 +17,17 @@ from typing import Any
 
 from flask import current_app
 
+from common.errors import PublicError
 from jobs import Context, NonRetriableError, function
 
 from .pdf import render_pdf
 
 REPORT_FILE = "report.pdf"
 REGIONS = ("North", "South", "East", "West")
+
+
+class InvalidReportRequest(NonRetriableError, PublicError):
+    """Parameters no retry can fix, in a message for the person who asked: the page shows it."""
 
 
 @function(id="generate-report", trigger="report.requested", retries=3)
@@ -52,9 +57,9 @@ def _parameters(data: dict[str, Any], default_seed: str) -> tuple[str, int, Any]
     title = data.get("title", "Sales report")
     days = data.get("days", 30)
     if not isinstance(title, str) or not 0 < len(title) <= 100:
-        raise NonRetriableError("'title' must be a string of 1-100 characters")
+        raise InvalidReportRequest("'title' must be a string of 1-100 characters")
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 366:
-        raise NonRetriableError("'days' must be an integer from 1 to 366")
+        raise InvalidReportRequest("'days' must be an integer from 1 to 366")
     return title, days, data.get("seed", default_seed)
 
 

@@ -51,7 +51,7 @@ def test_report_with_bad_parameters_fails_without_retrying(app, client, jobs):  
     run_id = send(jobs, "report.requested", {"days": "many"})
     run = jobs.run(run_id)
     assert (run.status, run.attempt) == ("failed", 1)
-    assert run.error == "NonRetriableError: 'days' must be an integer from 1 to 366"
+    assert run.error == "InvalidReportRequest: 'days' must be an integer from 1 to 366"  # a PublicError
     assert messages(app, run_id, "run")[-1] == ("run", {"status": "failed", "error": run.error})
     assert client.get(f"/reports/{run_id}").status_code == 404
 

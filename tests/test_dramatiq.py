@@ -9,15 +9,20 @@ from types import SimpleNamespace
 import pytest
 
 from readme import code_block
-from workers import Worker, as_pairs, live_server_on_postgres, read_run, require_broker
+from workers import FAILURES, Worker, as_pairs, live_server_on_postgres, read_run, require_broker
 
-# Beside the README's actor: one that fails, is retried once, then fails for good.
+# Beside the README's actor: one that fails, is retried once, then fails for good; one that fails at once.
 EXTRA = '''
 
 @dramatiq.actor(max_retries=1, min_backoff=10, max_backoff=10)
 def broken():
     publish("status", {"percent": 50})
-    raise ValueError("the printer caught fire")
+    insert_alice()
+
+
+@dramatiq.actor(max_retries=0)
+def out_of_paper():
+    print_the_report()
 '''
 
 
@@ -37,7 +42,7 @@ def actors(server, tmp_path_factory):
         'RedisBroker(url="redis://127.0.0.1:6379/0")', f'RedisBroker(url="redis://127.0.0.1:6379/0", namespace="{namespace}")'
     )
     assert namespace in code
-    (tmp / f"{name}.py").write_text(code + EXTRA)
+    (tmp / f"{name}.py").write_text(code + FAILURES + EXTRA)
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.syspath_prepend(str(tmp))
     worker = Worker(["dramatiq", name, "--processes", "1", "--threads", "2"], tmp, server.database_url,
@@ -68,7 +73,15 @@ def test_a_retried_failure_says_running_again_and_failed_once(server, actors):
     assert as_pairs(read_run(server, message_id, ["status", "run"], actors.worker)) == [
         ("run", {"status": "running"}), ("status", {"percent": 50}),
         ("run", {"status": "running"}), ("status", {"percent": 50}),
-        ("run", {"status": "failed", "error": "ValueError: the printer caught fire"}),
+        ("run", {"status": "failed", "error": "UniqueViolation"}),  # no DETAIL, no alice@example.com
+    ]
+
+
+def test_a_public_error_shows_its_message(server, actors):
+    message_id = actors.module.out_of_paper.send().message_id
+    assert as_pairs(read_run(server, message_id, ["run"], actors.worker)) == [
+        ("run", {"status": "running"}),
+        ("run", {"status": "failed", "error": "PublicError: the printer is out of paper"}),
     ]
 
 

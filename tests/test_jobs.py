@@ -206,7 +206,7 @@ def test_a_completed_step_runs_once_when_the_function_then_fails_twice(app, jobs
     jobs.runner.retry_base_s = 1.0
     run_id = send(jobs, "test.flaky")
     run = jobs.run(run_id)
-    assert (run.status, run.attempt, run.error) == ("running", 2, "RuntimeError: attempt 1 broke")
+    assert (run.status, run.attempt, run.error) == ("running", 2, "RuntimeError")
 
     clock.advance(1)  # first backoff: 1 s
     assert jobs.drain() == 1
@@ -238,7 +238,7 @@ def test_retries_back_off_exponentially_then_the_run_fails(app, jobs, clock, cal
         waits.append(waited)
     assert waits == [2, 4, 8]
     run = jobs.run(run_id)
-    assert (run.status, run.attempt, run.error) == ("failed", 4, "ZeroDivisionError: division by zero")
+    assert (run.status, run.attempt, run.error) == ("failed", 4, "ZeroDivisionError")
     assert calls["try"] == 4
     assert steps(jobs, run_id) == {"try": ("failed", 4)}
     assert messages(app, run_id, "run")[-1] == ("run", {"status": "failed", "error": run.error})
@@ -251,25 +251,26 @@ def test_non_retriable_error_fails_at_once(jobs, calls):
         raise NonRetriableError("the input can never work")
 
     run = jobs.run(send(jobs, "test.picky"))
-    assert (run.status, run.attempt, run.error) == ("failed", 1, "NonRetriableError: the input can never work")
+    assert (run.status, run.attempt, run.error) == ("failed", 1, "NonRetriableError")
     assert calls["picky"] == 1
 
 
 @pytest.mark.parametrize(
-    "body, error",
+    "body",
     [
-        (lambda ctx: ctx.step.run("bad", lambda: object()), "the result of step 'bad' must be JSON-serializable"),
-        (lambda ctx: {1, 2}, "the return value of 'odd' must be JSON-serializable"),
-        (lambda ctx: "\udc80", "the return value of 'odd' must be JSON-serializable"),
-        (lambda ctx: [ctx.step.run("twice", int), ctx.step.run("twice", int)], "step id 'twice' is used twice"),
-        (lambda ctx: ctx.step.run("no spaces please", int), "step id 'no spaces please' must match"),
+        lambda ctx: ctx.step.run("bad", lambda: object()),
+        lambda ctx: {1, 2},
+        lambda ctx: "\udc80",
+        lambda ctx: [ctx.step.run("twice", int), ctx.step.run("twice", int)],
+        lambda ctx: ctx.step.run("no spaces please", int),
     ],
+    ids=["step result not JSON", "return value not JSON", "not UTF-8", "step id used twice", "bad step id"],
 )
-def test_programming_errors_fail_without_retrying(jobs, body, error):
+def test_programming_errors_fail_without_retrying(jobs, body):
     jobs.function(id="odd", trigger="test.odd", retries=3)(body)
     run = jobs.run(send(jobs, "test.odd"))
-    assert (run.status, run.attempt) == ("failed", 1)
-    assert error in run.error
+    # The message names the mistake for the developer, not for the browsers watching the run.
+    assert (run.status, run.attempt, run.error) == ("failed", 1, "NonRetriableError")
 
 
 def test_step_sleep_frees_the_thread_and_resumes_later(app, jobs, clock, calls):
@@ -413,6 +414,5 @@ def test_a_database_error_in_a_step_is_not_shown_to_browsers(app, jobs):
         raise OperationalError("SELECT secret_column FROM t WHERE k = %(k)s", {"k": "hunter2"}, Exception("boom"))
 
     run_id = send(jobs, "test.db")
-    error = jobs.run(run_id).error
-    assert error.startswith("OperationalError: a database error")
-    assert "hunter2" not in str(messages(app, run_id)) and "secret_column" not in error
+    assert jobs.run(run_id).error == "OperationalError"
+    assert "hunter2" not in str(messages(app, run_id)) and "secret_column" not in str(messages(app, run_id))

@@ -9,17 +9,22 @@ from types import SimpleNamespace
 import pytest
 
 from readme import code_block
-from workers import Worker, as_pairs, live_server_on_postgres, read_run, require_broker, wait_for_progress
+from workers import FAILURES, Worker, as_pairs, live_server_on_postgres, read_run, require_broker, wait_for_progress
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
-# Beside the README's job: one that fails, and one that runs until it is stopped.
+# Beside the README's job: two that fail, and one that runs until it is stopped.
 EXTRA = '''
 
 @realtime_job
 def broken():
     publish("status", {"percent": 50})
-    raise ValueError("the printer caught fire")
+    insert_alice()
+
+
+@realtime_job
+def out_of_paper():
+    print_the_report()
 
 
 @realtime_job
@@ -43,7 +48,7 @@ def jobs(server, tmp_path_factory):
     """The README's job as a module, and an RQ worker on this test's own queue."""
     tmp = tmp_path_factory.mktemp("rq-jobs")
     name = f"rq_jobs_{secrets.token_hex(4)}"
-    (tmp / f"{name}.py").write_text(code_block("@realtime_job") + EXTRA)
+    (tmp / f"{name}.py").write_text(code_block("@realtime_job") + FAILURES + EXTRA)
     queue = f"realtime-test-{secrets.token_hex(4)}"
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.syspath_prepend(str(tmp))
@@ -77,18 +82,30 @@ def test_progress_and_lifecycle_reach_the_stream_in_order_once(server, jobs):
     assert {m.run_id for m in received} == {job_id}
 
 
-def test_a_failing_job_ends_failed_with_its_error(server, jobs):
+def enqueue_job(jobs, function) -> str:
     from redis import Redis
     from rq import Queue
 
     from realtime.integrations.rq import enqueue
 
     with Redis.from_url(REDIS_URL) as redis:
-        job_id = enqueue(Queue(jobs.queue, connection=redis), jobs.module.broken).id
+        return enqueue(Queue(jobs.queue, connection=redis), function).id
+
+
+def test_a_failing_job_ends_failed_with_its_error_type_only(server, jobs):
+    job_id = enqueue_job(jobs, jobs.module.broken)
     assert as_pairs(read_run(server, job_id, ["status", "run"], jobs.worker)) == [
         ("run", {"status": "running"}),
         ("status", {"percent": 50}),
-        ("run", {"status": "failed", "error": "ValueError: the printer caught fire"}),
+        ("run", {"status": "failed", "error": "UniqueViolation"}),  # no DETAIL, no alice@example.com
+    ]
+
+
+def test_a_public_error_shows_its_message(server, jobs):
+    job_id = enqueue_job(jobs, jobs.module.out_of_paper)
+    assert as_pairs(read_run(server, job_id, ["run"], jobs.worker)) == [
+        ("run", {"status": "running"}),
+        ("run", {"status": "failed", "error": "PublicError: the printer is out of paper"}),
     ]
 
 

@@ -119,7 +119,7 @@ def test_a_non_retriable_error_fails_the_run_at_once(app, jobs, clock, calls):
     run_id = start(jobs, picky, retries=5)
     assert execute(jobs) == "failed"
     run = jobs.run(run_id)
-    assert (run.status, run.attempt, run.error) == ("failed", 1, "NonRetriableError: the input can never work")
+    assert (run.status, run.attempt, run.error) == ("failed", 1, "NonRetriableError")
     assert lifecycle(app, run_id)[-1] == {"status": "failed", "error": run.error}
     clock.advance(3600)
     assert claim(jobs) is None and calls["picky"] == 1
@@ -134,7 +134,7 @@ def test_an_exception_retries_after_exponential_backoff(jobs, clock, calls):
     run_id = start(jobs, flaky)
     assert execute(jobs) == "retrying"
     run, held = jobs.run(run_id), row(jobs, run_id)
-    assert (run.status, run.attempt, run.error) == ("running", 2, "RuntimeError: attempt 1 broke")
+    assert (run.status, run.attempt, run.error) == ("running", 2, "RuntimeError")
     assert held.lease_owner is None and as_utc(held.available_at) == clock.now + timedelta(seconds=2)
 
     assert wait_until_due(jobs, clock) == 2.0
@@ -164,7 +164,7 @@ def test_a_run_fails_when_its_retries_are_used_up(app, jobs, clock, calls):
     clock.advance(jobs.runner.retry_base_s)
     assert execute(jobs) == "failed"
     run = jobs.run(run_id)
-    assert (run.status, run.attempt, run.error) == ("failed", 2, "ZeroDivisionError: division by zero")
+    assert (run.status, run.attempt, run.error) == ("failed", 2, "ZeroDivisionError")
     assert lifecycle(app, run_id)[-1] == {"status": "failed", "error": run.error}
     clock.advance(3600)
     assert claim(jobs) is None and calls["doomed"] == 2

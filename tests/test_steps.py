@@ -1,4 +1,6 @@
-"""`ctx.step` and `ctx.publish` at the unit level: memoized steps, step ids, boundaries, `describe`.
+"""`ctx.step` and `ctx.publish` at the unit level: memoized steps, step ids, boundaries.
+
+(`describe`, the error a failed step stores, is tested in tests/test_errors.py.)
 
 Each test claims a run by hand and builds the `Context` of one execution the way
 the runner does; "resuming" hands the run back and claims it again, so the next
@@ -9,10 +11,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from sqlalchemy.exc import OperationalError
 
 from jobs import NonRetriableError
-from jobs.steps import CancelRequested, Context, Steps, describe
+from jobs.steps import CancelRequested, Context, Steps
 from conftest import app_on
 
 
@@ -178,14 +179,3 @@ def test_a_cancel_requested_before_a_step_stops_the_run_there(app, jobs, claim, 
     assert not calls
     assert stored_steps(jobs, claim.run.id) == []
     assert published(app, claim.run.channel) == []
-
-
-def test_describe_hides_sql_and_caps_long_messages():
-    error = OperationalError("SELECT secret_column FROM t WHERE k = %(k)s", {"k": "hunter2"}, Exception("boom"))
-    assert describe(error) == "OperationalError: a database error; the worker's log has the details"
-
-    prefix = "ValueError: "
-    exactly = "x" * (2000 - len(prefix))
-    assert describe(ValueError(exactly)) == prefix + exactly
-    assert describe(ValueError(exactly + "y")) == prefix + exactly + " ..."
-    assert describe(ValueError("z" * 100_000)) == (prefix + "z" * 100_000)[:2000] + " ..."

@@ -18,6 +18,25 @@ from realtime.client import Message, subscribe, token_from
 
 TERMINAL = ("completed", "failed", "cancelled")
 
+#: For a test's task module, beside its tasks: what its failing tasks raise. A driver's error,
+#: whose DETAIL names someone else's data, and an app's PublicError, whose message is for the user.
+FAILURES = '''
+import psycopg.errors
+
+from common.errors import PublicError
+
+
+def insert_alice():
+    raise psycopg.errors.UniqueViolation(
+        'duplicate key value violates unique constraint "users_email_key"\\n'
+        "DETAIL:  Key (email)=(alice@example.com) already exists."
+    )
+
+
+def print_the_report():
+    raise PublicError("the printer is out of paper")
+'''
+
 
 def require_broker(name: str, port: int) -> None:
     try:

@@ -1,6 +1,7 @@
 """The messages every integration publishes, shaped as this project's own runs publish them
 (jobs/extension.py `_announce`): `{"status": "running"}`, `{"status": "completed", "output": ...}`,
-`{"status": "failed", "error": "ValueError: ..."}`, `{"status": "cancelled"}` on topic `run`."""
+`{"status": "failed", "error": "ValueError"}`, `{"status": "cancelled"}` on topic `run`. The error is its
+type alone unless it is a `PublicError` (common/errors.py `describe`): browsers read it."""
 from __future__ import annotations
 
 import logging
