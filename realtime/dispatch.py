@@ -141,7 +141,7 @@ class Dispatcher:
         with self._priming:
             if self._position is None:
                 drawn = self.store.last_drawn()
-                writers = self.store.writers(self.store.probe.clock())  # looked at after `drawn`
+                writers = self.store.writers()  # looked at after `drawn`
                 with self._lock:
                     self._holds = Holds().adding(writers, drawn, self._clock(), from_prime=True)
                     self._position = drawn
@@ -240,7 +240,7 @@ class Dispatcher:
             if _has_hole(rows, position):
                 # Who may still fill it (looked at after the read), then the rows again: a
                 # transaction that ended between the two looks is in this read.
-                writers = self.store.writers(self.store.probe.clock())
+                writers = self.store.writers()
                 rows = self.store.read_new(position, self.batch_size, self.batch_bytes, through=rows[-1].id)
                 if _has_hole(rows, position):
                     holds = holds.adding(writers, position, self._clock())
@@ -253,7 +253,7 @@ class Dispatcher:
         """Deliver the held messages of the transactions that ended since the last look."""
         if not self._holds:
             return 0
-        writers = self.store.writers(self.store.probe.clock())
+        writers = self.store.writers()
         before = self._holds
         after, ended = before.without_ended(writers)
         self.store.probe.waiting_on({h.writer for h in after.by_entry.values()}, "live delivery")

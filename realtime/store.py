@@ -13,19 +13,21 @@ import threading
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, Callable, Iterator, Sequence
 
-from sqlalchemy import case, event, func, insert, select, text
+from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session
 
-from common.database import Database, database_call, upsert, utcnow
+from common.database import Database, database_call, utcnow
 
 from . import metrics
 from .changes import ChangeFeed, Notifier, PollingChangeFeed, PostgresChangeFeed
+from .prune import Pruner
 from .reads import PAGE_BYTES, Message, NewMessage, Page, message_from, read_page
 from .schema import (
-    INTENT, INTENT_KEY_SQL, NO_NEW_IDS, NOTIFY_CHANNEL, as_int4, create_schema, idempotency, intent_key, messages,
+    INTENT, INTENT_KEY_SQL, NOTIFY_CHANNEL, as_int4, create_schema, idempotency, intent_key, messages,
     meta, pruned,
 )
 from .visibility import LAST_DRAWN, NO_WRITERS, WriterProbe, Writers, backoff
@@ -47,7 +49,6 @@ _INSERT_MANY_SQL = (
 )
 _INTENTS_SQL = f"SELECT pg_advisory_xact_lock_shared({INTENT}, k) FROM unnest(%b::int4[]) AS k"
 _INTENT = text(f"SELECT pg_advisory_xact_lock_shared({INTENT}, :key)")
-_DRAWS_NO_IDS = text(f"SELECT pg_advisory_xact_lock_shared({NO_NEW_IDS}, 0)")
 
 class MessageStore:
     """Append-only log of messages with per-channel reads and age-based pruning."""
@@ -206,45 +207,14 @@ class MessageStore:
             ))
         return Message(message_id, channel, topic, data_json, run_id, created_at)
 
-    @database_call
-    def prune(self, max_age: timedelta) -> int:
-        """Delete messages older than `max_age`; return how many.
+    @cached_property
+    def pruner(self) -> Pruner:
+        """Deletes expired messages a batch per transaction, one pruner at a time (prune.py)."""
+        return Pruner(self.db, now=self._now)
 
-        Deletes a prefix of ids (everything up to the newest expired one), and
-        records per channel the highest id removed, so a stream whose cursor
-        fell below it can say `history_truncated` instead of skipping silently.
-        """
-        cutoff = self._now() - max_age
-        with self.engine.begin() as conn:
-            if self.is_postgres:
-                conn.execute(_DRAWS_NO_IDS)  # readers need not wait for this transaction
-            else:
-                self._lock(conn)
-            newest_expired = conn.execute(
-                select(func.max(messages.c.id)).where(messages.c.created_at < cutoff)
-            ).scalar()
-            if newest_expired is None:
-                return 0
-            per_channel = conn.execute(
-                select(messages.c.channel, func.max(messages.c.id).label("through_id"))
-                .where(messages.c.id <= newest_expired)
-                .group_by(messages.c.channel)
-            ).all()
-            conn.execute(idempotency.delete().where(idempotency.c.created_at < cutoff))
-            statement = upsert(self.engine, pruned)
-            conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[pruned.c.channel],
-                    set_={
-                        "through_id": case(
-                            (statement.excluded.through_id > pruned.c.through_id, statement.excluded.through_id),
-                            else_=pruned.c.through_id,
-                        )
-                    },
-                ),
-                [{"channel": r.channel, "through_id": r.through_id} for r in per_channel],
-            )
-            return conn.execute(messages.delete().where(messages.c.id <= newest_expired)).rowcount
+    def prune(self, max_age: timedelta) -> int:
+        """Delete messages older than `max_age` (one round of the pruner); return how many."""
+        return self.pruner.run(max_age).removed
 
     # -- reading ----------------------------------------------------------
 
@@ -286,10 +256,10 @@ class MessageStore:
     # -- where readers may go (visibility.py) ------------------------------
 
     @database_call
-    def writers(self, not_before: float) -> Writers:
-        """The transactions that may still commit messages, from a look at or after `not_before`
+    def writers(self) -> Writers:
+        """The transactions that may still commit messages, as a look started now sees them
         (PostgreSQL; none on SQLite)."""
-        return self.probe.snapshot(not_before) if self.is_postgres else NO_WRITERS
+        return self.probe.snapshot() if self.is_postgres else NO_WRITERS
 
     @database_call
     def last_drawn(self) -> int:
@@ -312,7 +282,7 @@ class MessageStore:
             return drawn
         key = intent_key(channel)
         started = self.probe.clock()
-        writers = self.probe.snapshot(started)
+        writers = self.probe.snapshot()
         while blocking := [w for w in writers if w.may_write(key)]:
             self.probe.waiting_on(blocking, "a history read")
             threading.Event().wait(backoff(self.probe.clock() - started))

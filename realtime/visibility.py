@@ -67,9 +67,9 @@ class Writer:
 
 @dataclass(frozen=True)
 class Writers:
-    """The writers in flight at one moment (`taken_at`, monotonic: when the query started)."""
+    """The writers in flight as one look at `pg_locks` saw them (`look`: the looks' count when it started)."""
 
-    taken_at: float
+    look: int
     by_vxid: Mapping[str, Writer]
 
     def __iter__(self):
@@ -82,7 +82,7 @@ class Writers:
         return vxid in self.by_vxid
 
 
-NO_WRITERS = Writers(0.0, {})
+NO_WRITERS = Writers(0, {})
 
 
 class WriterProbe:
@@ -93,20 +93,26 @@ class WriterProbe:
         self.clock = clock
         self._lock = threading.Lock()
         self._latest = NO_WRITERS
+        self._looks = 0  # looks started
         self._first_seen: dict[str, float] = {}
         self._reported: set[str] = set()
 
-    def snapshot(self, not_before: float) -> Writers:
-        """The writers in flight, from a look that started at or after `not_before`."""
-        with self._lock:
-            if self._latest.taken_at < not_before or self._latest is NO_WRITERS:
-                self._latest = self._look()
-            return self._latest
+    def snapshot(self) -> Writers:
+        """The writers in flight, from a look that started after this call did.
+
+        Callers asking together share one look: whoever waited for the lock while
+        another's look ran takes that one, when it started after the call."""
+        return self.newer_than(Writers(self._looks, {}))
 
     def newer_than(self, seen: Writers) -> Writers:
-        return self.snapshot(seen.taken_at + 1e-9)
+        """The writers in flight, from a look that started after the look `seen` came from."""
+        with self._lock:
+            if self._latest.look <= seen.look:
+                self._looks += 1
+                self._latest = self._look(self._looks)
+            return self._latest
 
-    def _look(self) -> Writers:
+    def _look(self, number: int) -> Writers:
         started = self.clock()
         with self.engine.connect() as conn:
             rows = conn.execute(_PROBE).all()
@@ -126,7 +132,7 @@ class WriterProbe:
                 writers[vxid] = Writer(vxid, entry["pid"], None)
         self._first_seen = {vxid: self._first_seen.get(vxid, started) for vxid in writers}
         self._reported &= writers.keys()
-        return Writers(started, writers)
+        return Writers(number, writers)
 
     def waiting_on(self, writers: Iterable[Writer], what: str) -> None:
         """Say that `what` waits on these writers: a wait past STALL_REPORT_S is logged once and counted."""
