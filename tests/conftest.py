@@ -248,6 +248,7 @@ class LiveServer:
         return response.json()
 
     def token(self, channel: str, topics: list[str]) -> str:
+        """A token from the demo's allow-all policy: the server needs DEMO_ENABLED=True (else 403)."""
         response = httpx.post(self.url + "/api/realtime/token", json={"channel": channel, "topics": topics}, timeout=10)
         assert response.status_code == 200, response.text
         return response.json()["token"]
