@@ -41,7 +41,7 @@ from common.errors import describe
 
 from .errors import NonRetriableError
 from .registry import JobFunction, Registry
-from .steps import CancelRequested, Context, Publisher, Steps, Suspended, WorkerStopping, to_json
+from .steps import CancelRequested, Context, PublishFunction, Steps, Suspended, WorkerStopping, to_json
 from .journal import StepJournal
 from .records import CANCELLED, COMPLETED, FAILED, Claim, LeaseLost
 from .runs import RunStore
@@ -64,7 +64,7 @@ class Runner:
         runs: RunStore,
         journal: StepJournal,
         registry: Registry,
-        publisher: Publisher,
+        publisher: PublishFunction,
         *,
         retry_base_s: float = 1.0,
         retry_max_s: float = 600.0,

@@ -53,7 +53,7 @@ from .types import JSON
 STEP_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
-class Publisher(Protocol):
+class PublishFunction(Protocol):
     """`Realtime.publish`: the only way jobs write messages (never the table itself)."""
 
     def __call__(self, channel: str, topic: str, data: Any, *, run_id: str | None = ..., session: Session | None = ...) -> Any: ...
@@ -188,7 +188,7 @@ class Steps:
 class Context:
     """The argument of every job function."""
 
-    def __init__(self, claim: Claim, event: Event, publisher: Publisher, step: Steps) -> None:
+    def __init__(self, claim: Claim, event: Event, publisher: PublishFunction, step: Steps) -> None:
         self.run_id = claim.run.id
         self.channel = claim.run.channel  # `run.<run_id>`, where the run's lifecycle is published too
         self.attempt = claim.run.attempt

@@ -46,7 +46,7 @@ def _tail_remote(url: str, channel: str, topics: tuple[str, ...], last_event_id:
     so the output has no gap and no repeat (a token it fetched itself is fetched again when it expires)."""
     from common import jsontext
 
-    from .client import ClientError, Reset, subscribe, token_from
+    from .client import ClientError, ClientReset, subscribe, token_from
     from .sse import message_frame, reset_frame
     from .store import Message
 
@@ -57,7 +57,7 @@ def _tail_remote(url: str, channel: str, topics: tuple[str, ...], last_event_id:
         sys.stdout.buffer.write(frame)
         sys.stdout.buffer.flush()
 
-    def on_reset(reset: Reset) -> None:
+    def on_reset(reset: ClientReset) -> None:
         write(reset_frame(reset.reason, reset.cursor))
 
     source = token if token is not None else token_from(url, channel, topics)

@@ -37,7 +37,7 @@ TokenSource = Union[str, Callable[[], Union[str, Mapping[str, Any]]]]
 
 
 @dataclass(frozen=True)
-class Message:
+class ClientMessage:
     """One message of the stream: its envelope (CONTRACT §4) and its cursor."""
 
     id: int
@@ -50,7 +50,7 @@ class Message:
 
 
 @dataclass(frozen=True)
-class Reset:
+class ClientReset:
     """The server could not resume exactly (`history_truncated`, `unknown_cursor`): the
     stream goes on from `cursor`, the oldest retained message; what came before is lost."""
 
@@ -81,8 +81,8 @@ class Backoff:
         return random.uniform(0, min(self.max_s, self.initial_s * 2 ** max(0, failures - 1)))
 
 
-class Subscription:
-    """An iterator of `Message`s that never ends by itself; `close()` ends it, from any thread."""
+class ClientSubscription:
+    """An iterator of `ClientMessage`s that never ends by itself; `close()` ends it, from any thread."""
 
     def __init__(
         self,
@@ -91,7 +91,7 @@ class Subscription:
         *,
         last_event_id: str | None = None,
         topics: Sequence[str] | None = None,
-        on_reset: Callable[[Reset], None] | None = None,
+        on_reset: Callable[[ClientReset], None] | None = None,
         backoff: Backoff = Backoff(),
         read_timeout_s: float = 60.0,
         client: httpx.Client | None = None,
@@ -106,7 +106,7 @@ class Subscription:
         self.cursor = last_event_id
         self.topics = list(topics) if topics else None  # narrows the token's topics (?topic=)
         self.on_reset = on_reset
-        self.last_reset: Reset | None = None
+        self.last_reset: ClientReset | None = None
         self.backoff = backoff
         # A dead peer sends no FIN: without keep-alives for this long, reconnect (the server sends
         # one every REALTIME_HEARTBEAT_S, 15 s by default).
@@ -116,13 +116,13 @@ class Subscription:
         self._socket: socket.socket | None = None
         self._messages = self._run()
 
-    def __iter__(self) -> Subscription:
+    def __iter__(self) -> ClientSubscription:
         return self
 
-    def __next__(self) -> Message:
+    def __next__(self) -> ClientMessage:
         return next(self._messages)
 
-    def __enter__(self) -> Subscription:
+    def __enter__(self) -> ClientSubscription:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -145,7 +145,7 @@ class Subscription:
 
     # -- the loop: connect, read, decide how long to wait, again ----------------------
 
-    def _run(self) -> Iterator[Message]:
+    def _run(self) -> Iterator[ClientMessage]:
         failures = 0
         retry_s = 2.0
         try:
@@ -207,12 +207,12 @@ class Subscription:
             message += " (a token given as a string cannot be renewed: pass a callable that fetches a fresh one)"
         raise SubscribeRefused(status, code, message)
 
-    def _item(self, sse: ServerSentEvent) -> Message | None:
+    def _item(self, sse: ServerSentEvent) -> ClientMessage | None:
         if not sse.data:
             return None  # the `retry:` frame
         if sse.event == "reset":
             body = json.loads(sse.data)
-            reset = Reset(body["reason"], body["cursor"])
+            reset = ClientReset(body["reason"], body["cursor"])
             self.cursor = sse.id or reset.cursor
             self.last_reset = reset
             if self.on_reset is not None:
@@ -220,7 +220,7 @@ class Subscription:
             return None
         envelope = json.loads(sse.data)
         self.cursor = sse.id
-        return Message(
+        return ClientMessage(
             id=envelope["id"], cursor=sse.id, channel=envelope["channel"], topic=envelope["topic"],
             data=envelope["data"], run_id=envelope["run_id"],
             created_at=datetime.fromisoformat(envelope["created_at"]),
@@ -231,9 +231,9 @@ class Subscription:
             self._client.close()
 
 
-def subscribe(base_url: str, token: TokenSource, *, last_event_id: str | None = None, **options: Any) -> Subscription:
-    """Subscribe to the channel and topics `token` names; see `Subscription` for the options."""
-    return Subscription(base_url, token, last_event_id=last_event_id, **options)
+def subscribe(base_url: str, token: TokenSource, *, last_event_id: str | None = None, **options: Any) -> ClientSubscription:
+    """Subscribe to the channel and topics `token` names; see `ClientSubscription` for the options."""
+    return ClientSubscription(base_url, token, last_event_id=last_event_id, **options)
 
 
 def token_from(base_url: str, channel: str, topics: Sequence[str], *, timeout_s: float = 10.0) -> Callable[[], str]:

@@ -174,7 +174,7 @@ class Dispatcher:
         """
         with self._lock:
             known = self._channels.get(channel)
-            return known is not None and known.last_id <= after_id and self._holds.after(intent_key(channel)) is None
+            return known is not None and known.delivered_through <= after_id and self._holds.after(intent_key(channel)) is None
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
@@ -286,7 +286,7 @@ class Dispatcher:
             for message in rows:
                 channel = self._channels.get(message.channel)
                 if channel is not None:
-                    channel.last_id = max(channel.last_id, message.id)
+                    channel.delivered_through = max(channel.delivered_through, message.id)
                     # One bytes object for every subscriber of the channel.
                     frame = sse.message_frame(f"{epoch}-{message.id}", message.topic, message.envelope_json())
                     queued = sum(s.offer(message, frame, now) for s in channel.subscriptions)
@@ -340,7 +340,7 @@ class Dispatcher:
                 backoff = 0.1
             except Exception as exc:
                 # The database is away: the streams stay open on keep-alives,
-                # and get every message from last_id on once it is back.
+                # and get every message after `position` once it is back.
                 log.warning("realtime reader: %s; retrying in %.1f s", type(exc).__name__, backoff)
                 threading.Event().wait(backoff)
                 backoff = min(backoff * 2, 2.0)

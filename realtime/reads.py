@@ -84,10 +84,6 @@ class Page:
     def __getitem__(self, index: int) -> Message:
         return self.messages[index]
 
-    @property
-    def last_id(self) -> int | None:
-        return self.messages[-1].id if self.messages else None
-
     def up_to(self, through: int) -> Page:
         """Its messages up to id `through`; what follows them is not this page's to tell (more=False)."""
         if not self.messages or self.messages[-1].id <= through:

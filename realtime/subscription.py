@@ -27,7 +27,7 @@ class Channel:
     queued after the stream's look is never slept through.
     """
 
-    __slots__ = ("name", "subscriptions", "event", "last_id")
+    __slots__ = ("name", "subscriptions", "event", "delivered_through")
 
     def __init__(self, name: str, position: int = 0) -> None:
         self.name = name
@@ -35,8 +35,8 @@ class Channel:
         self.event = threading.Event()
         # The newest message of the channel the dispatcher delivered while this
         # object existed, or where the first stream's history ended when it was
-        # made: after `last_id`, nothing of the channel went past unseen.
-        self.last_id = position
+        # made: after `delivered_through`, nothing of the channel went past unseen.
+        self.delivered_through = position
 
     def wake(self) -> None:
         event, self.event = self.event, threading.Event()

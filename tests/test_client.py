@@ -14,7 +14,7 @@ from conftest import LiveServer, wait_until
 from faultproxy import FaultProxy
 from readme import code_block
 from sseclient import other_epoch
-from realtime.client import Backoff, Message, Reset, SubscribeRefused, subscribe, token_from
+from realtime.client import Backoff, ClientMessage, ClientReset, SubscribeRefused, subscribe, token_from
 from realtime.tokens import TokenIssuer
 
 FAST = Backoff(initial_s=0.05, max_s=0.2)
@@ -30,7 +30,7 @@ def server(tmp_path_factory) -> Iterator[LiveServer]:
         live.stop()
 
 
-def take(messages: Iterator[Message], count: int) -> list[Message]:
+def take(messages: Iterator[ClientMessage], count: int) -> list[ClientMessage]:
     return [next(messages) for _ in range(count)]
 
 
@@ -41,7 +41,7 @@ def test_replays_then_live_with_each_envelope_field(server):
         replayed = next(messages)
         live = server.publish("client.a", "log", {"line": "héllo\u2028world"})
         arrived = next(messages)
-    assert replayed == Message(
+    assert replayed == ClientMessage(
         id=first["id"], cursor=replayed.cursor, channel="client.a", topic="status", data={"percent": 10},
         run_id="r1", created_at=datetime.fromisoformat(first["created_at"]),
     )
@@ -133,7 +133,7 @@ def test_other_4xx_are_raised_not_retried(server):
 def test_reset_is_reported_and_the_stream_goes_on_from_its_cursor(server):
     first = server.publish("client.g", "t", "oldest")
     token = server.token("client.g", ["t"])
-    resets: list[Reset] = []
+    resets: list[ClientReset] = []
     with subscribe(server.url, token=token) as found:
         cursor = next(found).cursor
     foreign = f"{other_epoch(cursor)}-{first['id']}"

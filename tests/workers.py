@@ -14,7 +14,7 @@ from typing import Iterator
 import httpx
 
 from conftest import ROOT, LiveServer, create_pg_database, drop_pg_database, skip_or_fail, wait_until
-from realtime.client import Message, subscribe, token_from
+from realtime.client import ClientMessage, subscribe, token_from
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -86,7 +86,7 @@ class Worker:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
-def read_run(server: LiveServer, task_id: str, topics: list[str], worker: Worker, guard_s: float = 60) -> list[Message]:
+def read_run(server: LiveServer, task_id: str, topics: list[str], worker: Worker, guard_s: float = 60) -> list[ClientMessage]:
     """Every message of `run.<task_id>` on `topics` until topic `run` says the task ended.
 
     A guard closes the stream after `guard_s`, so a worker that never finishes fails the test
@@ -119,7 +119,7 @@ def wait_for_progress(server: LiveServer, task_id: str) -> None:
     wait_until(progressed, timeout=60, interval=0.1, what=f"progress of task {task_id}")
 
 
-def as_pairs(messages: list[Message]) -> list[tuple[str, object]]:
+def as_pairs(messages: list[ClientMessage]) -> list[tuple[str, object]]:
     """(topic, data) in order, after checking each message came once, in id order, for its run."""
     ids = [m.id for m in messages]
     assert ids == sorted(set(ids)), f"not once and in order: {ids}"
