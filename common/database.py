@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from .config import flag
 from .errors import AppError
 from .greenlets import gevent_hub, native_thread_ident
+from .postgres import StatementTimeout
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,8 @@ def make_engine(
     SQLite: WAL so readers never block the writer, a busy timeout so two
     writers queue instead of failing (and fail, rather than hang, when another
     process holds the lock for long), connections usable from any thread.
-    PostgreSQL: a connect timeout; a statement timeout, so a statement stuck
-    behind a lock is cancelled by the server instead of committing after its
-    caller gave up; server-side prepared statements (psycopg prepares a
+    PostgreSQL: a connect timeout; a statement timeout (`StatementTimeout`);
+    server-side prepared statements (psycopg prepares a
     statement on its fifth run) unless `prepared_statements` is false, for a
     pooler in transaction mode (PgBouncer before 1.21) cannot keep them. No `pool_pre_ping`: it is a
     round trip before every call (a tenth of a publish, bench/publish.py); a
@@ -78,15 +78,17 @@ def make_engine(
     connect_args = {
         "connect_timeout": max(1, round(connect_timeout_s)),
         "prepare_threshold": 5 if prepared_statements else None,
-        "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
-        # A peer that vanishes without a FIN is noticed within seconds.
+        # A peer that vanishes without a FIN is noticed within seconds. Options of
+        # libpq's own sockets, not startup parameters: a pooler never sees them.
         "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
         "tcp_user_timeout": int(statement_timeout_s * 1000),
     }
-    return create_engine(
+    engine = create_engine(
         url, pool_size=10, max_overflow=20, pool_timeout=connect_timeout_s,
         connect_args=connect_args,
     )
+    StatementTimeout(engine, int(statement_timeout_s * 1000))
+    return engine
 
 
 class Database:

@@ -1,16 +1,19 @@
 """Debian's PgBouncer in transaction mode, in front of the shared PostgreSQL, for tests.
 
-    from pgbouncer import pgbouncer  # noqa: F401  (the fixture)
+    from pgbouncer import pgbouncer, stock_pgbouncer  # noqa: F401  (the fixtures)
 
-    def test_x(pgbouncer, postgres_url):
-        url = pgbouncer.url_for(postgres_url)
+    def test_x(stock_pgbouncer, postgres_url):
+        url = stock_pgbouncer.url_for(postgres_url)
 
 or `with PgBouncer() as bouncer: ...`. It listens on 127.0.0.1 on a free port,
-trusts user "postgres", pools 5 server connections per database and user, and
-ignores the `extra_float_digits` and `options` startup parameters (which it
-would otherwise refuse). Its config and log live in a temporary directory
-under /tmp, removed by `stop()`. As root (CI) it runs as user postgres, since
-pgbouncer refuses to run as root.
+trusts user "postgres" and pools 5 server connections per database and user.
+Startup parameters it does not track, it refuses ("unsupported startup
+parameter"), as PgBouncer does by default, except those named in
+`ignore_startup_parameters`: the `pgbouncer` fixture ignores
+`extra_float_digits` and `options`, as deploy/pgbouncer.ini does;
+`stock_pgbouncer` ignores none. Its config and log live in a temporary
+directory under /tmp, removed by `stop()`. As root (CI) it runs as user
+postgres, since pgbouncer refuses to run as root.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -34,9 +37,11 @@ PGBOUNCER = "/usr/sbin/pgbouncer"
 class PgBouncer:
     """One pgbouncer process; `start()`, then `stop()` (by its pid)."""
 
-    def __init__(self, server_host: str = "127.0.0.1", server_port: int = 5432, pool_size: int = 5) -> None:
+    def __init__(self, server_host: str = "127.0.0.1", server_port: int = 5432, pool_size: int = 5,
+                 ignore_startup_parameters: Sequence[str] = ()) -> None:
         self.server = (server_host, server_port)
         self.pool_size = pool_size
+        self.ignore_startup_parameters = tuple(ignore_startup_parameters)
         self.port = free_port()
         self.dir: Path | None = None
         self.process: subprocess.Popen | None = None
@@ -75,7 +80,7 @@ class PgBouncer:
             "admin_users = postgres\n"
             "pool_mode = transaction\n"
             f"default_pool_size = {self.pool_size}\n"
-            "ignore_startup_parameters = extra_float_digits,options\n"
+            f"ignore_startup_parameters = {','.join(self.ignore_startup_parameters)}\n"
             f"logfile = {self.log_path}\n"
         )
         command = [PGBOUNCER, str(self.dir / "pgbouncer.ini")]
@@ -126,11 +131,21 @@ class PgBouncer:
         self.stop()
 
 
-@pytest.fixture
-def pgbouncer() -> Iterator[PgBouncer]:
-    """A fresh pgbouncer in transaction mode for one test, stopped after it."""
-    bouncer = PgBouncer()
+def running(bouncer: PgBouncer) -> Iterator[PgBouncer]:
     try:
         yield bouncer.start()
     finally:
         bouncer.stop()
+
+
+@pytest.fixture
+def pgbouncer() -> Iterator[PgBouncer]:
+    """A fresh pgbouncer in transaction mode for one test, stopped after it, ignoring the
+    startup parameters deploy/pgbouncer.ini ignores."""
+    yield from running(PgBouncer(ignore_startup_parameters=("extra_float_digits", "options")))
+
+
+@pytest.fixture
+def stock_pgbouncer() -> Iterator[PgBouncer]:
+    """The same with PgBouncer's default startup-parameter handling: it refuses `options`."""
+    yield from running(PgBouncer())
