@@ -11,13 +11,17 @@ their public methods is a `@database_call`, which:
   whose C library blocks the whole thread while it waits for a lock, on one
   of gevent's native threads, so the other streams of the worker go on;
 - turns "the database is away, stalled or locked" into `DatabaseUnavailable`
-  (503 with `Retry-After`), never a 500.
+  (503 with `Retry-After`), never a 500; when the server refuses connections
+  for a reason waiting will not cure (a wrong database or role, a startup
+  parameter a pooler refuses), that reason goes to the log, once a minute,
+  and to /readyz (`ping`), never to API clients.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, TypeVar
@@ -31,7 +35,7 @@ from sqlalchemy.orm import Session
 from .config import flag
 from .errors import AppError
 from .greenlets import gevent_hub, native_thread_ident
-from .postgres import StatementTimeout
+from .postgres import StatementTimeout, refusal_reason
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,9 @@ def make_engine(
 class Database:
     """The app's engine, its schemas, and `call`: how every store method runs."""
 
+    #: How often a refusal that goes on is logged again, per process.
+    refusal_log_interval_s = 60.0
+
     def __init__(self, url: str, *, call_timeout_s: float = 8.0, prepared_statements: bool = True) -> None:
         self.engine = make_engine(url, prepared_statements=prepared_statements)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
@@ -105,6 +112,11 @@ class Database:
         # removed when done: a threading.local would keep a dict for every stream's greenlet.
         self._time_limits: dict[int, float] = {}
         self._inside: set[int] = set()
+        # Why the server refused the last new connection, until one succeeds: PgBouncer says
+        # it once, then holds the next attempts until they time out (`server_login_retry`).
+        self.refusal: str | None = None
+        self._refusal_logged = (None, 0.0)
+        event.listen(self.engine, "connect", self._accepted)
         # The same from the driver itself, for the one path that skips SQLAlchemy's wrapping.
         dbapi = self.engine.dialect.loaded_dbapi
         self._driver_errors = (dbapi.OperationalError, dbapi.InterfaceError)
@@ -137,8 +149,14 @@ class Database:
                 self._time_limits[ident] = previous
 
     def ping(self, timeout_s: float) -> None:
-        """A `SELECT 1` that answers within `timeout_s` or raises DatabaseUnavailable (for /readyz)."""
-        self._call(self._select_one, (), {}, timeout_s)
+        """A `SELECT 1` that answers within `timeout_s` or raises DatabaseUnavailable (for /readyz),
+        whose message is the server's reason when it refuses connections."""
+        try:
+            self._call(self._select_one, (), {}, timeout_s)
+        except DatabaseUnavailable as error:
+            if self.refusal is None:
+                raise
+            raise DatabaseUnavailable(f"the database refuses connections: {self.refusal}") from error
 
     def _select_one(self) -> None:
         with self.engine.connect() as conn:
@@ -175,12 +193,29 @@ class Database:
             self.ensure_schema()
             return fn(*args, **kwargs)
         except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, *self._driver_errors) as error:
-            # The server is away, stalled, or holds a lock too long: the
-            # request is fine, the moment is not. Details stay in the log.
-            log.warning("database unavailable: %s", type(getattr(error, "orig", None) or error).__name__)
+            # The server is away, stalled, refuses us, or holds a lock too long:
+            # the request is fine, the moment is not. Details stay in the log.
+            reason = refusal_reason(error)
+            if reason is None:
+                log.warning("database unavailable: %s", type(getattr(error, "orig", None) or error).__name__)
+            else:
+                self._refused(reason)
             raise DatabaseUnavailable("the database is unavailable; try again shortly") from error
         finally:
             self._inside.discard(ident)
+
+    def _refused(self, reason: str) -> None:
+        self.refusal = reason
+        now = time.monotonic()
+        last_reason, last_time = self._refusal_logged
+        if reason == last_reason and now - last_time < self.refusal_log_interval_s:
+            return
+        self._refusal_logged = (reason, now)
+        log.error("the database refuses connections: %s (retrying will not help: check DATABASE_URL's "
+                  "database and role, the password, and the settings of any pooler in between)", reason)
+
+    def _accepted(self, _dbapi_connection: Any, _record: Any) -> None:
+        self.refusal = None
 
     def ensure_schema(self) -> None:
         """Create every registered schema, once per process (every call does this first)."""

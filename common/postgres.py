@@ -1,10 +1,14 @@
-"""PostgreSQL connections: the statement timeout.
+"""PostgreSQL connections: the statement timeout, and why the server refuses a connection.
 
-It must survive a pooler in transaction mode (PgBouncer) between the app
+Both must survive a pooler in transaction mode (PgBouncer) between the app
 and the server, with the pooler's default settings (issue 17, item 7):
-`StatementTimeout` gets `statement_timeout` to the server whichever way
-reaches it: the `options` startup parameter directly, `SET LOCAL` in each
-transaction behind a pooler that refuses or drops `options`.
+
+- `StatementTimeout` gets `statement_timeout` to the server whichever way
+  reaches it: the `options` startup parameter directly, `SET LOCAL` in each
+  transaction behind a pooler that refuses or drops `options`;
+- `refusal_reason` tells a refusal that needs an operator (a wrong
+  database, role or password, a refused startup parameter) from one that
+  passes by itself, for `Database`'s log and /readyz.
 """
 from __future__ import annotations
 
@@ -85,3 +89,28 @@ def per_transaction(connection: Any) -> str | None:
     """The `SET LOCAL statement_timeout` a transaction on this pooled connection (SQLAlchemy's
     `raw_connection()`) must start with, or None when its session has the timeout already."""
     return connection.info.get(_PER_TRANSACTION)
+
+
+# PostgreSQL's and PgBouncer's refusals that pass by themselves: a full server or
+# pool, a server starting or stopping, PgBouncer waiting before it retries a login.
+_PASSING_REFUSALS = (
+    "the database system is", "too many clients", "remaining connection slots",
+    "no more connections allowed", "server_login_retry", "client_login_timeout", "query_wait_timeout",
+    "cannot connect to server",
+)
+
+
+def refusal_reason(error: BaseException) -> str | None:
+    """Why the server, or a pooler in front of it, refused a new connection, when retrying will
+    not help: a database or role that does not exist, a failed authentication, a startup
+    parameter the pooler refuses. None for anything else (unreachable, stalled, full).
+
+    libpq puts the server's FATAL message after the host and port it tried; the message
+    names a role or a database, never a password.
+    """
+    _, fatal, rest = str(getattr(error, "orig", None) or error).rpartition("FATAL:")
+    lines = rest.strip().splitlines()
+    if not fatal or not lines:
+        return None
+    reason = " ".join(lines[0].split())
+    return None if any(passing in reason for passing in _PASSING_REFUSALS) else reason

@@ -2,10 +2,13 @@
 
 Issue 17, item 7: with PgBouncer's default settings, which refuse the
 `options` startup parameter, every call answered 503 forever, saying nothing
-of why. Now the statement timeout reaches the server without it.
+of why. Now the statement timeout reaches the server without it, and a
+connection the server refuses for good says why, in /readyz and once in the log.
 """
 from __future__ import annotations
 
+import logging
+import secrets
 from contextlib import closing
 
 import httpx
@@ -18,8 +21,101 @@ from conftest import PUBLISH_KEY, wait_until
 from pgbouncer import pgbouncer, stock_pgbouncer  # noqa: F401 - the fixtures
 from sseclient import events_of, history, open_stream, read_frames
 
+PASSWORD = "s3cret-pw"  # in the URLs below; it must never show in a log or a reason
+
+
 def libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def missing_database(url: str) -> str:
+    """`url` with a password, naming a database that does not exist."""
+    name = "rt_missing_" + secrets.token_hex(4)
+    return make_url(url).set(database=name, password=PASSWORD).render_as_string(hide_password=False)
+
+
+# -- why a connection was refused ----------------------------------------------------------------
+
+AT = 'connection failed: connection to server at "127.0.0.1", port 6432 failed: '
+
+
+@pytest.mark.parametrize("message, reason", [
+    (AT + "FATAL:  unsupported startup parameter: options", "unsupported startup parameter: options"),
+    (AT + 'FATAL:  database "shop" does not exist', 'database "shop" does not exist'),
+    (AT + 'FATAL:  role "app" does not exist', 'role "app" does not exist'),
+    (AT + 'FATAL:  password authentication failed for user "app"', 'password authentication failed for user "app"'),
+    (AT + 'FATAL:  no pg_hba.conf entry for host "10.0.0.7", user "app", database "shop", no encryption',
+     'no pg_hba.conf entry for host "10.0.0.7", user "app", database "shop", no encryption'),
+    # libpq tried several addresses: the server's refusal, not what followed it
+    (AT + 'FATAL:  database "shop" does not exist\n' + AT + "Connection refused", 'database "shop" does not exist'),
+    # these pass by themselves: retrying is the cure
+    (AT + "FATAL:  sorry, too many clients already", None),
+    (AT + "FATAL:  remaining connection slots are reserved for roles with the SUPERUSER attribute", None),
+    (AT + "FATAL:  the database system is starting up", None),
+    (AT + "FATAL:  no more connections allowed (max_client_conn)", None),
+    (AT + "FATAL:  server login has been failing, try again later (server_login_retry)", None),
+    (AT + "Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?", None),
+    ("connection timeout expired", None),
+])
+def test_refusal_reason_is_the_servers_fatal_message_when_retrying_will_not_help(message, reason):
+    from common.postgres import refusal_reason
+
+    assert refusal_reason(psycopg.OperationalError(message)) == reason
+    wrapped = exc.OperationalError(None, None, psycopg.OperationalError(message))
+    assert refusal_reason(wrapped) == reason  # as SQLAlchemy raises it
+
+
+@pytest.mark.postgres
+def test_a_refused_connection_says_why_in_readyz_and_once_in_the_log(postgres_url, caplog):
+    from app import create_app
+
+    url = missing_database(postgres_url)
+    name = make_url(url).database
+    app = create_app({"TESTING": True, "SECRET_KEY": "test-secret", "DATABASE_URL": url,
+                      "JOBS_EMBEDDED": False, "REALTIME_PUBLISH_KEY": PUBLISH_KEY})
+    client = app.test_client()
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                readyz = client.get("/readyz")
+                assert readyz.status_code == 503
+                assert readyz.json["checks"]["database"] == (
+                    f'the database refuses connections: database "{name}" does not exist')
+                published = client.post("/api/realtime/publish", json={"channel": "c", "topic": "t", "data": 1},
+                                        headers={"Authorization": f"Bearer {PUBLISH_KEY}"})
+                assert published.status_code == 503
+                # API clients learn that it is the database, not which one or why
+                assert published.json["error"] == {"code": "database_unavailable",
+                                                   "message": "the database is unavailable; try again shortly"}
+    finally:
+        app.extensions["realtime"].shutdown(wait_s=15)
+        app.extensions["database"].dispose()
+    refusals = [r for r in caplog.records if r.name == "common.database" and "refuses connections" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
+    assert f'database "{name}" does not exist' in refusals[0].getMessage()
+    assert PASSWORD not in caplog.text and "postgresql" not in caplog.text
+
+
+@pytest.mark.postgres
+@pytest.mark.integration
+def test_behind_pgbouncer_a_refusal_stays_in_readyz_while_pgbouncer_holds_the_retries(
+        start_server, stock_pgbouncer, postgres_url):
+    """PgBouncer passes the server's refusal on once, then holds new logins until its
+    `server_login_retry`, so later attempts only time out: /readyz keeps the reason."""
+    url = missing_database(postgres_url)
+    name = make_url(url).database
+    server = start_server(stock_pgbouncer.url_for(url), workers=1, REALTIME_LISTEN_URL=postgres_url)
+    reason = f'the database refuses connections: database "{name}" does not exist'
+
+    def database_check() -> str:
+        return httpx.get(server.url + "/readyz", timeout=30).json()["checks"]["database"]
+
+    wait_until(lambda: database_check() == reason, timeout=60, what="the refusal in /readyz")
+    for _ in range(3):
+        assert database_check() == reason
+    log = server.log_path.read_text()
+    assert log.count("the database refuses connections") == 1, log
+    assert PASSWORD not in log
 
 
 # -- the statement timeout --------------------------------------------------------------------------
