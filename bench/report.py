@@ -14,12 +14,15 @@ def table(report: dict) -> str:
     lines = [
         f"database: {report['database']}, load average at start {report['loadavg_start']}, at end {report['loadavg_end']}, "
         f"{report['cpus']} CPUs, {report['client_procs']} client processes",
-        "",
-        "| phase | subs | msgs | msg/s | p50 ms | p95 ms | p99 ms | max ms | deliveries/s | reads/msg "
-        "| exactly once, in order | server CPU | client CPU (per proc) | publisher CPU | machine busy "
-        "| server µs/delivery | first sub p50/p99 ms | fan-out spread p50/p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if report["phases"]:
+        lines += [
+            "",
+            "| phase | subs | msgs | msg/s | p50 ms | p95 ms | p99 ms | max ms | deliveries/s | reads/msg "
+            "| exactly once, in order | server CPU | client CPU (per proc) | publisher CPU | machine busy "
+            "| server µs/delivery | first sub p50/p99 ms | fan-out spread p50/p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in report["phases"]:
         check = r["exactly_once_in_order"]
         latency = r["latency_ms"]
@@ -91,6 +94,25 @@ def table(report: dict) -> str:
             f"| {' + '.join(f'{p}%' for p in scale['server_workers_pct'])} "
             f"| {' + '.join(f'{p}%' for p in scale['client_procs_pct'])} | {scale['machine_busy_pct']}% |",
         ]
+    stall = report.get("stall")
+    if stall:
+        b, a = stall["b_exactly_once_in_order"], stall["a_exactly_once_in_order"]
+        latency, while_open = stall["b_latency_ms"], stall["b_while_open"]
+        during = while_open["latency_ms"] or {}
+        lines += [
+            "",
+            "| stall: A's transaction open | B streams | B msgs | B p50 / p99 / max ms "
+            "| B while it was open: msgs, p50 / p99 / max ms | B exactly once, in order "
+            "| A streams: first / last message after the commit, ms | A exactly once, in order | A's message stored |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {fmt(stall['open_s'], 2)} s, {stall['rate']:g} msg/s on B | {stall['streams']} | {stall['published']} "
+            f"| {fmt(latency['p50'])} / {fmt(latency['p99'])} / {fmt(latency['max'])} "
+            f"| {while_open['messages']}: {fmt(during.get('p50'))} / {fmt(during.get('p99'))} / {fmt(during.get('max'))} "
+            f"| {b['complete']}/{b['subscribers']} (missing {b['missing']}, dup {b['duplicates']}) "
+            f"| {stall['a_first_after_commit_ms']} / {fmt(stall['a_after_commit_ms']['max'])} "
+            f"| {a['complete']}/{a['subscribers']} (missing {a['missing']}, dup {a['duplicates']}) "
+            f"| {'yes' if stall['a_stored'] else 'NO'} |",
+        ]
     lines += ["", "targets:"] + [f"- {t}" for t in report["targets"]]
     return "\n".join(lines)
 
@@ -137,6 +159,17 @@ def targets(report: dict) -> list[str]:
         verdicts.append(f"{scale['streams']} streams on {scale['workers']} workers: p99 {p99} ms (< 200), every stream "
                         f"complete {check['complete']}/{scale['streams']} -> {'MET' if ok else 'MISSED'}")
         verdicts.append(f"<= 16 KiB per idle stream at {scale['streams']}: {per} KiB -> {'MET' if per <= 16 else 'MISSED'}")
+    stall = report.get("stall")
+    if stall:
+        during = (stall["b_while_open"]["latency_ms"] or {}).get("p99")
+        b, a = stall["b_exactly_once_in_order"], stall["a_exactly_once_in_order"]
+        ok = during is not None and during < 100 and b["complete"] == b["subscribers"] == stall["streams"]
+        verdicts.append(f"channel B while channel A's transaction is open {stall['open_s']} s: p99 {during} ms (< 100), "
+                        f"every B stream complete {b['complete']}/{stall['streams']} -> {'MET' if ok else 'MISSED'}")
+        ok = (stall["a_first_after_commit_ms"] >= 0 and a["complete"] == a["subscribers"] == stall["a_streams"]
+              and stall["a_stored"])
+        verdicts.append(f"channel A's messages after its commit, once, in order, stored: {a['complete']}/{a['subscribers']}"
+                        f" streams, first {stall['a_first_after_commit_ms']} ms after the commit -> {'YES' if ok else 'NO'}")
     memory = report.get("memory")
     if memory:
         per = memory["kib_per_stream"]

@@ -16,10 +16,16 @@ Phases, each against a fresh database and ONE gunicorn gevent worker (server.py)
                 open and idle, per stream.
 5. storm        `--storm-streams` reconnect at once with one cursor, on 1 then 2 workers (storm.py).
 6. scale        20,000 streams on 2 workers, each receiving 1 message/s (scale.py).
+7. stall        PostgreSQL: `--stall-streams` on channel B at `--rate` while another process
+                holds a transaction that published on channel A open for `--stall-hold-s`:
+                B's latency meanwhile, A's messages after the commit (stall.py).
 Before them, on PostgreSQL: publish   realtime.publish() against raw INSERT+COMMIT,
                 4 processes, and publish_many() in batches of 1,000 (publish.py).
 After them: peers  the same load client against this project, flask-sse (Redis) and
                 sse-starlette (in memory), one worker each (peers.py).
+
+`--phases` runs some of them only, e.g. to compare two checkouts side by side:
+    .venv/bin/python bench/run.py --phases publish,fanout,stall --app-dir <checkout>
 
 Subscribers live in `--client-procs` epoll processes (load.py). For every phase the
 CPU time of the server worker, of each client process and of this process (the
@@ -49,6 +55,7 @@ from report import table, targets
 from peers import peers_table, run_peers
 from publish import run_publish
 from scale import run_scale_phase
+from stall import run_stall_phase
 from storm import run_storm_phase
 from server import (
     ROOT,
@@ -65,9 +72,13 @@ RESULTS = HERE / "results"
 
 # Sizes of the full run (the issue's) and of --quick; any of them can be given as an option.
 FULL = {"subscribers": 1000, "idle_streams": 5000, "seconds": 30.0, "burst_seconds": 10.0, "drain_timeout": 60.0,
-        "storm_streams": 2000, "publish_seconds": 10.0, "scale_streams": 20000, "scale_seconds": 30.0}
+        "storm_streams": 2000, "publish_seconds": 10.0, "scale_streams": 20000, "scale_seconds": 30.0,
+        "stall_streams": 200, "stall_hold_s": 5.0}
 QUICK = {"subscribers": 100, "idle_streams": 500, "seconds": 3.0, "burst_seconds": 2.0, "drain_timeout": 20.0,
-         "storm_streams": 200, "publish_seconds": 2.0, "scale_streams": 1000, "scale_seconds": 5.0}
+         "storm_streams": 200, "publish_seconds": 2.0, "scale_streams": 1000, "scale_seconds": 5.0,
+         "stall_streams": 50, "stall_hold_s": 2.0}
+# Every phase, in the order they run; `--phases` picks some.
+PHASES = ("publish", "reads1", "fanout", "burst", "memory", "storm", "scale", "stall", "peers")
 
 
 # -- the phases -----------------------------------------------------------------------
@@ -125,7 +136,7 @@ def run_publishing_phases(args, database: Database, log_path: Path, clients: Cli
     results = []
     try:
         # 1. reads per message with one subscriber
-        if args.reads_one:
+        if "reads1" in args.phases:
             token = server.token("bench.reads1", [TOPIC])
             opened = clients.open(server, token, 1, timeout=30)
             assert opened["ready"] == 1, opened
@@ -139,6 +150,9 @@ def run_publishing_phases(args, database: Database, log_path: Path, clients: Cli
                      what="the 1-subscriber stream to be closed")
 
         # 2. latency and exactly-once at `--subscribers`, then 3. the burst on the same streams
+        burst = "burst" in args.phases and args.burst_seconds > 0
+        if "fanout" not in args.phases and not burst:
+            return results
         token = server.token("bench.fanout", [TOPIC])
         started = time.monotonic()
         opened = clients.open(server, token, args.subscribers, timeout=120)
@@ -152,12 +166,13 @@ def run_publishing_phases(args, database: Database, log_path: Path, clients: Cli
         warmup_id = publisher.publish()[0]
         publisher.close()
         clients.broadcast({"cmd": "wait", "last_id": warmup_id, "timeout": args.drain_timeout}, args.drain_timeout + 15)
-        results.append(publishing_phase(
-            "fanout", server, clients, args.subscribers,
-            lambda: publish_paced(server, "bench.fanout", args.rate, args.seconds), args.drain_timeout,
-            profile=args.profile,
-        ))
-        if args.burst_seconds > 0:
+        if "fanout" in args.phases:
+            results.append(publishing_phase(
+                "fanout", server, clients, args.subscribers,
+                lambda: publish_paced(server, "bench.fanout", args.rate, args.seconds), args.drain_timeout,
+                profile=args.profile,
+            ))
+        if burst:
             print("  burst ...", flush=True)
             results.append(publishing_phase(
                 "burst", server, clients, args.subscribers,
@@ -209,6 +224,16 @@ def run_memory_phase(args, database: Database, log_path: Path, clients: ClientPo
         server.stop()
 
 
+def phases(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """`--phases`, less those a `--no-...` flag skips."""
+    chosen = [name.strip() for name in args.phases.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phase(s) {', '.join(unknown)}; choose from {','.join(PHASES)}")
+    skipped = {"reads1": not args.reads_one, "peers": not args.peers}
+    return [name for name in chosen if not skipped.get(name)]
+
+
 def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
@@ -242,18 +267,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-seconds", type=float)
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="skip the comparison with flask-sse and sse-starlette (peers.py)")
+    parser.add_argument("--stall-streams", type=int, help="streams on channel B in the stall phase; 0 skips it")
+    parser.add_argument("--stall-hold-s", type=float, help="how long channel A's transaction stays open")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"the phases to run, comma-separated, from {','.join(PHASES)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = parser.parse_args(argv)
+    args.phases = phases(parser, args)
+    if "publish" in args.phases and args.app_dir.resolve() != ROOT:
+        # Its processes import the app of the tree bench/publish.py sits in, whatever --app-dir says.
+        print(f"WARNING: the publish phase measures {ROOT}, not --app-dir", flush=True)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:  # what is given on the command line wins
             setattr(args, key, value)
 
+    # The bench's streams ask POST /api/realtime/token for any channel: the demo's allow-all
+    # policy, which gunicorn gets only when asked for (issue 17, item 10). Older checkouts ignore it.
+    os.environ.setdefault("FLASK_DEMO_ENABLED", "true")
     # Each stream is a socket in the client and one in the server, plus slack.
-    args.open_files = max(args.subscribers, args.idle_streams, args.storm_streams, args.scale_streams) + 1024
+    args.open_files = max(args.subscribers, args.idle_streams, args.storm_streams, args.scale_streams,
+                          args.stall_streams) + 1024
     raise_open_files_limit(args.open_files)
 
     budget = 2 * args.seconds + args.burst_seconds + 5 * args.drain_timeout + 5 * args.publish_seconds \
-        + args.scale_seconds + 900
+        + args.scale_seconds + 2 * args.stall_hold_s + 900
     def out_of_time(*_: object) -> None:
         raise BenchTimeout(f"the bench exceeded its {budget:.0f} s budget; everything it started is being stopped")
 
@@ -277,24 +314,29 @@ def main(argv: list[str] | None = None) -> int:
     clients = ClientPool(args.client_procs)
     try:
         print(f"bench on {args.database} (load average {report['loadavg_start']})", flush=True)
-        if args.database == "postgresql" and args.publish_seconds > 0:
+        if "publish" in args.phases and args.database == "postgresql" and args.publish_seconds > 0:
             report["publish"] = run_publish(args.publish_processes, args.publish_seconds, args.batch)
-        report["phases"] = run_publishing_phases(args, database, log_path, clients)
-        if args.idle_streams > 0:
+        if {"reads1", "fanout", "burst"} & set(args.phases):
+            report["phases"] = run_publishing_phases(args, database, log_path, clients)
+        if "memory" in args.phases and args.idle_streams > 0:
             print("  idle memory ...", flush=True)
             report["memory"] = run_memory_phase(args, database, log_path, clients)
-        if args.storm_streams > 0:
+        if "storm" in args.phases and args.storm_streams > 0:
             print("  reconnect storm ...", flush=True)
             report["storm"] = run_storm_phase(args, database, log_path, clients)
             report["storm_2_workers"] = run_storm_phase(args, database, log_path, clients, workers=2)
-        if args.scale_streams > 0:
+        if "scale" in args.phases and args.scale_streams > 0:
             print(f"  {args.scale_streams} streams on {args.scale_workers} workers ...", flush=True)
             report["scale"] = run_scale_phase(args, database, log_path, clients)
+        if "stall" in args.phases and args.database == "postgresql" and args.stall_streams > 0:
+            print(f"  {args.stall_streams} streams on B while A's transaction is open {args.stall_hold_s:g} s ...",
+                  flush=True)
+            report["stall"] = run_stall_phase(args, database, log_path, clients)
     finally:
         signal.alarm(0)
         clients.stop()
         database.drop()
-    if args.peers:
+    if "peers" in args.phases:
         # After the alarm: its own budget, since flask-sse needs minutes to drain a backlog.
         print("  against the peers (peers.py) ...", flush=True)
         report["peers"] = run_peers(argparse.Namespace(quick=args.quick))
