@@ -101,8 +101,10 @@ class Database:
     #: How often a refusal that goes on is logged again, per process.
     refusal_log_interval_s = 60.0
 
-    def __init__(self, url: str, *, call_timeout_s: float = 8.0, prepared_statements: bool = True) -> None:
-        self.engine = make_engine(url, prepared_statements=prepared_statements)
+    def __init__(
+        self, url: str, *, call_timeout_s: float = 8.0, statement_timeout_s: float = 5.0, prepared_statements: bool = True
+    ) -> None:
+        self.engine = make_engine(url, statement_timeout_s=statement_timeout_s, prepared_statements=prepared_statements)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self.call_timeout_s = call_timeout_s
         self._schemas: list[Callable[[Engine], None]] = []

@@ -16,11 +16,13 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any, Callable, Iterator, Sequence
 
+import psycopg
 from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session
 
 from common.database import Database, database_call, utcnow
+from common.postgres import per_transaction
 
 from . import metrics
 from .changes import ChangeFeed, Notifier, PollingChangeFeed, PostgresChangeFeed
@@ -151,7 +153,9 @@ class MessageStore:
         keys = sorted({as_int4(intent_key(m.channel)) for m in items})
         columns = ([m.channel for m in items], [m.topic for m in items], [m.data_json for m in items],
                    [m.run_id for m in items])
-        with self._driver() as driver, driver.transaction():
+        with self._driver() as (driver, set_timeout), driver.transaction():
+            if set_timeout:
+                driver.execute(set_timeout, prepare=False)
             driver.execute(_INTENTS_SQL, (keys,))
             ids = [row[0] for row in driver.execute(_INSERT_MANY_SQL, (created_at, *columns))]
         return sorted(ids)
@@ -160,21 +164,29 @@ class MessageStore:
         """PostgreSQL, the hot path: one statement that is its own transaction, one round trip,
         on the pool's connection without SQLAlchemy's per-statement layers (bench/publish.py)."""
         created_at = self._now()
-        with self._driver() as driver:
+        values = (INTENT, as_int4(intent_key(channel)), channel, topic, data_json, run_id, created_at)
+        with self._driver() as (driver, set_timeout):
             driver.autocommit = True
-            message_id = driver.execute(
-                _INSERT_SQL, (INTENT, as_int4(intent_key(channel)), channel, topic, data_json, run_id, created_at)
-            ).fetchone()[0]
+            if set_timeout:
+                # Behind a pooler that dropped the session's statement timeout: one simple query
+                # (values bound client-side), one implicit transaction, so SET LOCAL covers the INSERT.
+                cursor = psycopg.ClientCursor(driver)
+                cursor.execute(f"{set_timeout}; {_INSERT_SQL}", values)
+                cursor.nextset()
+                message_id = cursor.fetchone()[0]
+            else:
+                message_id = driver.execute(_INSERT_SQL, values).fetchone()[0]
             driver.autocommit = False
         return Message(message_id, channel, topic, data_json, run_id, created_at)
 
     @contextmanager
-    def _driver(self) -> Iterator[Any]:
-        """The psycopg connection of a pooled one, for the two hot paths above; back to the
-        pool after, or discarded after an error: it may be mid-query (a timeout, a lost server)."""
+    def _driver(self) -> Iterator[tuple[Any, str | None]]:
+        """The psycopg connection of a pooled one, for the two hot paths above, and the statement
+        timeout its transactions must set themselves (None: the session has it; common/postgres.py);
+        back to the pool after, or discarded after an error: it may be mid-query."""
         raw = self.engine.raw_connection()
         try:
-            yield raw.driver_connection
+            yield raw.driver_connection, per_transaction(raw)
         except BaseException:
             raw.invalidate()
             raise

@@ -165,6 +165,31 @@ def test_a_statement_stuck_behind_a_lock_is_cancelled_by_the_server(timeout_setu
         engine.dispose()
 
 
+def test_a_publish_stuck_behind_a_lock_is_cancelled_by_the_server(timeout_setup, postgres_url):
+    """The same for the publish paths that skip SQLAlchemy's transactions (realtime/store.py):
+    one message (one statement, autocommit) and a batch."""
+    from common.database import Database, DatabaseUnavailable
+    from realtime.store import MessageStore, NewMessage
+
+    url, _ = timeout_setup
+    db = Database(url, statement_timeout_s=0.5, prepared_statements=False)
+    store = MessageStore(db)
+    try:
+        db.ensure_schema()
+        with closing(psycopg.connect(libpq(postgres_url))) as holder:
+            holder.execute("SET idle_in_transaction_session_timeout = '30s'")
+            holder.execute("LOCK TABLE realtime_messages IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(DatabaseUnavailable) as one:
+                store.append("c", "t", "1")
+            assert isinstance(one.value.__cause__, psycopg.errors.QueryCanceled), one.value.__cause__
+            with pytest.raises(DatabaseUnavailable) as many:
+                store.append_many([NewMessage("c", "t", "2"), NewMessage("c", "t", "3")])
+            assert isinstance(many.value.__cause__, psycopg.errors.QueryCanceled), many.value.__cause__
+        assert list(store.read_after("c", None, 0, 10)) == [], "nothing committed after its caller gave up"
+    finally:
+        db.dispose()
+
+
 # -- the app behind a stock PgBouncer -----------------------------------------------------------
 
 
