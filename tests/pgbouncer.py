@@ -10,8 +10,8 @@ trusts user "postgres" and pools 5 server connections per database and user.
 Startup parameters it does not track, it refuses ("unsupported startup
 parameter"), as PgBouncer does by default, except those named in
 `ignore_startup_parameters`: the `pgbouncer` fixture ignores
-`extra_float_digits` and `options`, as deploy/pgbouncer.ini does;
-`stock_pgbouncer` ignores none. Its config and log live in a temporary
+`extra_float_digits` and `options`; `stock_pgbouncer` ignores none, as
+deploy/pgbouncer.ini. Its config and log live in a temporary
 directory under /tmp, removed by `stop()`. As root (CI) it runs as user
 postgres, since pgbouncer refuses to run as root.
 """
