@@ -73,9 +73,11 @@ def raw_worker(url: str, seconds: float, start: "Start", out: "multiprocessing.Q
     out.put(count)
 
 
-def app_worker(url: str, seconds: float, start: "Start", out: "multiprocessing.Queue[int]", n: int, batch: int) -> None:
+def app_worker(url: str, seconds: float, start: "Start", out: "multiprocessing.Queue[int]", n: int, batch: int,
+               app_dir: str) -> None:
     os.environ["DATABASE_URL"] = url
     os.environ.setdefault("SECRET_KEY", "bench")
+    sys.path.insert(0, app_dir)  # the checkout measured (--app-dir), ahead of this one
     from app import create_app
 
     app = create_app({"JOBS_EMBEDDED": False})
@@ -140,7 +142,7 @@ def phase(name: str, target, url: str, processes: int, seconds: float, *extra: o
             "machine_busy_pct": round(100 * busy, 1), "cpu_us_per_message": round(cpu_us)}
 
 
-def run_publish(processes: int, seconds: float, batch: int, rounds: int = 2) -> dict:
+def run_publish(processes: int, seconds: float, batch: int, rounds: int = 2, app_dir: Path = ROOT) -> dict:
     """Raw INSERT+COMMIT and realtime.publish() in alternating rounds (the machine's noise
     falls on both alike), then publish_many() in batches of `batch`."""
     report: dict = {"processes": processes, "seconds": seconds, "batch_size": batch, "rounds": []}
@@ -157,7 +159,7 @@ def run_publish(processes: int, seconds: float, batch: int, rounds: int = 2) -> 
             database.drop()
         database = Database("postgresql")
         try:
-            publish = phase("realtime.publish()", app_worker, database.url, processes, seconds, 0)
+            publish = phase("realtime.publish()", app_worker, database.url, processes, seconds, 0, str(app_dir))
         finally:
             database.drop()
         report["rounds"].append({"raw": raw, "publish": publish,
@@ -174,7 +176,8 @@ def run_publish(processes: int, seconds: float, batch: int, rounds: int = 2) -> 
         database.drop()
     database = Database("postgresql")
     try:
-        report["batch"] = phase(f"publish_many() x {batch}", app_worker, database.url, processes, seconds, batch)
+        report["batch"] = phase(f"publish_many() x {batch}", app_worker, database.url, processes, seconds, batch,
+                                str(app_dir))
     finally:
         database.drop()
     report["ratio_batch_to_raw_batch"] = round(report["batch"]["per_s"] / max(1, report["raw_batch"]["per_s"]), 3)
@@ -192,8 +195,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--app-dir", type=Path, default=ROOT, help="the checkout whose publish() is measured")
     args = parser.parse_args()
-    report = run_publish(args.processes, args.seconds, args.batch, args.rounds)
+    report = run_publish(args.processes, args.seconds, args.batch, args.rounds, args.app_dir.resolve())
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "publish.json").write_text(json.dumps(report, indent=2) + "\n")

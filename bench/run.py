@@ -274,16 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = parser.parse_args(argv)
     args.phases = phases(parser, args)
-    if "publish" in args.phases and args.app_dir.resolve() != ROOT:
-        # Its processes import the app of the tree bench/publish.py sits in, whatever --app-dir says.
-        print(f"WARNING: the publish phase measures {ROOT}, not --app-dir", flush=True)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:  # what is given on the command line wins
             setattr(args, key, value)
 
-    # The bench's streams ask POST /api/realtime/token for any channel: the demo's allow-all
-    # policy, which gunicorn gets only when asked for (issue 17, item 10). Older checkouts ignore it.
-    os.environ.setdefault("FLASK_DEMO_ENABLED", "true")
     # Each stream is a socket in the client and one in the server, plus slack.
     args.open_files = max(args.subscribers, args.idle_streams, args.storm_streams, args.scale_streams,
                           args.stall_streams) + 1024
@@ -315,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"bench on {args.database} (load average {report['loadavg_start']})", flush=True)
         if "publish" in args.phases and args.database == "postgresql" and args.publish_seconds > 0:
-            report["publish"] = run_publish(args.publish_processes, args.publish_seconds, args.batch)
+            report["publish"] = run_publish(args.publish_processes, args.publish_seconds, args.batch,
+                                            app_dir=args.app_dir)
         if {"reads1", "fanout", "burst"} & set(args.phases):
             report["phases"] = run_publishing_phases(args, database, log_path, clients)
         if "memory" in args.phases and args.idle_streams > 0:

@@ -229,6 +229,9 @@ class BenchServer(ServerProcess):
             "FLASK_REALTIME_POLL_S": "0.25",  # SQLite only
             # Only so a token survives the seconds it takes to open 5,000 streams.
             "FLASK_REALTIME_TOKEN_TTL_S": "600",
+            # The bench's streams ask POST /api/realtime/token for any channel: the demo's
+            # allow-all policy, which gunicorn has only when asked for. Older checkouts ignore it.
+            "FLASK_DEMO_ENABLED": "true",
         })
         self.env.update(env or {})
         self.env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
