@@ -4,7 +4,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy.orm import Session
@@ -65,26 +65,6 @@ def test_schema_creation_is_idempotent_and_keeps_the_epoch(store, database_url):
         assert len(epoch) == 8
     finally:
         db.dispose()
-
-
-def test_prune_deletes_old_messages_and_remembers_where_per_channel(store, clock):
-    old_a = store.append("a", "t", "1")
-    old_b = store.append("b", "t", "2")
-    clock.now += timedelta(hours=2)
-    kept = store.append("a", "t", "3")
-    assert store.prune(timedelta(hours=1)) == 2
-    assert [m.id for m in store.read_after("a", None, 0, 10)] == [kept.id]
-    assert store.pruned_through("a") == old_a.id
-    assert store.pruned_through("b") == old_b.id
-    assert store.pruned_through("never-pruned") == 0
-    assert store.prune(timedelta(hours=1)) == 0
-
-
-def test_ids_are_never_reused_after_pruning_everything(store, clock):
-    last = store.append("a", "t", "1")
-    clock.now += timedelta(days=2)
-    store.prune(timedelta(days=1))
-    assert store.append("a", "t", "2").id > last.id
 
 
 @pytest.mark.parametrize("commit", [True, False])
