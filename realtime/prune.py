@@ -79,6 +79,12 @@ class PruneRound:
     busy: bool = False  # it ended because another pruner was at work
 
 
+@dataclass(frozen=True)
+class _Checkpoint:
+    through: int  # the highest id pruned...
+    at: datetime  # ...when this was read
+
+
 class Pruner:
     """Deletes a database's expired messages, a batch per transaction (the module docstring says how)."""
 
@@ -129,18 +135,20 @@ class Pruner:
                 break
         forgotten = 0
         checkpoint = self._checkpoint()
-        if checkpoint is None or now - checkpoint[1] >= max_age:
-            channel = "" if checkpoint is not None else None  # marks are paged in channel order, one pass
+        if checkpoint is not None and now - checkpoint.at < max_age:
+            return PruneRound(removed, batches)
+        if checkpoint is not None:  # (none before the first round: no mark has stood a retention yet)
+            channel: str | None = ""  # the marks, a page at a time in channel order, in one pass
             while channel is not None:
                 if must_end():
                     return PruneRound(removed, batches, forgotten)  # the pass starts over next round
-                page = self._forget_marks(channel, checkpoint[0])
+                page = self._forget_marks(channel, checkpoint.through)
                 if page is None:
                     return PruneRound(removed, batches, forgotten, busy=True)
                 count, channel = page
                 forgotten += count
-            if not self._move_checkpoint(now):
-                return PruneRound(removed, batches, forgotten, busy=True)
+        if not self._move_checkpoint(now):
+            return PruneRound(removed, batches, forgotten, busy=True)
         return PruneRound(removed, batches, forgotten)
 
     # -- messages -----------------------------------------------------------
@@ -194,14 +202,14 @@ class Pruner:
     # -- marks --------------------------------------------------------------
 
     @database_call
-    def _checkpoint(self) -> tuple[int, datetime] | None:
-        """(the highest id pruned, when it was read), or None before the first round."""
+    def _checkpoint(self) -> _Checkpoint | None:
+        """The checkpoint, or None before the first round."""
         with self.engine.connect() as conn:
             value = conn.execute(select(meta.c.value).where(meta.c.key == _CHECKPOINT)).scalar()
         if value is None:
             return None
         through, at = value.split(" ")
-        return int(through), datetime.fromisoformat(at)
+        return _Checkpoint(int(through), datetime.fromisoformat(at))
 
     @database_call
     def _forget_marks(self, after: str, through: int) -> tuple[int, str | None] | None:
