@@ -33,8 +33,8 @@ which of its messages are gone: a cursor below the mark lost history
   clients that still hold a cursor of it, so that one below the mark hears
   `history_truncated` instead of resuming silently. Its mark is forgotten once
   it has stood a whole retention: by then a cursor below it is more than twice
-  the retention old (its message expired a retention before the mark was
-  set, at least). Such a cursor, on a channel that stayed silent all that
+  the retention old (its message was published a retention at least before
+  the mark was set). Such a cursor, on a channel that stayed silent all that
   time, resumes without a reset: `resolve_cursor`'s epoch and `last_id` checks
   do not catch it (it is a real id of this database, below the newest). That
   is the price of a bounded table, as Kafka's `delete.retention.ms` bounds how
