@@ -271,8 +271,8 @@ def start_server(tmp_path) -> Iterator[Callable[..., LiveServer]]:
 
 @pytest.fixture
 def live_server(start_server, database_url) -> LiveServer:
-    """A 2-worker gevent gunicorn on SQLite, then on PostgreSQL."""
-    return start_server(database_url)
+    """A 2-worker gevent gunicorn on SQLite, then on PostgreSQL, with the demo's token policy."""
+    return start_server(database_url, DEMO_ENABLED=True)
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
