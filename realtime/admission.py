@@ -12,37 +12,63 @@ reason.
 the stream path into it at once per process. The others wait before Flask
 has done anything for them, parked on a semaphore in arrival order, costing
 nothing until their turn. A stream leaves the gate as soon as the app has
-returned its response; the frames are then written by the server as usual.
-Every other path passes straight through.
+returned its response; the frames are then written by the server as usual,
+and its replay reads take turns of their own (replay.py). Every other path
+passes straight through.
 
-The gate orders a storm; it never refuses a stream, nor holds one for long:
-after `max_wait_s` a request goes in without a turn. Otherwise setups stuck
-on a stalled database (each up to its call timeout) would hold the streams
-behind them past the 10 s in which every request must be answered
-(CONTRACT §5), even those that need no database at all.
+The bound holds at every moment: a request goes into the app only with a
+turn. One that waited `max_wait_s` without getting one is refused at once,
+`503 server_busy` with `Retry-After` (the project's clients wait that long
+and try again), and counted in `realtime_stream_admission_refused_total`.
+Waiting longer would break CONTRACT §5: while the database stalls, the
+setups inside hold their turns for up to a database call's time limit (8 s,
+common/database.py), so a request let in after 2 s still answers within
+10 s, one let in later might not. Letting it in without a turn instead, as
+the gate did before issue 17, sent a storm's waiters into the app together
+after their first second: no bound at all.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any, Callable, Iterable
+
+from . import metrics
 
 WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
 
 STREAM_PATH = "/api/realtime/subscribe"
 
+RETRY_AFTER_S = 2
+BUSY_BODY = json.dumps({"error": {
+    "code": "server_busy",
+    "message": f"too many streams are opening on this server at once; try again in {RETRY_AFTER_S} s",
+}}).encode()
+
 
 class StreamAdmission:
-    def __init__(self, app: WSGIApp, limit: int, *, max_wait_s: float = 1.0, path: str = STREAM_PATH) -> None:
+    #: The turns: gevent's semaphore under its monkey-patching. A test may bring one whose
+    #: timed waits run out when it says so, not when a clock does.
+    semaphore_class: Callable[[int], Any] = threading.BoundedSemaphore
+
+    def __init__(self, app: WSGIApp, limit: int, *, max_wait_s: float = 2.0, path: str = STREAM_PATH) -> None:
         self.app = app
         self.path = path
         self.max_wait_s = max_wait_s
-        self._slots = threading.BoundedSemaphore(limit)  # gevent's own under its monkey-patching
+        self._slots = self.semaphore_class(limit)
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != self.path:
             return self.app(environ, start_response)
-        admitted = self._slots.acquire(timeout=self.max_wait_s)
+        if not self._slots.acquire(timeout=self.max_wait_s):
+            metrics.STREAM_ADMISSION_REFUSED.inc()
+            start_response("503 Service Unavailable", [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(BUSY_BODY))),
+                ("Retry-After", str(RETRY_AFTER_S)),
+            ])
+            return [BUSY_BODY]
         try:
             # Under gevent, the release that woke us is still handing out
             # slots in the same turn of the loop: run the setup on our own
@@ -50,5 +76,4 @@ class StreamAdmission:
             time.sleep(0)
             return self.app(environ, start_response)
         finally:
-            if admitted:
-                self._slots.release()
+            self._slots.release()

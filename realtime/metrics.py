@@ -48,3 +48,9 @@ VISIBILITY_STALLS = Counter(
     "Transactions that held back delivery on their channels for more than a second (each is logged "
     "with its backend pid).",
 )
+STREAM_ADMISSION_REFUSED = Counter(
+    "realtime_stream_admission_refused_total",
+    "Stream requests answered 503 server_busy: they waited the longest admission allows for one of the "
+    "REALTIME_STREAM_ADMISSION turns and none came free (a storm bigger than the process takes in time, "
+    "or setups stuck on the database).",
+)

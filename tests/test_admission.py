@@ -1,12 +1,64 @@
-"""Stream admission (realtime/admission.py): at most `limit` stream requests inside the app at once."""
+"""Stream admission (realtime/admission.py): at most `limit` stream requests inside the app at once.
+
+The gates here keep their turns in `Turns`, whose timed waits run out when a test says so (and
+one gate waits 0 s): no test depends on how long anything takes.
+"""
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
+from prometheus_client import REGISTRY
 
 from conftest import wait_until
 from realtime.admission import STREAM_PATH, StreamAdmission
+
+
+class Turns:
+    """A BoundedSemaphore whose timed waits run out when the test calls `run_out()`, not by a clock."""
+
+    def __init__(self, value: int) -> None:
+        self.limit = self.free = value
+        self.waiting = 0
+        self._round = 0  # a wait that began in an earlier round has run out
+        self._changed = threading.Condition()
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        with self._changed:
+            began = self._round
+            self.waiting += 1
+            try:
+                while not self.free:
+                    if timeout is not None and self._round != began:
+                        return False
+                    self._changed.wait()
+                self.free -= 1
+                return True
+            finally:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        with self._changed:
+            assert self.free < self.limit, "a turn given back that was never taken"
+            self.free += 1
+            self._changed.notify_all()
+
+    def run_out(self) -> None:
+        """Every wait under way has now lasted the longest it may."""
+        with self._changed:
+            self._round += 1
+            self._changed.notify_all()
+
+
+def _gate(app, limit: int) -> tuple[StreamAdmission, Turns]:
+    """A gate on `app` whose turns are kept in a `Turns`, and those turns."""
+    turns = Turns(limit)
+
+    class Gate(StreamAdmission):
+        semaphore_class = staticmethod(lambda value: turns)
+
+    return Gate(app, limit), turns
 
 
 class HeldApp:
@@ -35,17 +87,33 @@ class HeldApp:
                 self.inside -= 1
 
 
-def _call(app, path: str, **environ) -> threading.Thread:
-    thread = threading.Thread(target=app, args=({"PATH_INFO": path, **environ}, None), daemon=True)
-    thread.start()
-    return thread
+class Call(threading.Thread):
+    """One request through `app` in a thread of its own: its status, headers and body once it ends."""
+
+    def __init__(self, app, path: str, **environ) -> None:
+        super().__init__(daemon=True)
+        self.app, self.environ = app, {"PATH_INFO": path, **environ}
+        self.status: str | None = None
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self.start()
+
+    def run(self) -> None:
+        self.body = b"".join(self.app(self.environ, self.start_response))
+
+    def start_response(self, status: str, headers: list[tuple[str, str]]) -> None:
+        self.status, self.headers = status, dict(headers)
+
+
+def _refused() -> float:
+    return REGISTRY.get_sample_value("realtime_stream_admission_refused_total") or 0.0
 
 
 def test_at_most_limit_streams_are_inside_the_app_and_the_rest_wait_their_turn():
     held = HeldApp()
-    gate = StreamAdmission(held, limit=2)
-    streams = [_call(gate, STREAM_PATH) for _ in range(6)]
-    wait_until(lambda: held.inside == 2, what="two streams inside")
+    gate, turns = _gate(held, limit=2)
+    streams = [Call(gate, STREAM_PATH) for _ in range(6)]
+    wait_until(lambda: held.inside == 2 and turns.waiting == 4, what="two streams inside, four waiting")
     assert held.served == [], "the others wait, before the app saw them"
     held.release.set()
     for thread in streams:
@@ -54,25 +122,52 @@ def test_at_most_limit_streams_are_inside_the_app_and_the_rest_wait_their_turn()
     assert held.most_inside == 2
 
 
-def test_a_stream_that_waited_its_longest_goes_in_without_a_turn():
-    """A setup stuck on a stalled database must not hold the streams behind it (CONTRACT §5)."""
+def test_streams_that_waited_their_longest_are_refused_and_the_bound_still_holds():
+    """No herd after the longest wait (issue 17): each waiter gets a turn or a 503, never a way in
+    without one, so a setup stuck on a stalled database still leaves its waiters an answer in time
+    (CONTRACT §5)."""
     held = HeldApp()
-    gate = StreamAdmission(held, limit=1, max_wait_s=0.05)
-    stuck = _call(gate, STREAM_PATH)
-    wait_until(lambda: held.inside == 1, what="the first stream inside")
-    # Goes in beside the stuck one, and gives back no turn it never had (a BoundedSemaphore
-    # released once too often raises).
-    assert gate({"PATH_INFO": STREAM_PATH, "quick": True}, None) == [b"ok"]
+    gate, turns = _gate(held, limit=2)
+    refused_before = _refused()
+    inside = [Call(gate, STREAM_PATH) for _ in range(2)]
+    wait_until(lambda: held.inside == 2, what="two streams inside")
+    waiters = [Call(gate, STREAM_PATH) for _ in range(6)]
+    wait_until(lambda: turns.waiting == 6, what="six streams waiting")
+    turns.run_out()
+    for call in waiters:
+        call.join(30)
+        assert call.status == "503 Service Unavailable"
+        assert call.headers["Retry-After"].isdigit() and call.headers["Content-Type"] == "application/json"
+        assert json.loads(call.body)["error"]["code"] == "server_busy"
+    assert _refused() - refused_before == 6, "each refusal is counted in /metrics"
+    later = [Call(gate, STREAM_PATH) for _ in range(3)]  # a wait that begins now has its own longest
+    wait_until(lambda: turns.waiting == 3, what="three later streams waiting")
+    held.release.set()
+    for call in inside + later:
+        call.join(30)
+        assert call.status is None and call.body == b"ok"  # HeldApp answers without start_response
     assert held.most_inside == 2
+    assert held.served == [STREAM_PATH] * 5
+
+
+def test_a_stream_finding_no_turn_within_its_wait_is_answered_503():
+    """The same with the process's own semaphore: no turn within 0 s while one stream is inside."""
+    held = HeldApp()
+    gate = StreamAdmission(held, limit=1, max_wait_s=0)
+    stuck = Call(gate, STREAM_PATH)
+    wait_until(lambda: held.inside == 1, what="the first stream inside")
+    refused = Call(gate, STREAM_PATH, quick=True)
+    refused.join(30)
+    assert refused.status.startswith("503") and held.most_inside == 1
     held.release.set()
     stuck.join(30)
-    assert held.served == [STREAM_PATH] * 2
+    assert held.served == [STREAM_PATH]
 
 
 def test_other_requests_pass_while_the_gate_is_full():
     held = HeldApp()
-    gate = StreamAdmission(held, limit=1)
-    stream = _call(gate, STREAM_PATH)
+    gate, _ = _gate(held, limit=1)
+    stream = Call(gate, STREAM_PATH)
     wait_until(lambda: held.inside == 1, what="the stream inside")
     assert gate({"PATH_INFO": "/api/realtime/publish"}, None) == [b"ok"]
     held.release.set()
@@ -82,7 +177,7 @@ def test_other_requests_pass_while_the_gate_is_full():
 def test_a_stream_request_that_fails_gives_its_turn_back():
     held = HeldApp()
     held.release.set()
-    gate = StreamAdmission(held, limit=1)
+    gate, _ = _gate(held, limit=1)
     with pytest.raises(RuntimeError):
         gate({"PATH_INFO": STREAM_PATH, "fail": True}, None)
     assert gate({"PATH_INFO": STREAM_PATH}, None) == [b"ok"], "the one slot is free again"
