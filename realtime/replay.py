@@ -7,6 +7,12 @@ reads wait for its page, and those asking within `ttl_s` after get it from
 memory. Reads run a few at a time (`concurrency`), so a storm of replays
 leaves the connection pool to publishes and the dispatcher.
 
+Those turns are the bound on a storm's replays (stream admission only covers
+the request's setup, admission.py), so waiting for one must not silence a
+stream: a stream waits for a turn, or for the read it shares, at most
+`wait_s`, then gets `ReplayBusy`, sends a keep-alive and asks again
+(stream.py; CONTRACT §4, a keep-alive at least every heartbeat).
+
 A page is read up to the dispatcher's current position, which is at or past
 the history end of every stream already subscribed: each stream keeps the
 messages up to its own `history_through`, and gets the rest live. A stream
@@ -19,12 +25,20 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import sse
+from .errors import RealtimeError
 from .store import MessageStore, Page
 
 Key = tuple[str, "tuple[str, ...] | None", int]
+
+
+class ReplayBusy(RealtimeError):
+    """No page within the stream's wait: every read turn stayed taken, or the read it shares still runs.
+
+    Raised only inside a stream, after its headers: the stream catches it (stream.py).
+    """
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,10 @@ class _Read:
 
 
 class ReplayReads:
+    #: The turns to read: gevent's semaphore under its monkey-patching. A test may bring one
+    #: whose timed waits run out on its own clock.
+    semaphore_class: Callable[[int], Any] = threading.BoundedSemaphore
+
     def __init__(
         self,
         store: MessageStore,
@@ -73,10 +91,16 @@ class ReplayReads:
         self._clock = clock
         self._lock = threading.Lock()
         self._reads: dict[Key, _Read] = {}
-        self._slots = threading.BoundedSemaphore(concurrency)
+        self._slots = self.semaphore_class(concurrency)
 
-    def page(self, channel: str, topics: Sequence[str] | None, after_id: int, through: int) -> ReplayPage:
-        """The messages after `after_id` and up to `through`, as `MessageStore.read_after` reads them."""
+    def page(
+        self, channel: str, topics: Sequence[str] | None, after_id: int, through: int, *, wait_s: float | None = None
+    ) -> ReplayPage:
+        """The messages after `after_id` and up to `through`, as `MessageStore.read_after` reads them.
+
+        Raises ReplayBusy when no turn to read, nor the shared read's page, came within `wait_s`
+        (None: no limit); the read itself is bounded by the database's time limit.
+        """
         key = (channel, tuple(topics) if topics is not None else None, after_id)
         while True:
             with self._lock:
@@ -87,9 +111,9 @@ class ReplayReads:
                 if stale:
                     read = self._reads[key] = _Read(threading.Event())
             if stale:
-                self._read(key, read, through)
-            else:
-                read.done.wait()
+                self._read(key, read, through, wait_s)
+            elif not read.done.wait(wait_s):
+                raise ReplayBusy(f"the shared replay read did not finish within {wait_s:g} s")
             if read.error is not None:
                 raise read.error
             if self._covers(read, channel, through):
@@ -99,16 +123,21 @@ class ReplayReads:
     def _covers(self, read: _Read, channel: str, through: int) -> bool:
         return read.through >= through or self._quiet_after(channel, read.through)
 
-    def _read(self, key: Key, read: _Read, through: int) -> None:
+    def _read(self, key: Key, read: _Read, through: int, wait_s: float | None) -> None:
         channel, topics, after_id = key
         try:
-            with self._slots:
+            if not self._slots.acquire(timeout=wait_s):
+                # Its sharers get this too: each sends a keep-alive, and one of them reads next.
+                raise ReplayBusy(f"no replay read turn came free within {wait_s:g} s")
+            try:
                 read.through = max(through, self._horizon())
                 page = self.store.read_after(channel, topics, after_id, self.page_size, self.page_bytes, read.through)
                 epoch = self.store.epoch
                 read.page = ReplayPage(
                     page, tuple(sse.message_frame(f"{epoch}-{m.id}", m.topic, m.envelope_json()) for m in page)
                 )
+            finally:
+                self._slots.release()
         except BaseException as exc:
             read.error = exc
             raise

@@ -32,6 +32,7 @@ from common.database import DatabaseUnavailable
 from . import metrics, sse
 from .cursor import Cursor
 from .dispatch import Clock, Dispatcher, Subscription
+from .replay import ReplayBusy
 from .store import MessageStore
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,19 @@ def event_stream(
                         # flight: its messages below history_through may still commit.
                         store.settled_through(channel)
                         subscription.history_settled = True
-                    shared = dispatcher.replays.page(channel, topics, last_id, subscription.history_through)
-            except DatabaseUnavailable:
+                    shared = dispatcher.replays.page(
+                        channel, topics, last_id, subscription.history_through,
+                        # A turn to read (replay.py) is waited for until a keep-alive is due.
+                        wait_s=max(0.0, quiet_since + dispatcher.heartbeat_s - dispatcher.tick_s - clock()),
+                    )
+            except (DatabaseUnavailable, ReplayBusy) as away:
                 if clock() - quiet_since >= dispatcher.heartbeat_s - dispatcher.tick_s:
                     replayed.append(sse.KEEP_ALIVE)
-                yield from _write(subscription, clock, replayed)
-                replayed, quiet_since = [], clock()
-                threading.Event().wait(dispatcher.tick_s)  # the database is away: do not spin
+                if replayed:  # quiet since the last write, however often it asked in between
+                    yield from _write(subscription, clock, replayed)
+                    replayed, quiet_since = [], clock()
+                if isinstance(away, DatabaseUnavailable):
+                    threading.Event().wait(dispatcher.tick_s)  # the database is away: do not spin
                 continue
             page = shared.page
             if check_prune and page.pruned_through > last_id:

@@ -1,12 +1,21 @@
 """Replay pages shared by streams that ask for the same one together (a reconnect storm)."""
 from __future__ import annotations
 
+import json
 import threading
 
 from datetime import datetime, timezone
 
-from realtime.replay import ReplayPage, ReplayReads
-from realtime.store import Message, Page
+import pytest
+
+from common.database import Database
+from conftest import wait_until
+from realtime import sse
+from realtime.dispatch import Dispatcher
+from realtime.replay import ReplayBusy, ReplayPage, ReplayReads
+from realtime.store import Message, MessageStore, Page
+from realtime.stream import open_stream
+from test_dispatch import Feed
 
 CREATED = datetime(2026, 11, 28, tzinfo=timezone.utc)
 
@@ -116,3 +125,74 @@ def test_a_page_stops_at_its_limit_and_the_stream_pages_on():
     last = replays.page("c", None, 8, 10)
     assert [m.id for m in last.page] == [9, 10] and not last.page.more
     assert len(first.frames) == 4, "one frame per message of the page"
+
+
+def test_a_stream_waits_for_a_turn_to_read_at_most_its_wait():
+    """Reads take turns; a stream that gets none within `wait_s`, or whose shared read is still
+    running then, hears ReplayBusy (and sends a keep-alive, stream.py) instead of waiting on."""
+    store = Store()
+    replays = ReplayReads(store, lambda: 10, page_size=500, page_bytes=1 << 20, clock=Clock(), concurrency=1)
+    store.release.clear()  # the one turn is taken by a read that waits
+    first = threading.Thread(target=replays.page, args=("c", None, 0, 10), daemon=True)
+    first.start()
+    try:
+        wait_until(lambda: store.reads == [(0, 10)], what="the first read under way")
+        with pytest.raises(ReplayBusy):
+            replays.page("c", None, 5, 10, wait_s=0)  # another page: no turn
+        with pytest.raises(ReplayBusy):
+            replays.page("c", None, 0, 10, wait_s=0)  # the same page: its read still runs
+    finally:
+        store.release.set()
+    first.join(30)
+    assert [m.id for m in replays.page("c", None, 5, 10, wait_s=0).page] == [6, 7, 8, 9, 10]
+    assert store.reads == [(0, 10), (5, 10)], "no read for the stream that found no turn"
+
+
+def _message_ids(write: bytes) -> list[int]:
+    return [json.loads(line[len(b"data: "):])["id"] for line in write.split(b"\n") if line.startswith(b"data: ")]
+
+
+class TurnsTakenUntilFreed:
+    """Turns to read that other streams' reads hold until `freed`: a timed wait for one lasts its
+    whole time on the test's clock and ends without a turn. Nothing waits for real."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.freed = False
+        self.waits: list[float] = []
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        if self.freed:
+            return True
+        assert timeout is not None, "a stream waiting for a turn without a limit would wait in silence"
+        self.waits.append(timeout)
+        self.clock.now += timeout
+        return False
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_stream_without_a_turn_to_replay_sends_keep_alives_then_its_page(tmp_path):
+    """Its turn is waited for until a keep-alive is due: then the keep-alive, and it waits again."""
+    db = Database(f"sqlite:///{tmp_path / 'd.sqlite3'}")
+    store, clock = MessageStore(db), Clock()
+    kept = store.append("c", "t", "1")
+    dispatcher = Dispatcher(store, Feed(), heartbeat_s=4.0, clock=clock)
+    turns = TurnsTakenUntilFreed(clock)
+
+    class Replays(ReplayReads):
+        semaphore_class = staticmethod(lambda concurrency: turns)
+
+    dispatcher.replays = Replays(store, lambda: dispatcher.position, page_size=500, page_bytes=1 << 20,
+                                 clock=clock, quiet_after=dispatcher.quiet_after)
+    stream = open_stream(dispatcher, "c", None, None, retry_ms=100)
+    assert next(stream) == b"retry: 100\n\n"
+    assert next(stream) == sse.KEEP_ALIVE
+    assert next(stream) == sse.KEEP_ALIVE
+    assert turns.waits == [dispatcher.heartbeat_s - dispatcher.tick_s] * 2, "each until a keep-alive was due"
+    turns.freed = True
+    assert _message_ids(next(stream)) == [kept.id]
+    stream.close()
+    dispatcher.stop()
+    db.dispose()
