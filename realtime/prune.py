@@ -59,9 +59,7 @@ from sqlalchemy.orm import Session
 
 from common.database import Database, database_call, upsert, utcnow, write_session
 
-from .schema import NO_NEW_IDS, idempotency, messages, meta, pruned
-
-PRUNER = 0x5EA1_0005  # advisory lock namespace (beside schema.py's): a transaction of the pruner
+from .schema import NO_NEW_IDS, PRUNER, idempotency, messages, meta, pruned
 
 # Both at once, first thing in every transaction of a round (PostgreSQL).
 _TURN = text(f"SELECT pg_advisory_xact_lock_shared({NO_NEW_IDS}, 0), pg_try_advisory_xact_lock({PRUNER}, 0)")

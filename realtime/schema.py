@@ -30,6 +30,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    inspect,
     select,
     text,
 )
@@ -92,6 +93,7 @@ SEQUENCE = "realtime_messages_id_seq"
 SCHEMA_LOCK = 0x5EA1_0002  # creating the schema
 INTENT = 0x5EA1_0003  # a write intent on a channel: the second key is the channel's hash
 NO_NEW_IDS = 0x5EA1_0004  # a writer of the table that draws no ids (the pruner): hold nothing back
+PRUNER = 0x5EA1_0005  # a transaction of the pruner: one at a time across processes and instances
 
 
 class SchemaError(DatabaseUnavailable):
@@ -124,6 +126,7 @@ def create_schema(engine: Engine) -> None:
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         metadata.create_all(conn)
+        _add_index(conn, idempotency, "ix_realtime_idempotency_message_id")  # new in issue 17: older tables lack it
         conn.execute(upsert(engine, meta).values(key="epoch", value=secrets.token_hex(4)).on_conflict_do_nothing())
         if engine.dialect.name == "postgresql":
             cache = conn.execute(
@@ -135,3 +138,17 @@ def create_schema(engine: Engine) -> None:
                     "ALTER SEQUENCE %s CACHE 1", SEQUENCE, cache, SEQUENCE,
                 )
                 raise SchemaError("the database's realtime schema is misconfigured; the server log says how to fix it")
+
+
+def _add_index(conn, table: Table, name: str) -> None:  # noqa: ANN001
+    """Create an index of `table` that an existing table may lack (`create_all` adds none to one).
+
+    On PostgreSQL its one-time build on a large table may take longer than the statement
+    timeout: lifted for this transaction, only when the index is missing."""
+    index = next(i for i in table.indexes if i.name == name)
+    present = {i["name"] for i in inspect(conn).get_indexes(table.name)}
+    if name in present:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SET LOCAL statement_timeout = 0"))
+    index.create(conn)

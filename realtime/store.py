@@ -1,7 +1,7 @@
 """The message store: every published message, in one SQL table, in id order.
 
-The only part of the package that speaks SQL (with schema.py, reads.py and
-visibility.py beside it). It returns frozen `Message` and `Page` values, never
+The only part of the package that speaks SQL (with schema.py, reads.py,
+visibility.py and prune.py beside it). It returns frozen `Message` and `Page` values, never
 ORM rows, so the dispatcher and the views stay database-free.
 
 Every write declares its channels' write intents before it draws an id, so a
@@ -13,7 +13,6 @@ import threading
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
-from functools import cached_property
 from typing import Any, Callable, Iterator, Sequence
 
 import psycopg
@@ -63,6 +62,7 @@ class MessageStore:
         self._epoch: str | None = None
         self.reads = 0  # SELECTs issued by this store (tests; /metrics counts them for operators)
         self.probe = WriterProbe(self.engine)
+        self.pruner = Pruner(db, now=now)  # expired messages, a batch per transaction (prune.py)
         db.add_schema(create_schema)
 
     @property
@@ -218,11 +218,6 @@ class MessageStore:
                 channel=channel, key=idempotency_key, message_id=message_id, created_at=created_at
             ))
         return Message(message_id, channel, topic, data_json, run_id, created_at)
-
-    @cached_property
-    def pruner(self) -> Pruner:
-        """Deletes expired messages a batch per transaction, one pruner at a time (prune.py)."""
-        return Pruner(self.db, now=self._now)
 
     def prune(self, max_age: timedelta) -> int:
         """Delete messages older than `max_age` (one round of the pruner); return how many."""

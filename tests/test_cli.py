@@ -73,7 +73,7 @@ def test_prune_command_deletes_only_expired_messages(app, runner):
     assert runner.invoke(args=["realtime", "prune"]).output == "pruned 0 messages\n"
     realtime.retention = realtime.retention * 0  # everything is now older than the retention
     assert runner.invoke(args=["realtime", "prune"]).output == "pruned 1 messages\n"
-    assert realtime.store.read_after("run.1", None, 0, 10) == []
+    assert list(realtime.store.read_after("run.1", None, 0, 10)) == []
 
 
 def _lines_of(process: subprocess.Popen) -> Callable[[str], bool]:
