@@ -116,7 +116,8 @@ class Runner:
             write(lambda: runs.release(claim))
             return "released"
         except NonRetriableError as exc:
-            log.warning("run %s failed without retry: %s", run.id, describe(exc))
+            # The log is the operator's: the whole error, where browsers get only what describe() shows.
+            log.warning("run %s failed without retry: %s", run.id, describe(exc), exc_info=exc)
             write(lambda: runs.finish(claim, FAILED, error=describe(exc)))
             return FAILED
         except DatabaseUnavailable:
@@ -132,7 +133,7 @@ class Runner:
                 log.warning("run %s attempt %d failed (%s); retrying in %.1f s", run.id, run.attempt, describe(exc), delay)
                 write(lambda: runs.retry(claim, at=runs.now() + timedelta(seconds=delay), error=describe(exc)))
                 return "retrying"
-            log.warning("run %s failed after %d attempts: %s", run.id, run.attempt, describe(exc))
+            log.warning("run %s failed after %d attempts: %s", run.id, run.attempt, describe(exc), exc_info=exc)
             write(lambda: runs.finish(claim, FAILED, error=describe(exc)))
             return FAILED
         write(lambda: runs.finish(claim, COMPLETED, output_json=output_json))
