@@ -175,16 +175,28 @@ def test_sqlite_locked_by_another_process_does_not_freeze_the_worker(start_serve
             next(items)
             read_frames(items, 1)  # the replayed message: the stream is live
             assert holder.stdout.readline() == "locked\n"
-            # The lock holds the publish for the whole busy timeout (5 s), in
-            # SQLite's C code; the worker's other requests and streams go on
-            # meanwhile, so both answer while the publish is still waiting.
+            # The lock holds the publish for the whole busy timeout (5 s), in SQLite's C code on a
+            # thread of gevent's pool: the worker's stream, other requests and database reads go on
+            # meanwhile (CONTRACT §5 "gevent and blocking calls"). The order of the answers says so,
+            # not a clock: the second keep-alive, due a heartbeat after the publish went out, a
+            # health check and a read of the history all come before the publish's own answer.
+            answers: list[str] = []
             locked: list[httpx.Response] = []
-            waiting = threading.Thread(target=lambda: locked.append(publish(server, "lock.1", "while locked")))
+
+            def publish_while_locked() -> None:
+                locked.append(publish(server, "lock.1", "while locked"))
+                answers.append("publish")
+
+            waiting = threading.Thread(target=publish_while_locked)
             waiting.start()
-            assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
             assert keep_alives(items, 2) == ["keep-alive"] * 2
-            assert waiting.is_alive(), "served while the publish waits for the lock"
+            answers.append("keep-alives")
+            assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+            answers.append("healthz")
+            assert [m["data"] for m in history(server, token)] == ["before"]
+            answers.append("history")
             waiting.join(timeout=30)
+            assert answers == ["keep-alives", "healthz", "history", "publish"], "served while the publish waits"
             assert_unavailable(locked[0])
             holder.stdin.write("\n")
             holder.stdin.flush()
