@@ -172,11 +172,11 @@ class PostgresChangeFeed:
         return self._conn is not None
 
     def wait(self, timeout: float) -> bool:
-        if self._conn is None and not self._connect():
-            threading.Event().wait(min(timeout, 1.0))
-            return self._look_now()
         if self._conn is None:
-            return self._look_now()  # notifications sent while we were not listening are lost: look
+            if not self._connect():
+                threading.Event().wait(min(timeout, 1.0))
+            # Listening (again) from now on: what committed before was heard by nobody, so look.
+            return self._look_now()
         try:
             wait_s = max(0.0, min(timeout, self._next_look - time.monotonic()))
             woke = bool(list(self._conn.notifies(timeout=wait_s, stop_after=1)))

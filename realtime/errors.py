@@ -39,5 +39,12 @@ class MessageTooLarge(RealtimeError):
     code = "message_too_large"
 
 
+class IdempotencyKeyReused(RealtimeError):
+    """An Idempotency-Key already used on the channel for a different message (as Stripe answers)."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
 class InvalidCursor(RealtimeError):
     code = "invalid_last_event_id"

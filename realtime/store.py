@@ -9,6 +9,7 @@ reader that finds a hole knows which channels to hold back (visibility.py).
 """
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
 from dataclasses import replace
@@ -24,6 +25,7 @@ from common.database import Database, database_call, utcnow
 from common.postgres import per_transaction
 
 from . import metrics
+from .errors import IdempotencyKeyReused
 from .changes import ChangeFeed, Notifier, PollingChangeFeed, PostgresChangeFeed
 from .prune import Pruner
 from .reads import PAGE_BYTES, Message, NewMessage, Page, message_from, read_page
@@ -100,7 +102,8 @@ class MessageStore:
         channels do not wait.
 
         With `idempotency_key`, a repeat on the same channel stores nothing
-        and returns the message the first one stored, `replayed` set.
+        and returns the message the first one stored, `replayed` set; the same
+        key with a different topic, data or run_id raises IdempotencyKeyReused.
         """
         def committed() -> None:
             metrics.MESSAGES_PUBLISHED.inc()
@@ -210,7 +213,14 @@ class MessageStore:
                 .where(idempotency.c.channel == channel, idempotency.c.key == idempotency_key)
             ).first()
             if first is not None:
-                return replace(message_from(first), replayed=True)
+                stored = replace(message_from(first), replayed=True)
+                if (stored.topic, stored.data, stored.run_id) != (topic, json.loads(data_json), run_id):
+                    # Returning the first message would tell the caller a different one was stored.
+                    raise IdempotencyKeyReused(
+                        f"Idempotency-Key {idempotency_key!r} was used on this channel for a different message; "
+                        "use a new key for a new message"
+                    )
+                return stored
         values = {"channel": channel, "topic": topic, "data": data_json, "run_id": run_id, "created_at": created_at}
         message_id = conn.execute(insert(messages).values(values).returning(messages.c.id)).scalar_one()
         if idempotency_key is not None:

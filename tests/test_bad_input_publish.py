@@ -207,3 +207,17 @@ def test_token_request_limits_are_inclusive(client):
 def test_token_refused_without_an_authorization_policy(realtime, client):
     realtime._policy = None  # what an app that registered no policy has
     assert_json_error(client.post(TOKEN, json={"channel": "c", "topics": ["t"]}), 403, "forbidden")
+
+
+@pytest.mark.parametrize("changed", [{"data": {"ok": False}}, {"topic": "other"}, {"run_id": "r-2"}])
+def test_an_idempotency_key_reused_for_another_message_is_refused(client, realtime, changed):
+    """Issue 18: the second message must not be lost while its caller is told it was stored."""
+    headers = {**AUTH, "Content-Type": "application/json", "Idempotency-Key": "k-1"}
+    first = client.post(PUBLISH, data=publish_body(run_id="r-1"), headers=headers)
+    assert first.status_code == 201
+    fields = {"run_id": "r-1", **changed}
+    assert_json_error(client.post(PUBLISH, data=publish_body(**fields), headers=headers), 422, "idempotency_key_reused")
+    repeat = client.post(PUBLISH, data=publish_body(run_id="r-1"), headers=headers)
+    assert repeat.status_code == 201 and repeat.headers["Idempotent-Replayed"] == "true"
+    assert repeat.get_json() == first.get_json()
+    assert realtime.store.last_id() == first.get_json()["id"], "one message stored"

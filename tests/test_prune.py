@@ -103,7 +103,7 @@ def test_a_key_goes_with_its_message_so_a_repeat_after_the_prune_stores_anew(sto
     assert store.prune(HOUR) == 2
     again = store.append("c", "t", "3", idempotency_key="k")
     assert not again.replayed and again.id > keyed.id
-    assert store.append("c", "t", "4", idempotency_key="k") == replace(again, replayed=True)
+    assert store.append("c", "t", "3", idempotency_key="k") == replace(again, replayed=True)
     assert count(store, idempotency) == 1
 
 

@@ -42,7 +42,7 @@ def test_it_checks_messages_as_the_app_does(app):
         assert realtime.store.last_id() == 0
 
         first = publisher.publish("c", "t", {"n": 1}, run_id="r-1", idempotency_key="k")
-        again = publisher.publish("c", "t", {"n": 2}, idempotency_key="k")
+        again = publisher.publish("c", "t", {"n": 1}, run_id="r-1", idempotency_key="k")
         batch = publisher.publish_many([{"channel": "c", "topic": "t", "data": n} for n in range(3)])
     assert again.replayed and again.id == first.id
     found, _, _ = realtime.history("c", None, None, 10)
