@@ -124,7 +124,15 @@ class Database:
         self._driver_errors = (dbapi.OperationalError, dbapi.InterfaceError)
 
     def add_schema(self, create: Callable[[Engine], None]) -> None:
-        """Register what creates a package's tables; run once per process, at the first call."""
+        """Register what creates a package's tables; run once per process, at the first call.
+
+        SQLite: now. Its file is never away, and at the first call the caller may hold
+        SQLite's one write lock in a transaction of its own (a `session=` publish): the
+        schema, made on another connection, would then wait for it until timed out.
+        """
+        if self.is_sqlite:
+            create(self.engine)
+            return
         self._schemas.append(create)
         self._schema_ready = False
 
@@ -202,6 +210,11 @@ class Database:
                 log.warning("database unavailable: %s", type(getattr(error, "orig", None) or error).__name__)
             else:
                 self._refused(reason)
+            if self.is_sqlite and "locked" in str(getattr(error, "orig", None) or error):
+                raise DatabaseUnavailable(
+                    "the SQLite database is locked by another transaction; try again shortly (if that is a "
+                    "transaction of this caller's own, pass its session= to publish in it, or commit first)"
+                ) from error
             raise DatabaseUnavailable("the database is unavailable; try again shortly") from error
         finally:
             self._inside.discard(ident)

@@ -161,3 +161,41 @@ def test_append_many_stores_all_in_one_transaction_ids_in_list_order(store):
     assert [m.data_json for m in stored] == [str(n) for n in range(1500)]
     assert [m.id for m in stored] == sorted(m.id for m in stored)
     assert [(m.id, m.data_json) for m in store.read_after("b", None, 0, 2000)] == [(m.id, m.data_json) for m in stored]
+
+
+def test_an_outbox_publish_as_the_first_call_on_sqlite_never_waits_on_its_own_transaction(tmp_path):
+    """Issue 19: the schema was made at the first call, on another connection, which waited for
+    the write lock the caller's own transaction held, and the caller got a 503 after 5 s."""
+    from sqlalchemy import Column, Integer, MetaData, Table, insert
+
+    from app import create_app
+
+    app = create_app({"TESTING": True, "SECRET_KEY": "s", "DATABASE_URL": f"sqlite:///{tmp_path / 'first.sqlite3'}",
+                      "JOBS_EMBEDDED": False})
+    realtime = app.extensions["realtime"]
+    orders = Table("orders", MetaData(), Column("id", Integer, primary_key=True))
+    orders.create(realtime.store.engine)
+    try:
+        with Session(realtime.store.engine) as session:
+            order_id = session.execute(insert(orders).returning(orders.c.id)).scalar_one()  # holds the write lock
+            realtime.publish("orders", "created", {"id": order_id}, session=session)
+            session.commit()
+        assert [m.data for m in realtime.store.read_after("orders", None, 0, 10)] == [{"id": order_id}]
+    finally:
+        realtime.shutdown()
+        app.extensions["database"].dispose()
+
+
+def test_a_write_waiting_on_the_callers_own_sqlite_transaction_says_so(tmp_path):
+    from common.database import DatabaseUnavailable
+
+    db = Database(f"sqlite:///{tmp_path / 'own.sqlite3'}", statement_timeout_s=0.2)
+    store = MessageStore(db)
+    try:
+        with Session(store.engine) as session:
+            store.append("c", "t", "1", session=session)  # this caller's write lock ...
+            with pytest.raises(DatabaseUnavailable, match="session="):
+                store.append("c", "t", "2")  # ... which a publish outside its session waits for
+            session.rollback()
+    finally:
+        db.dispose()
