@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from flask import Flask
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from common.database import Database, database_for
@@ -99,6 +100,11 @@ class Realtime:
         app.before_request(self.start)
 
     # -- publishing -------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The engine messages are stored with: a `session=` publish needs a Session on it."""
+        return self.store.engine
 
     def publish(
         self,
