@@ -27,7 +27,9 @@ instance/config.py:
 	mkdir -p instance
 	$(PYTHON) -c 'import secrets; print(f"SECRET_KEY = {secrets.token_hex(32)!r}")' > $@
 
-# The demo: SQLite in instance/, Flask's dev server on http://127.0.0.1:5000.
+# The demo: SQLite in instance/, Flask's dev server on http://127.0.0.1:5000, and HTTP
+# publishing with the key dev-key (the README's curl tour) unless the environment sets one.
+run: export FLASK_REALTIME_PUBLISH_KEY ?= dev-key
 run: $(VENV)/.runtime instance/config.py
 	$(BIN)/flask --app app run --host 127.0.0.1 --port 5000
 

@@ -5,18 +5,25 @@ that cannot run as printed says why there.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import ROOT
+from conftest import ROOT, wait_until
 from jobs.extension import DEFAULTS as JOBS_DEFAULTS
 from readme import code_block
 from realtime.extension import DEFAULTS as REALTIME_DEFAULTS
+from sseclient import Frame, parse_sse
+from test_demo import make_run  # noqa: F401 - the fixture: the Makefile's `run` command on a free port
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -73,3 +80,103 @@ def test_the_outbox_block_stores_the_order_and_its_message_with_its_id(database_
     assert rows(database_url, "SELECT channel, topic, data FROM realtime_messages") == [
         ("orders", "created", f'{{"id": {order_id}}}')
     ]
+
+
+# -- the `sh` blocks, against `make run`'s server ----------------------------------------------------
+
+
+def make_run_exports() -> dict[str, str]:
+    """What the Makefile's `run` target exports to the server (`run: export KEY ?= value`)."""
+    return dict(re.findall(r"^run: export (\w+) \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M))
+
+
+@pytest.fixture
+def demo(monkeypatch, request) -> str:
+    """`make run`'s server, on a free port and its own SQLite file: its URL."""
+    for key, value in make_run_exports().items():  # as make does, the environment not having them
+        monkeypatch.setenv(key, value)
+    return request.getfixturevalue("make_run")
+
+
+def commands(block: str) -> list[str]:
+    """A block's commands, each with its continuation lines; comment and blank lines dropped."""
+    found: list[str] = []
+    for line in block.splitlines():
+        if found and found[-1].endswith("\\"):
+            found[-1] += "\n" + line
+        elif line.strip() and not line.lstrip().startswith("#"):
+            found.append(line)
+    return found
+
+
+class Terminal:
+    """One command of a block in a fresh bash, as in a terminal of its own, in the project's folder,
+    with `localhost:5000` moved to the test server's address."""
+
+    def __init__(self, url: str, command: str, env: dict[str, str]) -> None:
+        command = command.replace("localhost:5000", url.removeprefix("http://"))
+        self.process = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env={**os.environ, **env},
+                                        stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with self.process.stdout:
+            for line in self.process.stdout:
+                self.lines.append(line.removesuffix("\n"))
+
+    def frames(self) -> list[Frame]:
+        """The SSE frames printed so far that carry a message."""
+        return [item for item in parse_sse(list(self.lines)) if isinstance(item, Frame) and item.data]
+
+    def wait_for_frames(self, count: int) -> list[Frame]:
+        return wait_until(lambda: len(self.frames()) >= count and self.frames(), what=f"{count} frames: {self.lines}")
+
+    def interrupt(self) -> None:
+        """Ctrl-C."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        self._ended()
+
+    def output(self) -> str:
+        """All it printed, once it has ended by itself."""
+        assert self._ended() == 0
+        return "\n".join(self.lines)
+
+    def _ended(self) -> int:
+        returncode = self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+        return returncode
+
+
+@pytest.mark.integration
+def test_the_curl_tour_runs_start_to_finish_against_make_run(demo, tmp_path):
+    start, get_token, watch, publish, resume, tail = commands(code_block("# 1. A token", "sh"))
+    assert start.startswith("make run ")  # the `demo` fixture: the Makefile's command and exports
+    token = Terminal(demo, get_token + '\nprintf %s "$TOKEN"', {}).output()
+
+    stream = Terminal(demo, watch, {"TOKEN": token})
+    wait_until(lambda: "retry: 2000" in stream.lines, what="the stream's first frame")
+    first = json.loads(Terminal(demo, publish, {}).output())
+    assert (first["channel"], first["topic"], first["data"]) == ("run.42", "status", {"stage": "fetching", "percent": 10})
+    [printed] = stream.wait_for_frames(1)
+    assert printed.envelope == first and printed.event == "status"
+
+    stream.interrupt()
+    second = json.loads(Terminal(demo, publish, {}).output())
+    placeholder = "<the last id step 2 printed>"
+    assert placeholder in resume
+    resumed = Terminal(demo, resume.replace(placeholder, printed.id), {"TOKEN": token})
+    try:
+        assert [frame.envelope for frame in resumed.wait_for_frames(1)] == [second], "only what came after"
+    finally:
+        resumed.interrupt()
+
+    words = shlex.split(tail, comments=True)
+    assert words[:2] == [".venv/bin/flask", "--app"]
+    raw = Terminal(demo, shlex.join([sys.executable, "-m", "flask", *words[1:]]),
+                   {"DATABASE_URL": f"sqlite:///{tmp_path / 'run.sqlite3'}", "SECRET_KEY": "make-run-secret"})
+    try:
+        assert [frame.envelope for frame in raw.wait_for_frames(2)] == [first, second]
+    finally:
+        raw.interrupt()
