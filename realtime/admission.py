@@ -20,7 +20,7 @@ The bound holds at every moment: a request goes into the app only with a
 turn. One that waited `max_wait_s` without getting one is refused at once,
 `503 server_busy` with `Retry-After` (the project's clients wait that long
 and try again), and counted in `realtime_stream_admission_refused_total`.
-Waiting longer would break CONTRACT §5: while the database stalls, the
+Waiting longer would break docs/protocol.md §7: while the database stalls, the
 setups inside hold their turns for up to a database call's time limit (8 s,
 common/database.py), so a request let in after 2 s still answers within
 10 s, one let in later might not. Letting it in without a turn instead, as

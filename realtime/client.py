@@ -1,4 +1,4 @@
-"""A Python subscriber over HTTP (CONTRACT §8): what EventSource does in a browser, for a script.
+"""A Python subscriber over HTTP (docs/protocol.md §10): what EventSource does in a browser, for a script.
 
     with subscribe("https://example.org", token=fetch_token) as messages:
         for message in messages:
@@ -7,7 +7,7 @@
 
 It keeps the last cursor and sends it back as `Last-Event-ID` on every
 reconnect, so each message arrives once, in order, whatever breaks in between
-(CONTRACT §4). It reconnects after the server's `retry:` when a stream ends,
+(docs/protocol.md §6). It reconnects after the server's `retry:` when a stream ends,
 backs off with jitter on network errors and 5xx (a 503's `Retry-After` wins),
 asks a token callable again on 401, and raises `SubscribeRefused` for any
 other 4xx: retrying a request the server refuses would only hammer it.
@@ -38,7 +38,7 @@ TokenSource = Union[str, Callable[[], Union[str, Mapping[str, Any]]]]
 
 @dataclass(frozen=True)
 class ClientMessage:
-    """One message of the stream: its envelope (CONTRACT §4) and its cursor."""
+    """One message of the stream: its envelope (docs/protocol.md §5) and its cursor."""
 
     id: int
     cursor: str
@@ -257,7 +257,7 @@ def _token_text(value: str | Mapping[str, Any]) -> str:
 
 
 def _error_of(body: bytes) -> tuple[str, str]:
-    """(code, message) of a CONTRACT §3 JSON error, or a stand-in for a body that is not one."""
+    """(code, message) of a docs/protocol.md §3 JSON error, or a stand-in for a body that is not one."""
     try:
         error = json.loads(body)["error"]
         return str(error["code"]), str(error["message"])

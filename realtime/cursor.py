@@ -3,7 +3,7 @@
 A cursor is `<epoch>-<message id>`. The epoch is a random tag created with the
 database (store.py), so a cursor from another database, or from one that was
 wiped and recreated, is recognised as such instead of being silently misread
-as a position in this one (CONTRACT §4, reset `unknown_cursor`).
+as a position in this one (docs/protocol.md §6, reset `unknown_cursor`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One root error for the realtime package; common/errors.py turns each into CONTRACT §3 JSON.
+"""One root error for the realtime package; common/errors.py turns each into docs/protocol.md §3 JSON.
 
 Every subclass sets its HTTP `status` and snake_case `code` (see `AppError`).
 """

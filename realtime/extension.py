@@ -46,7 +46,7 @@ DEFAULTS = {
     "REALTIME_MAX_MESSAGE_BYTES": 524288,
     "REALTIME_PUBLISH_KEY": None,
     "REALTIME_MAX_BATCH_BYTES": 16 * 1024 * 1024,  # a POST /api/realtime/publish of {"messages": [...]}
-    # Beyond the contract: tuning knobs with safe defaults.
+    # Beyond docs/protocol.md §2: tuning knobs with safe defaults (README, Configuration).
     "REALTIME_LISTEN_URL": None,  # PostgreSQL: a direct connection for LISTEN (default: DATABASE_URL)
     "REALTIME_POLL_S": 0.25,  # SQLite: how often other processes' appends are looked for
     "REALTIME_SAFETY_POLL_S": 1.0,  # PostgreSQL: a look without a NOTIFY, in case LISTEN is lost
@@ -74,7 +74,7 @@ class Realtime:
         self.retention = timedelta(seconds=float(config["REALTIME_RETENTION_S"]))
         self.publish_key: str | None = config["REALTIME_PUBLISH_KEY"] or None
         # No app-wide MAX_CONTENT_LENGTH: each endpoint reads its body with its
-        # own limit (views.py; CONTRACT §6).
+        # own limit (views.py; docs/protocol.md §3.3).
 
         self.store = MessageStore(db or database_for(app))  # no SQL yet: the schema is made at first use
         poll_s = float(config["REALTIME_SAFETY_POLL_S" if self.store.is_postgres else "REALTIME_POLL_S"])

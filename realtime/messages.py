@@ -13,7 +13,7 @@ from .errors import InvalidRequest, MessageTooLarge, RealtimeError
 from .names import check_channel, check_run_id, check_topic
 from .store import NewMessage
 
-MAX_BATCH = 1000  # messages in one publish_many (CONTRACT §7)
+MAX_BATCH = 1000  # messages in one publish_many (docs/protocol.md §9)
 
 
 def check_message(channel: Any, topic: Any, data: Any, run_id: Any, *, max_bytes: int) -> NewMessage:

@@ -1,4 +1,4 @@
-"""What the realtime package counts (CONTRACT §6), for `GET /metrics`.
+"""What the realtime package counts (docs/protocol.md §8), for `GET /metrics`.
 
 Only bounded labels: a resume's result, a stream's close reason. Never a
 channel, a topic or a token.

@@ -1,4 +1,4 @@
-"""Channel and topic names (CONTRACT §3).
+"""Channel and topic names (docs/protocol.md §3.4).
 
 The patterns admit no whitespace, so no CR or LF from a client can ever reach
 an `event:` line or break a frame.

@@ -27,7 +27,7 @@ from .messages import check_batch, check_message
 from .names import check_idempotency_key
 from .store import Message, MessageStore
 
-DEFAULT_MAX_MESSAGE_BYTES = DEFAULTS["REALTIME_MAX_MESSAGE_BYTES"]  # the app's own default (CONTRACT §2)
+DEFAULT_MAX_MESSAGE_BYTES = DEFAULTS["REALTIME_MAX_MESSAGE_BYTES"]  # the app's own default (docs/protocol.md §2)
 
 
 class PublisherConfigError(RealtimeError):

@@ -3,8 +3,8 @@
 A page is a value (`Page`): its messages, oldest first; whether more may follow;
 and, for a channel's page, how far the channel was pruned *in the same snapshot
 as its rows*, so the reader of any page, not only the first, knows whether
-messages right after its cursor were pruned before it looked (CONTRACT §4's
-`history_truncated`).
+messages right after its cursor were pruned before it looked (docs/protocol.md
+§6's `history_truncated`).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Message:
         return json.loads(self.envelope_json())
 
     def envelope_json(self) -> str:
-        """The JSON line of CONTRACT §4, built around the stored data text without re-encoding it."""
+        """The envelope of docs/protocol.md §5, built around the stored data text without re-encoding it."""
         dump = json.dumps
         created_at = self.created_at.astimezone(timezone.utc).isoformat(timespec="microseconds")
         return (

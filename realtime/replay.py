@@ -11,7 +11,7 @@ Those turns are the bound on a storm's replays (stream admission only covers
 the request's setup, admission.py), so waiting for one must not silence a
 stream: a stream waits for a turn, or for the read it shares, at most
 `wait_s`, then gets `ReplayBusy`, sends a keep-alive and asks again
-(stream.py; CONTRACT §4, a keep-alive at least every heartbeat).
+(stream.py; docs/protocol.md §6, a keep-alive at least every heartbeat).
 
 A page is read up to the dispatcher's current position, which is at or past
 the history end of every stream already subscribed: each stream keeps the

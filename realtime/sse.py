@@ -59,7 +59,7 @@ def format_event(
     return "\n".join(lines) + "\n\n"
 
 
-# -- the frames of CONTRACT §4, as the bytes written to the socket ------------------
+# -- the frames of docs/protocol.md §6, as the bytes written to the socket ----------
 
 
 def retry_frame(retry_ms: int) -> bytes:

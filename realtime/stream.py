@@ -58,7 +58,7 @@ def resolve_cursor(store: MessageStore, channel: str, cursor: Cursor | None) -> 
     """Where to continue: (read after this id, the reset to report or None).
 
     A cursor that cannot be honoured exactly continues from the oldest
-    retained message, and says why (CONTRACT §4):
+    retained message, and says why (docs/protocol.md §6):
     - `history_truncated`: messages after it were pruned;
     - `unknown_cursor`: it comes from another database, or it is ahead of
       every message (the database was restored from an older backup): kept

@@ -33,7 +33,7 @@ class Grant:
     expires_at: float
 
     def to_json(self) -> dict[str, Any]:
-        """The body of `POST /api/realtime/token` (CONTRACT §3)."""
+        """The body of `POST /api/realtime/token` (docs/protocol.md §5)."""
         return {
             "token": self.token,
             "channel": self.channel,

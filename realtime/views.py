@@ -1,4 +1,4 @@
-"""HTTP endpoints of CONTRACT §3: translate requests to `Realtime` calls.
+"""HTTP endpoints of docs/protocol.md §5: translate requests to `Realtime` calls.
 
 Everything a client sends is checked here or in the calls below *before* any
 write or any streamed byte; failures raise `RealtimeError`s, which common/errors.py
@@ -29,8 +29,8 @@ ENVELOPE_ROOM = 64 * 1024
 
 
 def publish_body_limit(realtime: Realtime) -> int:
-    """The most a publish body may weigh, refused before it is read (CONTRACT §6): one message,
-    or a batch of them (CONTRACT §7) up to REALTIME_MAX_BATCH_BYTES; each message is checked too."""
+    """The most a publish body may weigh, refused before it is read (docs/protocol.md §3.3): one message,
+    or a batch of them (docs/protocol.md §9) up to REALTIME_MAX_BATCH_BYTES; each message is checked too."""
     return max(realtime.max_message_bytes + ENVELOPE_ROOM, realtime.max_batch_bytes)
 
 

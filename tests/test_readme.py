@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, FakeClock, app_on, wait_until
 from jobs.extension import DEFAULTS as JOBS_DEFAULTS
 from readme import code_block
 from realtime.extension import DEFAULTS as REALTIME_DEFAULTS
@@ -80,6 +80,28 @@ def test_the_outbox_block_stores_the_order_and_its_message_with_its_id(database_
     assert rows(database_url, "SELECT channel, topic, data FROM realtime_messages") == [
         ("orders", "created", f'{{"id": {order_id}}}')
     ]
+
+
+
+@pytest.fixture
+def jobs_app(database_url):
+    """A TESTING app: runs execute when sent (eager), and a step.sleep passes when the clock moves."""
+    yield from app_on(database_url)
+
+
+def test_the_jobs_block_as_create_app_registers_it(jobs_app):
+    jobs = jobs_app.extensions["jobs"]
+    clock = jobs.runs.now = FakeClock()
+    exec(code_block("@jobs.function("), {"jobs": jobs})  # in create_app(), where `jobs` is the extension
+    [run] = jobs.send("rows.requested", {"days": 30})["runs"]
+    assert run["function"] == "count-rows"
+    assert jobs.run(run["id"]).status == "running", "asleep: the cool-down handed the run back"
+    clock.advance(5)
+    jobs.drain()
+    finished = jobs.run(run["id"])
+    assert (finished.status, finished.output, finished.attempt) == ("completed", {"rows": 30}, 1)
+    published = jobs_app.extensions["realtime"].store.read_after(f"run.{run['id']}", ["status"], 0, 100)
+    assert [m.data for m in published] == [{"stage": "fetching", "percent": 10}], "once, though the run resumed"
 
 
 # -- the `sh` blocks, against `make run`'s server ----------------------------------------------------

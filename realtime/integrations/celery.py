@@ -1,4 +1,4 @@
-"""Celery: `RealtimeTask`, a task base class that publishes progress and lifecycle (CONTRACT §8).
+"""Celery: `RealtimeTask`, a task base class that publishes progress and lifecycle (docs/protocol.md §10).
 
     @app.task(base=RealtimeTask, bind=True)
     def generate_report(self, pages):
