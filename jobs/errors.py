@@ -3,7 +3,7 @@
 `JobError` is the root of what a client can get wrong (a bad event, an unknown
 run, ...): like `RealtimeError`, each subclass carries its HTTP `status` and
 snake_case `code` as class attributes and a `message` for the person who has to
-fix the request; common/errors.py turns them into CONTRACT §3 JSON.
+fix the request; common/errors.py turns them into docs/protocol.md §3 JSON.
 
 `NonRetriableError` is different: job code raises it to say "retrying cannot
 help", and the run fails at once instead of after its retries.

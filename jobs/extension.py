@@ -40,10 +40,10 @@ DEFAULTS = {
     "JOBS_THREADS": 4,
     "JOBS_EVENT_KEY": None,
     "JOBS_MAX_EVENT_BYTES": 524288,  # a larger event `data` is refused (413)
-    "JOBS_MAX_CRASHES": 3,  # a run whose worker died this many times mid-run fails (CONTRACT §5)
+    "JOBS_MAX_CRASHES": 3,  # a run whose worker died this many times mid-run fails (docs/protocol.md §7)
     "JOBS_RETENTION_S": 7 * 24 * 3600,  # ended runs, their steps and events are deleted after this
     "JOBS_PRUNE_INTERVAL_S": 300,  # how often one of the workers prunes
-    # Beyond the contract: tuning knobs with safe defaults.
+    # Beyond docs/protocol.md §2: tuning knobs with safe defaults (README, Configuration).
     "JOBS_LEASE_S": 30,  # a killed worker's runs resume this long after its last renewal
     "JOBS_POLL_S": 0.5,  # how often a worker looks for runs queued by other processes
     "JOBS_RETRY_BASE_S": 1.0,  # first retry after 1 s, then 2, 4, ...
@@ -140,11 +140,11 @@ class Jobs:
 
     @property
     def max_body_bytes(self) -> int:
-        """The body limit of `POST /api/events`: a full batch of the largest events (CONTRACT §6)."""
+        """The body limit of `POST /api/events`: a full batch of the largest events (docs/protocol.md §3.3)."""
         return MAX_EVENTS_PER_REQUEST * self.max_event_bytes + EVENTS_BODY_ROOM
 
     def send(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Send one event; the body of CONTRACT §3's `POST /api/events` 202."""
+        """Send one event; the body of the `POST /api/events` 202 (docs/protocol.md §4)."""
         return self.send_many([(name, data)])
 
     def send_many(self, items: Sequence[tuple[Any, Any]]) -> dict[str, Any]:

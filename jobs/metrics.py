@@ -1,4 +1,4 @@
-"""What the jobs package counts (CONTRACT §6), for `GET /metrics` and `flask jobs worker --metrics-port`.
+"""What the jobs package counts (docs/protocol.md §8), for `GET /metrics` and `flask jobs worker --metrics-port`.
 
 Labels are bounded: a function id (the app registers a handful) and a run
 status. Never a run id or an event name, which clients choose.

@@ -16,7 +16,7 @@ make runs durable live here:
 - **Crashes.** Runs handed back on purpose (a sleep, a retry, a stopping
   worker) have no `lease_owner`; a due run that still has one was held by a
   worker that died or stalled mid-run. Such a claim counts a crash, and the
-  run fails once its worker died `max_crashes` times (CONTRACT §5), instead of
+  run fails once its worker died `max_crashes` times (docs/protocol.md §7), instead of
   killing one worker after another forever. A database blip is no crash: the
   runner keeps the claim and tries its write again (runner.py).
 - **Fencing.** Every write a worker makes for a run (a step, the outcome) is

@@ -29,7 +29,7 @@ safe is memoization (Inngest's model):
   without counting the step's attempt (runner.py).
 
 Each step is also a boundary where a cancelled run, or a stopping worker,
-stops (CONTRACT §3: "the run stops before its next step").
+stops (docs/protocol.md §4: "the run stops before its next step").
 """
 from __future__ import annotations
 

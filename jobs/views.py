@@ -1,4 +1,4 @@
-"""HTTP endpoints of CONTRACT §3 "Events and runs": translate requests to `Jobs` calls.
+"""HTTP endpoints of docs/protocol.md §4 "Jobs: events and runs": translate requests to `Jobs` calls.
 
 Every input is checked before anything is written; failures raise `JobError`s,
 which common/errors.py turns into JSON. Nothing here touches the database.
