@@ -1,4 +1,4 @@
-"""Every error leaves the app as CONTRACT §3 JSON, mapped here and nowhere else.
+"""Every error leaves the app as docs/protocol.md §3 JSON, mapped here and nowhere else.
 
 `{"error": {"code": "snake_case_code", "message": "what went wrong and what to do"}}`
 

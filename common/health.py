@@ -1,4 +1,4 @@
-"""Health probes (CONTRACT §5): is the process alive, is it ready for traffic?
+"""Health probes (docs/protocol.md §7): is the process alive, is it ready for traffic?
 
     GET /healthz   200 while the process serves requests; touches nothing else
     GET /readyz    200 when every check passes; 503 with each failing check's

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-#: Deepest nesting of arrays and objects accepted (CONTRACT §5 "Bounds"): every
+#: Deepest nesting of arrays and objects accepted (docs/protocol.md §3.3): every
 #: client's JSON parser, and the encoder's own recursion, stays far from its limit.
 MAX_DEPTH = 64
 

@@ -2,10 +2,10 @@
 
 Bodies are JSON in strict UTF-8, declared as `Content-Type: application/json`
 (415 otherwise), with no NaN or Infinity, which JSON does not have and
-browsers cannot parse. Each endpoint passes its own size limit (CONTRACT §6:
+browsers cannot parse. Each endpoint passes its own size limit (docs/protocol.md §3.3:
 a token request is small, a batch of events is not) and the error that names
-what was too large; time limits come from `BODY_TIMEOUT_S` (CONTRACT §5
-"Bounds").
+what was too large; time limits come from `BODY_TIMEOUT_S` (docs/protocol.md
+§3.3).
 
 Cross-site requests: a web page on another site can make a browser POST
 anywhere without asking (no CORS preflight) as long as the body is
@@ -40,7 +40,7 @@ SMALL_BODY_BYTES = 64 * 1024
 
 
 class BodyTimeout(AppError):
-    """The body trickled in too slowly (408; CONTRACT §5 "Bounds")."""
+    """The body trickled in too slowly (408; docs/protocol.md §3.3)."""
 
     status = 408
     code = "request_timeout"

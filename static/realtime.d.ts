@@ -15,7 +15,7 @@ export type TopicMap = object;
 type AnyTopics = Record<string, any>;
 type TopicOf<M> = keyof M & string;
 
-/** One message as the server sends it (the envelope, CONTRACT §4). */
+/** One message as the server sends it (the envelope, docs/protocol.md §5). */
 export interface RealtimeMessage<Topic extends string = string, Data = any> {
   readonly id: number;
   readonly channel: string;

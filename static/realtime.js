@@ -1,5 +1,5 @@
 /**
- * realtime.js: a dependency-free browser client for this app's event stream (CONTRACT §3-4).
+ * realtime.js: a dependency-free browser client for this app's event stream (docs/protocol.md §5-6).
  *
  *     import { subscribe } from "/static/realtime.js";
  *
@@ -355,7 +355,7 @@ export class Subscription {
     };
     const canRefresh = typeof this._options.token === "function";
     if (status === 401 && canRefresh && this._authFailures < this._options.maxAuthFailures) {
-      // token_expired is routine (a token is only checked when a stream opens; CONTRACT §3),
+      // token_expired is routine (a token is only checked when a stream opens; docs/protocol.md §5),
       // and invalid_token follows a server restart with a new key: both mean "ask again".
       this._authFailures += 1;
       this._needFreshToken = true;
@@ -433,7 +433,7 @@ export class Subscription {
     if (topic === "reset") {
       const reset = parseJSON(data) ?? { reason: "unknown", cursor: id };
       // The server could not resume exactly (history pruned, or another database): it
-      // starts again from the oldest message it has, so drop what we had (CONTRACT §4).
+      // starts again from the oldest message it has, so drop what we had (docs/protocol.md §6).
       this._clearData();
       this.lastReset = reset;
       this._notify({ type: "reset", reset });
