@@ -12,28 +12,48 @@ backs off with jitter on network errors and 5xx (a 503's `Retry-After` wins),
 asks a token callable again on 401, and raises `SubscribeRefused` for any
 other 4xx: retrying a request the server refuses would only hammer it.
 
-The wire format is read by httpx-sse, which splits lines as the SSE spec says
-(only CR, LF, CRLF), so no character inside a `data:` line can cut a frame.
+It trusts nothing the server sends (issue 18 item 5). A frame may hold at most
+`max_frame_bytes`, checked as its bytes arrive; every wait is clamped by
+`Backoff`, and a stream that brought neither a message nor a keep-alive counts
+as a failure, so `retry: 0` cannot turn it into a loop of requests; a message
+at or before the last one delivered is dropped; and whatever it cannot use (bad
+JSON, a missing or mistyped field, a message without a usable `id:`) raises
+`ProtocolError`, with the cursor still at the last message delivered.
+
+It reads the wire format itself rather than through httpx-sse, which buffers a
+line and a frame without bound and has no setting to limit them (a `data:` line
+that never ended grew a client to 3.3 GB in 15 s). Lines end at CR, LF or CRLF
+only (WHATWG HTML §9.2.5), so no character inside a `data:` line can cut a frame.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import random
+import re
 import socket
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import httpx
-from httpx_sse import EventSource, ServerSentEvent
 
 SUBSCRIBE_PATH = "/api/realtime/subscribe"
 TOKEN_PATH = "/api/realtime/token"
 
+#: The largest frame read: eight times the largest message frame of a server with the default
+#: REALTIME_MAX_MESSAGE_BYTES (512 KiB of data plus its envelope); raise both together.
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+#: The most of a JSON answer (an error, a token grant) read.
+MAX_BODY_BYTES = 1024 * 1024
+
 #: A token, or what returns a fresh one: a string, or a grant `{"token", ...}` as POST /api/realtime/token answers.
 TokenSource = Union[str, Callable[[], Union[str, Mapping[str, Any]]]]
+
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,1024}")  # what can be sent back as Last-Event-ID or a bearer token
+_DIGITS = re.compile(r"[0-9]+")  # `retry:` (WHATWG HTML §9.2.6) and delay-seconds (RFC 9110 §10.2.3): ASCII only
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -70,15 +90,40 @@ class SubscribeRefused(ClientError):
         self.status, self.code, self.message = status, code, message
 
 
+class ProtocolError(ClientError):
+    """The server sent what CONTRACT §4 does not allow: the subscription ends, its cursor at the
+    last message delivered (resuming would only read the same bytes again)."""
+
+
 @dataclass(frozen=True)
 class Backoff:
-    """Exponential backoff with full jitter, for network errors and 5xx answers."""
+    """How long to wait before connecting again.
+
+    After `failures` failures in a row (a network error, a 5xx, a stream that brought nothing),
+    a random wait between half and all of `initial_s` doubled per failure, up to `max_s`: spread
+    out, yet sure to grow. A wait the server asks for (`retry:`, `Retry-After`) is obeyed up to
+    `max_asked_s`. No wait is shorter than `min_s`, so a server answering `retry: 0` or
+    `Retry-After: 0` gets at most 1/min_s requests a second from a subscriber.
+    """
 
     initial_s: float = 0.5
     max_s: float = 30.0
+    min_s: float = 0.25
+    max_asked_s: float = 60.0
 
     def delay(self, failures: int) -> float:
-        return random.uniform(0, min(self.max_s, self.initial_s * 2 ** max(0, failures - 1)))
+        cap = min(self.max_s, self.initial_s * 2 ** min(max(0, failures - 1), 32))  # 2**1024 is no float
+        return max(self.min_s, random.uniform(cap / 2, cap))
+
+    def asked(self, seconds: float) -> float:
+        return min(self.max_asked_s, max(self.min_s, seconds))
+
+    def after_stream(self, retry_s: float, failures: int) -> float:
+        """After a stream the server ended: half to all of its `retry:`; after one that brought
+        nothing (`failures` > 0), no less than `delay(failures)`."""
+        asked = self.asked(retry_s)
+        wait = max(self.min_s, random.uniform(asked / 2, asked))
+        return max(wait, self.delay(failures)) if failures else wait
 
 
 class ClientSubscription:
@@ -94,7 +139,9 @@ class ClientSubscription:
         on_reset: Callable[[ClientReset], None] | None = None,
         backoff: Backoff = Backoff(),
         read_timeout_s: float = 60.0,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
         client: httpx.Client | None = None,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         if not isinstance(token, str) and not callable(token):
             raise TypeError("token must be a string or a callable that returns one")
@@ -104,15 +151,20 @@ class ClientSubscription:
         self._token_is_new = False  # fetched for this very request: a 401 then is not about expiry
         #: Where the stream stands: pass it as `last_event_id` to resume in another process.
         self.cursor = last_event_id
+        self._last_id: int | None = None  # envelope id of the last message delivered
         self.topics = list(topics) if topics else None  # narrows the token's topics (?topic=)
         self.on_reset = on_reset
         self.last_reset: ClientReset | None = None
         self.backoff = backoff
+        self.max_frame_bytes = max_frame_bytes
         # A dead peer sends no FIN: without keep-alives for this long, reconnect (the server sends
         # one every REALTIME_HEARTBEAT_S, 15 s by default).
         self._client = client or httpx.Client(timeout=httpx.Timeout(10.0, read=read_timeout_s))
         self._owns_client = client is None
         self._closed = threading.Event()
+        # What waits between connections; close() interrupts the default. Tests pass one that
+        # records the waits the client chose, so they need not sleep through them.
+        self._sleep = sleep or self._closed.wait
         self._socket: socket.socket | None = None
         self._messages = self._run()
 
@@ -154,16 +206,21 @@ class ClientSubscription:
                     with self._client.stream("GET", self.url, **self._request()) as response:
                         wait_s = self._wait_after(response, failures)
                         if wait_s is None:  # a stream: read it to its end
-                            failures = 0
                             self._socket = response.extensions["network_stream"].get_extra_info("socket")
-                            for sse in EventSource(response).iter_sse():
-                                if sse.retry is not None:
-                                    retry_s = sse.retry / 1000
-                                item = self._item(sse)
-                                if item is not None:
-                                    yield item
-                            wait_s = random.uniform(retry_s / 2, retry_s)  # ended by the server (shutdown)
-                        elif wait_s == 0:
+                            brought_nothing = True
+                            for frame in _frames(response.iter_raw(), self.max_frame_bytes):
+                                if frame.retry_ms is not None:
+                                    retry_s = frame.retry_ms / 1000
+                                message = self._message(frame)
+                                # A keep-alive counts too: a proxy that cuts quiet streams is no failure.
+                                if message is not None or frame.comment:
+                                    failures, brought_nothing = 0, False
+                                if message is not None:
+                                    yield message
+                            if brought_nothing:
+                                failures += 1
+                            wait_s = self.backoff.after_stream(retry_s, failures)  # ended by the server
+                        elif self._token is None:
                             continue  # a new token: at once
                         else:
                             failures += 1
@@ -172,7 +229,7 @@ class ClientSubscription:
                     wait_s = self.backoff.delay(failures)
                 finally:
                     self._socket = None
-                self._closed.wait(wait_s)
+                self._sleep(wait_s)
         finally:
             self._release()
 
@@ -180,7 +237,9 @@ class ClientSubscription:
         self._token_is_new = self._token is None
         if self._token is None:
             self._token = _token_text(self._token_source())
-        headers = {"Authorization": f"Bearer {self._token}", "Accept": "text/event-stream"}
+        # identity: a compressed body could inflate a thousandfold in one read, past every bound here
+        headers = {"Authorization": f"Bearer {self._token}", "Accept": "text/event-stream",
+                   "Accept-Encoding": "identity"}
         if self.cursor is not None:
             headers["Last-Event-ID"] = self.cursor
         return {"headers": headers, "params": {"topic": self.topics} if self.topics else None}
@@ -193,13 +252,18 @@ class ClientSubscription:
             if not content_type.startswith("text/event-stream"):
                 raise SubscribeRefused(status, "not_an_event_stream",
                                        f"{self.url} answered {content_type!r}: is the base URL right?")
+            encoding = response.headers.get("content-encoding", "")
+            if encoding.lower() not in ("", "identity"):
+                raise ProtocolError(f"{self.url} sent its stream with Content-Encoding {encoding!r}, "
+                                    "though asked for identity")
             return None
-        body = response.read()
+        body = _read_at_most(response, MAX_BODY_BYTES)
         if status == 401 and not isinstance(self._token_source, str) and not self._token_is_new:
             self._token = None  # expired (tokens only open streams for a while): ask the callable again
             return 0
-        if status in (429, 503) and response.headers.get("retry-after", "").isdigit():
-            return float(response.headers["retry-after"])
+        retry_after = response.headers.get("retry-after", "")
+        if status in (429, 503) and _DIGITS.fullmatch(retry_after):  # an HTTP-date or garbage: backoff
+            return self.backoff.asked(float(retry_after))
         if status >= 500 or status == 429:
             return self.backoff.delay(failures + 1)
         code, message = _error_of(body)
@@ -207,24 +271,22 @@ class ClientSubscription:
             message += " (a token given as a string cannot be renewed: pass a callable that fetches a fresh one)"
         raise SubscribeRefused(status, code, message)
 
-    def _item(self, sse: ServerSentEvent) -> ClientMessage | None:
-        if not sse.data:
-            return None  # the `retry:` frame
-        if sse.event == "reset":
-            body = json.loads(sse.data)
-            reset = ClientReset(body["reason"], body["cursor"])
-            self.cursor = sse.id or reset.cursor
-            self.last_reset = reset
+    def _message(self, frame: _Frame) -> ClientMessage | None:
+        """The new message a frame carries, if any; a reset is reported here."""
+        if not frame.data:
+            return None  # `retry:`, a keep-alive: the spec dispatches no event without data
+        if frame.event == "reset":
+            reset = _reset_of(frame)
+            self.cursor, self.last_reset = reset.cursor, reset
+            self._last_id = None  # ids start again from the oldest retained (maybe lower: another database)
             if self.on_reset is not None:
                 self.on_reset(reset)
             return None
-        envelope = json.loads(sse.data)
-        self.cursor = sse.id
-        return ClientMessage(
-            id=envelope["id"], cursor=sse.id, channel=envelope["channel"], topic=envelope["topic"],
-            data=envelope["data"], run_id=envelope["run_id"],
-            created_at=datetime.fromisoformat(envelope["created_at"]),
-        )
+        message = _message_of(frame)
+        if self._last_id is not None and message.id <= self._last_id:
+            return None  # sent already: a server that ignored Last-Event-ID sends each message once all the same
+        self.cursor, self._last_id = message.cursor, message.id
+        return message
 
     def _release(self) -> None:
         if self._owns_client:
@@ -241,10 +303,15 @@ def token_from(base_url: str, channel: str, topics: Sequence[str], *, timeout_s:
     url = base_url.rstrip("/") + TOKEN_PATH
 
     def fetch() -> str:
-        response = httpx.post(url, json={"channel": channel, "topics": list(topics)}, timeout=timeout_s)
+        with httpx.stream("POST", url, json={"channel": channel, "topics": list(topics)}, timeout=timeout_s,
+                          headers={"Accept-Encoding": "identity"}) as response:
+            body = _read_at_most(response, MAX_BODY_BYTES)
         if response.status_code != 200:
-            raise SubscribeRefused(response.status_code, *_error_of(response.content))
-        return response.json()["token"]
+            raise SubscribeRefused(response.status_code, *_error_of(body))
+        token = _json_object(body).get("token")
+        if not isinstance(token, str) or not _HEADER_VALUE.fullmatch(token):
+            raise ProtocolError(f"{url} answered 200 without a token: {body[:200]!r}")
+        return token
 
     return fetch
 
@@ -256,10 +323,133 @@ def _token_text(value: str | Mapping[str, Any]) -> str:
     return token
 
 
+def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    """The body's first `limit` bytes, as sent (never inflated): an error page can be endless too."""
+    body = bytearray()
+    for chunk in response.iter_raw():
+        body += chunk[: limit - len(body)]
+        if len(body) >= limit:
+            break
+    return bytes(body)
+
+
 def _error_of(body: bytes) -> tuple[str, str]:
     """(code, message) of a docs/protocol.md §3 JSON error, or a stand-in for a body that is not one."""
-    try:
-        error = json.loads(body)["error"]
+    error = _json_object(body).get("error")
+    if isinstance(error, dict) and "code" in error and "message" in error:
         return str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        return "http_error", body[:200].decode(errors="replace") or "(no body)"
+    return "http_error", body[:200].decode(errors="replace") or "(no body)"
+
+
+def _json_object(text: str | bytes) -> dict[str, Any]:
+    """The JSON object in `text`, or {} for anything else (bad JSON, nested past the parser's depth)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# -- what a frame means: CONTRACT §4 -------------------------------------------------
+
+
+def _message_of(frame: _Frame) -> ClientMessage:
+    if frame.id is None or not _HEADER_VALUE.fullmatch(frame.id):
+        # Without its own cursor a message could not be resumed after: the next connection would
+        # start over from the last one that had one (or from the beginning).
+        raise ProtocolError(f"a {frame.event!r} frame without a usable id: {frame.id!r}")
+    envelope = _json_object(frame.data)
+    fields = _typed(envelope, id=int, channel=str, topic=str, run_id=(str, type(None)), created_at=str)
+    if fields is None or "data" not in envelope:
+        raise ProtocolError(f"not an envelope of CONTRACT §4: {frame.data[:200]!r}")
+    try:
+        fields["created_at"] = datetime.fromisoformat(fields["created_at"])
+    except ValueError:
+        raise ProtocolError(f"created_at is no ISO 8601 time: {fields['created_at'][:100]!r}") from None
+    return ClientMessage(cursor=frame.id, data=envelope["data"], **fields)
+
+
+def _reset_of(frame: _Frame) -> ClientReset:
+    fields = _typed(_json_object(frame.data), reason=str, cursor=str)
+    if fields is None:
+        raise ProtocolError(f"not a reset of CONTRACT §4: {frame.data[:200]!r}")
+    # The reset's own id is its position; the body says the same.
+    cursor = frame.id if frame.id is not None and _HEADER_VALUE.fullmatch(frame.id) else fields["cursor"]
+    if not _HEADER_VALUE.fullmatch(cursor):
+        raise ProtocolError(f"a reset without a usable cursor: {cursor[:100]!r}")
+    return ClientReset(fields["reason"], cursor)
+
+
+def _typed(body: dict[str, Any], **types: type | tuple[type, ...]) -> dict[str, Any] | None:
+    """The named fields of `body` if each is there with its type (no bool for an int), else None."""
+    fields = {name: body.get(name, ...) for name in types}
+    ok = all(isinstance(fields[name], kind) and not isinstance(fields[name], bool) for name, kind in types.items())
+    return fields if ok else None
+
+
+# -- reading the wire: WHATWG HTML §9.2.5-9.2.6, within bounds ---------------------
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The fields of one frame, the lines up to a blank line."""
+
+    event: str = ""
+    data: str = ""  # its data lines, joined with LF
+    id: str | None = None  # this frame's own `id:`: unlike EventSource's, the cursor is not kept from frame to frame
+    retry_ms: float | None = None
+    comment: bool = False  # a keep-alive
+
+
+def _frames(chunks: Iterable[bytes], max_bytes: int) -> Iterator[_Frame]:
+    """The frames of an event stream; `ProtocolError` once a frame passes `max_bytes`."""
+    fields: dict[str, Any] = {}
+    data: list[str] = []
+    size = 0
+    for number, line in enumerate(_lines(chunks, max_bytes)):
+        if not line:
+            if fields or data:
+                yield _Frame(data="\n".join(data), **fields)
+            fields, data, size = {}, [], 0
+            continue
+        size += len(line) + 1
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        text = line.decode(errors="replace")
+        if number == 0 and text.startswith("\ufeff"):
+            text = text[1:]
+        name, _, value = text.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if not name:
+            fields["comment"] = True
+        elif name == "data":
+            data.append(value)
+        elif name in ("event", "id"):
+            fields[name] = value
+        elif name == "retry" and _DIGITS.fullmatch(value):
+            fields["retry_ms"] = float(value)  # a float: int() refuses 5,000 digits
+
+
+def _lines(chunks: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
+    """Lines ended by CRLF, LF or CR; `ProtocolError` as soon as one passes `max_bytes`, not when it ends."""
+    pending = bytearray()
+    after_cr = False  # the last chunk ended with CR: an LF opening this one is the same line end
+    for chunk in chunks:
+        if after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        start = 0
+        for end in _LINE_END.finditer(chunk):
+            if len(pending) + end.start() - start > max_bytes:
+                raise _too_large(max_bytes)
+            yield bytes(pending) + chunk[start:end.start()]
+            pending.clear()
+            start = end.end()
+        if len(pending) + len(chunk) - start > max_bytes:
+            raise _too_large(max_bytes)
+        pending += chunk[start:]
+        after_cr = chunk.endswith(b"\r")
+
+
+def _too_large(max_bytes: int) -> ProtocolError:
+    return ProtocolError(f"a frame of more than {max_bytes} bytes (max_frame_bytes; a server with a larger "
+                         "REALTIME_MAX_MESSAGE_BYTES needs a larger one)")

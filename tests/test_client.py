@@ -17,7 +17,7 @@ from sseclient import other_epoch
 from realtime.client import Backoff, ClientMessage, ClientReset, SubscribeRefused, subscribe, token_from
 from realtime.tokens import TokenIssuer
 
-FAST = Backoff(initial_s=0.05, max_s=0.2)
+FAST = Backoff(initial_s=0.05, max_s=0.2, min_s=0.05)
 
 
 @pytest.fixture(scope="module")
