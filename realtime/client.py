@@ -20,10 +20,9 @@ at or before the last one delivered is dropped; and whatever it cannot use (bad
 JSON, a missing or mistyped field, a message without a usable `id:`) raises
 `ProtocolError`, with the cursor still at the last message delivered.
 
-It reads the wire format itself rather than through httpx-sse, which buffers a
-line and a frame without bound and has no setting to limit them (a `data:` line
-that never ended grew a client to 3.3 GB in 15 s). Lines end at CR, LF or CRLF
-only (WHATWG HTML §9.2.5), so no character inside a `data:` line can cut a frame.
+It reads the wire format itself (sse_reader.py) rather than through httpx-sse,
+which buffers a line and a frame without bound and has no setting to limit them
+(a `data:` line that never ended grew a client to 3.3 GB in 15 s).
 """
 from __future__ import annotations
 
@@ -39,6 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import httpx
 
+from .sse_reader import Frame, FrameTooLarge, read_frames
+
 SUBSCRIBE_PATH = "/api/realtime/subscribe"
 TOKEN_PATH = "/api/realtime/token"
 
@@ -53,7 +54,6 @@ TokenSource = Union[str, Callable[[], Union[str, Mapping[str, Any]]]]
 
 _HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,1024}")  # what can be sent back as Last-Event-ID or a bearer token
 _DIGITS = re.compile(r"[0-9]+")  # `retry:` (WHATWG HTML §9.2.6) and delay-seconds (RFC 9110 §10.2.3): ASCII only
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class SubscribeRefused(ClientError):
 
 
 class ProtocolError(ClientError):
-    """The server sent what CONTRACT §4 does not allow: the subscription ends, its cursor at the
+    """The server sent what the protocol (docs/protocol.md) does not allow: the subscription ends, its cursor at the
     last message delivered (resuming would only read the same bytes again)."""
 
 
@@ -208,7 +208,7 @@ class ClientSubscription:
                         if wait_s is None:  # a stream: read it to its end
                             self._socket = response.extensions["network_stream"].get_extra_info("socket")
                             brought_nothing = True
-                            for frame in _frames(response.iter_raw(), self.max_frame_bytes):
+                            for frame in self._frames(response):
                                 if frame.retry_ms is not None:
                                     retry_s = frame.retry_ms / 1000
                                 message = self._message(frame)
@@ -232,6 +232,13 @@ class ClientSubscription:
                 self._sleep(wait_s)
         finally:
             self._release()
+
+    def _frames(self, response: httpx.Response) -> Iterator[Frame]:
+        try:
+            yield from read_frames(response.iter_raw(), self.max_frame_bytes)
+        except FrameTooLarge as too_large:
+            raise ProtocolError(f"{too_large} (max_frame_bytes; a server with a larger "
+                                "REALTIME_MAX_MESSAGE_BYTES needs a larger one)") from None
 
     def _request(self) -> dict[str, Any]:
         self._token_is_new = self._token is None
@@ -271,7 +278,7 @@ class ClientSubscription:
             message += " (a token given as a string cannot be renewed: pass a callable that fetches a fresh one)"
         raise SubscribeRefused(status, code, message)
 
-    def _message(self, frame: _Frame) -> ClientMessage | None:
+    def _message(self, frame: Frame) -> ClientMessage | None:
         """The new message a frame carries, if any; a reset is reported here."""
         if not frame.data:
             return None  # `retry:`, a keep-alive: the spec dispatches no event without data
@@ -350,10 +357,10 @@ def _json_object(text: str | bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-# -- what a frame means: CONTRACT §4 -------------------------------------------------
+# -- what a frame means (docs/protocol.md) ----------------------------------------
 
 
-def _message_of(frame: _Frame) -> ClientMessage:
+def _message_of(frame: Frame) -> ClientMessage:
     if frame.id is None or not _HEADER_VALUE.fullmatch(frame.id):
         # Without its own cursor a message could not be resumed after: the next connection would
         # start over from the last one that had one (or from the beginning).
@@ -361,7 +368,7 @@ def _message_of(frame: _Frame) -> ClientMessage:
     envelope = _json_object(frame.data)
     fields = _typed(envelope, id=int, channel=str, topic=str, run_id=(str, type(None)), created_at=str)
     if fields is None or "data" not in envelope:
-        raise ProtocolError(f"not an envelope of CONTRACT §4: {frame.data[:200]!r}")
+        raise ProtocolError(f"not an envelope of the protocol (docs/protocol.md): {frame.data[:200]!r}")
     try:
         fields["created_at"] = datetime.fromisoformat(fields["created_at"])
     except ValueError:
@@ -369,10 +376,10 @@ def _message_of(frame: _Frame) -> ClientMessage:
     return ClientMessage(cursor=frame.id, data=envelope["data"], **fields)
 
 
-def _reset_of(frame: _Frame) -> ClientReset:
+def _reset_of(frame: Frame) -> ClientReset:
     fields = _typed(_json_object(frame.data), reason=str, cursor=str)
     if fields is None:
-        raise ProtocolError(f"not a reset of CONTRACT §4: {frame.data[:200]!r}")
+        raise ProtocolError(f"not a reset of the protocol (docs/protocol.md): {frame.data[:200]!r}")
     # The reset's own id is its position; the body says the same.
     cursor = frame.id if frame.id is not None and _HEADER_VALUE.fullmatch(frame.id) else fields["cursor"]
     if not _HEADER_VALUE.fullmatch(cursor):
@@ -385,71 +392,3 @@ def _typed(body: dict[str, Any], **types: type | tuple[type, ...]) -> dict[str, 
     fields = {name: body.get(name, ...) for name in types}
     ok = all(isinstance(fields[name], kind) and not isinstance(fields[name], bool) for name, kind in types.items())
     return fields if ok else None
-
-
-# -- reading the wire: WHATWG HTML §9.2.5-9.2.6, within bounds ---------------------
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """The fields of one frame, the lines up to a blank line."""
-
-    event: str = ""
-    data: str = ""  # its data lines, joined with LF
-    id: str | None = None  # this frame's own `id:`: unlike EventSource's, the cursor is not kept from frame to frame
-    retry_ms: float | None = None
-    comment: bool = False  # a keep-alive
-
-
-def _frames(chunks: Iterable[bytes], max_bytes: int) -> Iterator[_Frame]:
-    """The frames of an event stream; `ProtocolError` once a frame passes `max_bytes`."""
-    fields: dict[str, Any] = {}
-    data: list[str] = []
-    size = 0
-    for number, line in enumerate(_lines(chunks, max_bytes)):
-        if not line:
-            if fields or data:
-                yield _Frame(data="\n".join(data), **fields)
-            fields, data, size = {}, [], 0
-            continue
-        size += len(line) + 1
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        text = line.decode(errors="replace")
-        if number == 0 and text.startswith("\ufeff"):
-            text = text[1:]
-        name, _, value = text.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if not name:
-            fields["comment"] = True
-        elif name == "data":
-            data.append(value)
-        elif name in ("event", "id"):
-            fields[name] = value
-        elif name == "retry" and _DIGITS.fullmatch(value):
-            fields["retry_ms"] = float(value)  # a float: int() refuses 5,000 digits
-
-
-def _lines(chunks: Iterable[bytes], max_bytes: int) -> Iterator[bytes]:
-    """Lines ended by CRLF, LF or CR; `ProtocolError` as soon as one passes `max_bytes`, not when it ends."""
-    pending = bytearray()
-    after_cr = False  # the last chunk ended with CR: an LF opening this one is the same line end
-    for chunk in chunks:
-        if after_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]
-        start = 0
-        for end in _LINE_END.finditer(chunk):
-            if len(pending) + end.start() - start > max_bytes:
-                raise _too_large(max_bytes)
-            yield bytes(pending) + chunk[start:end.start()]
-            pending.clear()
-            start = end.end()
-        if len(pending) + len(chunk) - start > max_bytes:
-            raise _too_large(max_bytes)
-        pending += chunk[start:]
-        after_cr = chunk.endswith(b"\r")
-
-
-def _too_large(max_bytes: int) -> ProtocolError:
-    return ProtocolError(f"a frame of more than {max_bytes} bytes (max_frame_bytes; a server with a larger "
-                         "REALTIME_MAX_MESSAGE_BYTES needs a larger one)")
