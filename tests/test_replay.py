@@ -6,10 +6,13 @@ import threading
 
 from datetime import datetime, timezone
 
+import httpx
+import psycopg
 import pytest
 
+import sseclient
 from common.database import Database
-from conftest import wait_until
+from conftest import PUBLISH_KEY, wait_until
 from realtime import sse
 from realtime.dispatch import Dispatcher
 from realtime.replay import ReplayBusy, ReplayPage, ReplayReads
@@ -196,3 +199,67 @@ def test_a_stream_without_a_turn_to_replay_sends_keep_alives_then_its_page(tmp_p
     stream.close()
     dispatcher.stop()
     db.dispose()
+
+
+class StormStream(threading.Thread):
+    """One client of a storm: opens its stream (again after a 503, when Retry-After says) and
+    reads it until its one message came, noting whether a keep-alive came first."""
+
+    def __init__(self, server, token: str) -> None:
+        super().__init__(daemon=True)
+        self.server, self.token = server, token
+        self.kept_alive = threading.Event()
+        self.received: list[int] = []
+        self.refused = 0
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while not self.received:
+                with sseclient.open_stream(self.server, self.token, read_timeout=10) as response:
+                    if response.status_code == 503:
+                        self.refused += 1
+                        response.read()
+                        threading.Event().wait(float(response.headers["Retry-After"]))  # as a client would
+                        continue
+                    assert response.status_code == 200, response.read()
+                    for item in sseclient.events_of(response):
+                        if isinstance(item, sseclient.Comment):
+                            self.kept_alive.set()
+                        elif item.data:
+                            self.received.append(item.envelope["id"])
+                            break
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_a_storm_of_streams_whose_replays_cannot_read_yet_keeps_its_clients(start_server, postgres_url):
+    """200 streams open at once on one worker while no replay read can finish (a transaction
+    locks the messages): each waits for its turn to read with keep-alives, not in silence behind
+    the few reads that have the turns, then gets its message once the reads go through."""
+    server = start_server(postgres_url, workers=1, DEMO_ENABLED=True)
+    channels = [f"storm.{n}" for n in range(200)]  # one replay read each: none is shared
+    response = httpx.post(server.url + "/api/realtime/publish", timeout=30,
+                          json={"messages": [{"channel": c, "topic": "t", "data": c} for c in ["warm-up", *channels]]},
+                          headers={"Authorization": f"Bearer {PUBLISH_KEY}"})
+    assert response.status_code == 201, response.text
+    published = {m["channel"]: m["id"] for m in response.json()["messages"]}
+    # The worker reads where it stands, once, with its first stream: not during the storm.
+    sseclient.stream_frames(server, server.token("warm-up", ["t"]), 1)
+    tokens = [server.token(channel, ["t"]) for channel in channels]
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg", "postgresql")) as locker:
+        locker.execute("LOCK TABLE realtime_messages IN ACCESS EXCLUSIVE MODE")
+        streams = [StormStream(server, token) for token in tokens]
+        wait_until(lambda: all(s.kept_alive.is_set() or s.error for s in streams),
+                   what="a keep-alive on every stream waiting to replay")
+        assert not any(s.received for s in streams), "no replay read went through the lock"
+        locker.rollback()
+    for stream in streams:
+        stream.join(30)
+    assert [s.error for s in streams if s.error] == []
+    assert {c: s.received for c, s in zip(channels, streams)} == {c: [published[c]] for c in channels}
+    # Admission may have turned some away for a while (the clients came back): each one is counted.
+    assert server.metric("realtime_stream_admission_refused_total") == sum(s.refused for s in streams)
