@@ -1,6 +1,6 @@
 """`Realtime`, the Flask extension: the Python API and the glue between the parts.
 
-    realtime = Realtime(app)            # or Realtime() then init_app(app, engine=...)
+    realtime = Realtime(app)            # or Realtime() then init_app(app, db=...)
     realtime.publish("run.42", "status", {"percent": 10})
     grant = realtime.create_token("run.42", ["status", "log"])
 
