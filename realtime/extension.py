@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from common.database import Database, database_for
 
+from . import metrics
 from .admission import StreamAdmission
 from .changes import PostgresChangeFeed
 from .cursor import Cursor
@@ -189,6 +190,8 @@ class Realtime:
             # Pruned between the cursor's check and the page (the mark is the page's own).
             after_id = page.pruned_through
             reset = Reset("history_truncated", str(Cursor(self.store.epoch, after_id)))
+        if cursor is not None:
+            metrics.RESUMES.labels(reset.reason if reset is not None else "exact").inc()
         last_id = page[-1].id if page else after_id
         return list(page), str(Cursor(self.store.epoch, last_id)), reset
 

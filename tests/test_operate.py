@@ -99,3 +99,22 @@ def test_json_logs_one_object_per_line_and_never_a_secret(start_server, tmp_path
     [ready] = [r for r in access if r.get("path") == "/readyz"]
     assert {"method": "GET", "status": 200, "request_id": request_id}.items() <= ready.items()
     assert any(r.get("path") == "/api/realtime/subscribe" for r in access), "the path, never its query"
+
+
+def test_a_history_read_with_a_cursor_counts_as_a_resume(client, realtime):
+    """realtime_resumes_total counts streams and history reads that came with a cursor."""
+    from prometheus_client import REGISTRY
+
+    def resumes(result: str) -> float:
+        return REGISTRY.get_sample_value("realtime_resumes_total", {"result": result}) or 0.0
+
+    first = realtime.publish("c", "t", 1)
+    token = realtime.create_token("c", ["t"]).token
+    exact, unknown = resumes("exact"), resumes("unknown_cursor")
+    assert client.get("/api/realtime/messages", query_string={"token": token}).status_code == 200
+    assert resumes("exact") == exact, "no cursor: no resume"
+    cursor = f"{realtime.store.epoch}-{first.id}"
+    assert client.get("/api/realtime/messages", query_string={"token": token, "after": cursor}).status_code == 200
+    assert resumes("exact") == exact + 1
+    assert client.get("/api/realtime/messages", query_string={"token": token, "after": "00000000-1"}).status_code == 200
+    assert resumes("unknown_cursor") == unknown + 1
