@@ -7,8 +7,10 @@ import os
 import shutil
 import tempfile
 
-# gevent: each open stream is a greenlet, not a thread; thousands fit in a worker.
-worker_class = "gevent"
+# gevent: each open stream is a greenlet, not a thread; thousands fit in a worker. gunicorn's
+# gevent worker, but for the requests gunicorn refuses before the app sees them (an over-long
+# request line, too many headers ...): JSON errors, not its HTML pages (common/server_errors.py).
+worker_class = "common.server_errors.JsonErrorGeventWorker"
 # gevent records, for each new greenlet, the greenlet and ten stack frames that spawned it (for
 # debugging tools). Kept for as long as the stream lives, that is 0.8 KiB per open stream, a
 # twentieth of its memory (bench/README.md). The workers inherit this, as any set before.

@@ -8,24 +8,24 @@
                                               EventSource gets as it reconnects
     GET /workshop/cases/<name>/requests?lab=ID  the requests this lab made: attempt, time,
                                               the Last-Event-ID header the browser sent
+                                              (its first 256 bytes, then its size)
 
 A lab id is chosen by the page for each run. The requests of each (lab, case) are
-kept in this process's memory, bounded (`LabLog`): run the lab on one process
-(`make run`, or gunicorn with one worker) so every reconnect finds its lab.
+kept in this process's memory, bounded in bytes, count and time (demo/lab_log.py): run
+the lab on one process (`make run`, or gunicorn with one worker) so every reconnect
+finds its lab.
 """
 from __future__ import annotations
 
 import re
-import threading
-import time
-from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from flask import Blueprint, Response, current_app, render_template, request
 
 from common.errors import AppError
 
+from .lab_log import LabLog, LabRequest, shown
 from .spec_cases import CASES, SPEC_URL, SpecCase
 
 blueprint = Blueprint("workshop", __name__, url_prefix="/workshop")
@@ -42,46 +42,10 @@ class InvalidLab(AppError):
     code = "invalid_lab"
 
 
-@dataclass(frozen=True)
-class LabRequest:
-    attempt: int
-    ms: int  # since the lab's first request of this case
-    last_event_id: str | None
-    status: int
-
-
-class LabLog:
-    """The requests of the most recent labs, in memory: at most `max_labs` x `max_requests`."""
-
-    def __init__(self, max_labs: int = 256, max_requests: int = 50) -> None:
-        self.max_labs = max_labs
-        self.max_requests = max_requests
-        self._labs: OrderedDict[tuple[str, str], tuple[float, list[LabRequest]]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def next_attempt(self, lab: str, case: str) -> tuple[int, float]:
-        """The number of this request (from 1) and when the lab's first one came (monotonic)."""
-        with self._lock:
-            started, seen = self._labs.pop((lab, case), (time.monotonic(), []))
-            self._labs[(lab, case)] = (started, seen)  # most recent last
-            while len(self._labs) > self.max_labs:
-                self._labs.popitem(last=False)
-            return len(seen) + 1, started
-
-    def record(self, lab: str, case: str, entry: LabRequest) -> None:
-        with self._lock:
-            _, seen = self._labs.get((lab, case), (0.0, []))
-            if len(seen) < self.max_requests:
-                seen.append(entry)
-
-    def requests(self, lab: str, case: str) -> list[LabRequest]:
-        with self._lock:
-            return list(self._labs.get((lab, case), (0.0, []))[1])
-
-
 @blueprint.record_once
 def _create_lab_log(state: Any) -> None:
-    state.app.extensions["workshop_lab_log"] = LabLog()
+    # A lab in use is never evicted for another visitor's new one (demo/lab_log.py).
+    state.app.extensions["workshop_lab_log"] = LabLog(busy_s=30.0)
 
 
 def _lab_log() -> LabLog:
@@ -123,9 +87,10 @@ def cases() -> dict[str, Any]:
 def answer(name: str) -> Response:
     case = _case(name)
     last_event_id = request.headers.get("Last-Event-ID")
+    log = _lab_log()
     if "lab" in request.args:
         lab = _lab_id()
-        attempt, started = _lab_log().next_attempt(lab, name)
+        attempt, started = log.next_attempt(lab, name)
     else:
         raw = request.args.get("attempt", "1")
         if not re.fullmatch(r"[0-9]{1,3}", raw) or int(raw) < 1:
@@ -133,9 +98,9 @@ def answer(name: str) -> Response:
         lab, attempt = None, int(raw)
     scripted = case.answer(attempt)
     if lab is not None:
-        ms = round((time.monotonic() - started) * 1000)
-        _lab_log().record(lab, name, LabRequest(attempt, ms, last_event_id, scripted.status))
-    response = Response(scripted.render(last_event_id), status=scripted.status)
+        ms = round((log.clock() - started) * 1000)
+        log.record(lab, name, LabRequest(attempt, ms, last_event_id, scripted.status))
+    response = Response(scripted.render(shown(last_event_id)), status=scripted.status)
     if scripted.content_type is None:
         del response.headers["Content-Type"]
     else:
