@@ -33,7 +33,7 @@ from .journal import StepJournal
 from .records import COMPLETED, FAILED, FINISHED, NewEvent, Run, is_id
 from .runs import PruneHook, RunStore
 from .tables import create_schema
-from .worker import PRUNE_BATCH, Retention, Worker
+from .worker import PRUNE_BATCH, SILENT_AFTER_HEARTBEATS, Retention, Worker, last_heartbeat
 
 DEFAULTS = {
     "JOBS_EMBEDDED": True,
@@ -203,6 +203,30 @@ class Jobs:
             total += removed_runs
             if max(removed_runs, removed_events) < PRUNE_BATCH:
                 return total
+
+    # -- workers -------------------------------------------------------------------
+
+    def workers_problem(self) -> str | None:
+        """Runs are waiting and no worker has polled in SILENT_AFTER_HEARTBEATS heartbeats:
+        /readyz's warning `jobs_workers` (app.py), the demo page's "no job worker" hint.
+
+        Nothing waiting, nothing to say: a web process without a pool, its workers
+        elsewhere, is fine, and so is an app that sends no event. Eager mode runs
+        each run as it is sent.
+        """
+        if self.eager:
+            return None
+        heartbeat_s = self.worker.heartbeat_s
+        seen = last_heartbeat(self.runs, heartbeat_s)
+        silent_s = None if seen is None else (self.runs.now() - seen).total_seconds()
+        if silent_s is not None and silent_s <= SILENT_AFTER_HEARTBEATS * heartbeat_s:
+            return None
+        due = self.runs.count_due()
+        if not due:
+            return None
+        since = "yet" if silent_s is None else f"in the last {silent_s:.0f} s"
+        waiting = "1 run is" if due == 1 else f"{due} runs are"
+        return f"{waiting} waiting and no job worker has polled {since}: start one with `flask --app app jobs worker`"
 
     def drain(self) -> int:
         """Eager mode: execute every due run now, inline (e.g. after advancing a test clock)."""

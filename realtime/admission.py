@@ -25,7 +25,9 @@ setups inside hold their turns for up to a database call's time limit (8 s,
 common/database.py), so a request let in after 2 s still answers within
 10 s, one let in later might not. Letting it in without a turn instead, as
 the gate did before issue 17, sent a storm's waiters into the app together
-after their first second: no bound at all.
+after their first second: no bound at all. So the part of a storm that a
+worker cannot set up within 2 s is turned away and comes back after
+`Retry-After`: shed, never let in all at once.
 """
 from __future__ import annotations
 

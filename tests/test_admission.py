@@ -125,7 +125,7 @@ def test_at_most_limit_streams_are_inside_the_app_and_the_rest_wait_their_turn()
 def test_streams_that_waited_their_longest_are_refused_and_the_bound_still_holds():
     """No herd after the longest wait (issue 17): each waiter gets a turn or a 503, never a way in
     without one, so a setup stuck on a stalled database still leaves its waiters an answer in time
-    (CONTRACT §5)."""
+    (docs/protocol.md §7)."""
     held = HeldApp()
     gate, turns = _gate(held, limit=2)
     refused_before = _refused()
