@@ -74,6 +74,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     probes = health.Health(app)
     probes.add("database", lambda: _database_problem(app))
     probes.add("change_feed", realtime.change_feed_problem)
+    probes.warn("jobs_workers", jobs.workers_problem)  # never unready for it: see common/health.py
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(metrics.blueprint)

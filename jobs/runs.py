@@ -373,6 +373,12 @@ class RunStore:
             return session.execute(first).first() is not None  # no row: someone else's turn
 
     @database_call
+    def next_turn(self, task: str) -> datetime | None:
+        """When `task` is next due (`take_turn`), or None if no caller ever took a turn of it."""
+        with self.engine.connect() as conn:
+            return as_utc(conn.execute(select(schedule.c.due_at).where(schedule.c.task == task)).scalar_one_or_none())
+
+    @database_call
     def count_due(self) -> int:
         """Runs a free worker could claim now: queued or running, and due.
 

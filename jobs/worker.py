@@ -2,11 +2,11 @@
 
 One loop per process does the bookkeeping (claim while a thread is free,
 renew leases every third of a lease, prune old runs in small batches when it
-is this worker's turn, sleep until woken or `poll_s` passed); the pool's
-threads only execute runs. The same class serves the embedded pool
-of each web process (`JOBS_EMBEDDED`), `flask --app app jobs worker`, and,
-through `drain()`, eager mode, where runs execute inline and tests need no
-threads at all.
+is this worker's turn, say it is alive every `heartbeat_s`, sleep until woken
+or `poll_s` passed); the pool's threads only execute runs. The same class
+serves the embedded pool of each web process (`JOBS_EMBEDDED`), `flask --app
+app jobs worker`, and, through `drain()`, eager mode, where runs execute
+inline and tests need no threads at all.
 
 gevent (gunicorn's workers): monkey-patching turns `threading.Thread`, and so
 the threads of a stdlib `ThreadPoolExecutor`, into greenlets, and a greenlet
@@ -29,7 +29,7 @@ import threading
 import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from common.greenlets import gevent_is_patched
 
@@ -42,6 +42,24 @@ log = logging.getLogger(__name__)
 #: Runs (and events) deleted per transaction: claims wait for one batch at most.
 PRUNE_BATCH = 100
 PRUNE_TASK = "prune"
+
+# Runs queued with no worker wait forever, and nothing said so (issue 19, item 5). So
+# every worker loop that polls takes a turn of this task once a heartbeat: one row of
+# the shared schedule, written once per heartbeat among all the workers (embedded
+# pools and `flask jobs worker` alike), however many of them poll.
+HEARTBEAT_TASK = "heartbeat"
+#: After this many heartbeats without one, no worker is taken to be polling.
+SILENT_AFTER_HEARTBEATS = 3
+
+
+def last_heartbeat(runs: RunStore, heartbeat_s: float) -> datetime | None:
+    """When a worker last took the heartbeat's turn, or None if none ever did.
+
+    The turn is due again a heartbeat after it was taken; a live worker takes
+    it within one of its polls of that.
+    """
+    due = runs.next_turn(HEARTBEAT_TASK)
+    return None if due is None else due - timedelta(seconds=heartbeat_s)
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,9 @@ def make_executor(threads: int) -> Executor:
 
 
 class Worker:
+    #: Seconds between a worker's heartbeats (HEARTBEAT_TASK).
+    heartbeat_s = 5.0
+
     def __init__(
         self,
         runs: RunStore,
@@ -120,6 +141,7 @@ class Worker:
         renew_every = self.lease_s / 3
         next_renewal = time.monotonic() + renew_every
         next_prune = time.monotonic()  # whether it is our turn is asked at start, then every interval
+        next_heartbeat = time.monotonic()
         pruning = False  # a pass has more to delete: one batch per turn of the loop, claims in between
         backoff = 0.0
         try:
@@ -134,6 +156,11 @@ class Worker:
                         self._renew()
                         next_renewal = time.monotonic() + renew_every
                     self._fill(executor)
+                    # Alive and able to claim: a stopping worker, or one whose
+                    # database is away, says nothing.
+                    if not self._stopping and time.monotonic() >= next_heartbeat:
+                        self.runs.take_turn(HEARTBEAT_TASK, self.heartbeat_s)
+                        next_heartbeat = time.monotonic() + self.heartbeat_s
                     if self.retention is not None and not self._stopping:
                         if not pruning and time.monotonic() >= next_prune:
                             next_prune = time.monotonic() + self.retention.interval_s

@@ -17,6 +17,9 @@ const RUN_STATUSES = {
   cancelled: "Cancelled",
 };
 const MAX_FRAME_BLOCKS = 400;
+// How long a run may stay queued before the page asks whether any job worker polls, and how
+// often it asks again while the run waits.
+const WORKER_CHECK_MS = 3000;
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const reports = new Map(); // run_id -> {sub, card}
@@ -86,6 +89,28 @@ function watch(grant) {
   reports.set(runId, { card, sub });
   syncURL();
   renderStreams();
+  setTimeout(() => checkWorkers(card), WORKER_CHECK_MS);
+}
+
+/**
+ * While the run stays queued, show whether a job worker is there to run it: /readyz
+ * warns `jobs_workers` when runs wait and no worker has polled lately (common/health.py).
+ * With JOBS_EMBEDDED off and no `flask jobs worker`, the card said "Queued" forever.
+ */
+async function checkWorkers(card) {
+  if (!card.isConnected || card.dataset.runStatus !== "queued") return;
+  const warning = await workersWarning();
+  if (card.dataset.runStatus === "queued") $(".no-worker", card).hidden = !warning;
+  setTimeout(() => checkWorkers(card), WORKER_CHECK_MS);
+}
+
+async function workersWarning() {
+  try {
+    const body = await (await fetch("/readyz", { cache: "no-store" })).json();
+    return body.warnings?.jobs_workers ?? null;
+  } catch {
+    return null; // the server is away: the card's connection state says so
+  }
 }
 
 function createCard(runId) {
@@ -159,6 +184,7 @@ function renderMessage(card, { id, topic, data, created_at: createdAt }) {
     $(".log-count", card).textContent = log.children.length;
   } else if (topic === "run" && RUN_STATUSES[data.status]) {
     card.dataset.runStatus = data.status;
+    if (data.status !== "queued") $(".no-worker", card).hidden = true;
     const badge = $(".run-status", card);
     badge.textContent = RUN_STATUSES[data.status];
     if (data.status === "failed" || data.status === "cancelled") {

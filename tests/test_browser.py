@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ from browser_support import (
     shown_log_ids,
     wait_for_token_expiry,
 )
-from conftest import LiveServer, skip_or_fail
+from conftest import ROOT, LiveServer, skip_or_fail
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -104,6 +106,34 @@ def test_reports_run_to_completion_side_by_side_and_serve_their_pdf(start_server
     screenshot(page, "report-completed", full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})
     screenshot(page, "report-completed-phone", full_page=True)
+    console.assert_clean()
+
+
+def test_a_report_queued_with_no_job_worker_says_how_to_start_one(start_server, tmp_path, page, console):
+    """Issue 19, item 5: the workshop's settings (JOBS_EMBEDDED off) and no `flask jobs worker`."""
+    server = start_server(f"sqlite:///{tmp_path / 'demo.sqlite3'}", DEMO_ENABLED=True, JOBS_EMBEDDED=False,
+                          DEMO_REPORT_STEP_S=0)
+    page.clock.install()  # the page asks after 3 s of "Queued": the test moves its clock instead
+    page.goto(server.url + "/")
+    page.get_by_role("button", name="Generate report").click()
+    card = page.locator(".report")
+    hint = card.locator(".no-worker")
+    expect(card).to_have_attribute("data-run-status", "queued")
+    expect(hint).to_be_hidden()
+    page.clock.fast_forward(3000)
+    expect(hint).to_have_text("No job worker is running: start one with flask --app app jobs worker.")
+    screenshot(page, "report-no-worker")
+
+    log = open(tmp_path / "worker.log", "ab")
+    worker = subprocess.Popen([sys.executable, "-m", "flask", "--app", "app", "jobs", "worker"], cwd=ROOT,
+                              env=server.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        expect(card).to_have_attribute("data-run-status", "completed", timeout=60_000)
+        expect(hint).to_be_hidden()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=20)
+        log.close()
     console.assert_clean()
 
 
