@@ -1,12 +1,13 @@
 """The spec lab's cases: hand-made event streams, each with what EventSource dispatches.
 
 One case per line rule and reconnection rule of WHATWG HTML §9.2 "Server-sent
-events". Each case is data: the answers the server gives to the first, second ...
-request of one EventSource (fixed bytes, a status, a Content-Type), and the
-events a conforming EventSource dispatches for them, in order. demo/workshop.py
-serves them, templates/workshop.html shows them next to what the browser really
-did, tests/test_workshop.py checks them in Chromium, and docs/workshop.md quotes
-them (`describe()` is the text the guide shows).
+events", in the order of its sections. Each case is data: the answers the
+server gives to the first, second ... request of one EventSource (fixed bytes,
+a status, a Content-Type), and the events a conforming EventSource dispatches
+for them, in order. demo/workshop.py serves them, templates/workshop.html shows
+them next to what the browser really did, tests/test_workshop.py checks them in
+Chromium, and docs/workshop.md quotes them (`describe()` is the text the guide
+shows).
 
 Nothing here formats frames with realtime/sse.py on purpose: these bytes break
 the rules that module keeps (CR line ends, a BOM, an id with NUL ...).
@@ -19,7 +20,7 @@ from typing import Any
 
 #: Sections of the WHATWG HTML Standard, §9.2 "Server-sent events".
 PROCESSING = "9.2.3 Processing model"
-LAST_EVENT_ID = "9.2.4 The `Last-Event-ID` header"
+LAST_EVENT_ID = "9.2.4 The Last-Event-ID header"
 PARSING = "9.2.5 Parsing an event stream"
 INTERPRETING = "9.2.6 Interpreting an event stream"
 SPEC_URL = "https://html.spec.whatwg.org/multipage/server-sent-events.html"
@@ -84,7 +85,9 @@ class SpecCase:
     name: str
     title: str
     section: str
-    rule: str  # the spec rule, in one or two sentences
+    #: The spec rule, and what this stream sends, in one or two sentences; shown above
+    #: "Your prediction", so never what happens: that is for `notice`.
+    rule: str
     answers: tuple[Answer, ...]
     dispatches: tuple[Dispatch, ...]
     #: The Last-Event-ID header of each request EventSource makes (None: no header).
@@ -94,7 +97,7 @@ class SpecCase:
     #: True: let the browser reconnect as the answers say; False: the lab closes the
     #: source when the first stream ends (the browser would otherwise reconnect in 3 s).
     reconnects: bool = False
-    notice: str = ""  # what to look at
+    notice: str = ""  # what to look at, shown with what happens once the case ran
 
     def answer(self, attempt: int) -> Answer:
         """The answer to the `attempt`-th request (from 1); after the script, 204."""
@@ -121,6 +124,80 @@ def _stream(*messages: Dispatch) -> tuple[Dispatch, ...]:
 
 
 _CASES = [
+    # -- 9.2.3 Processing model: reconnecting, failing ---------------------------------
+    SpecCase(
+        "retry", "retry: sets the reconnection time", PROCESSING,
+        "When the stream ends, EventSource waits the reconnection time, then reconnects. "
+        "retry: (ASCII digits only) sets it, in milliseconds, for every later reconnect.",
+        (
+            Answer(b"retry: 1500\ndata: see you in 1.5 s\n\n"),
+            Answer(b"retry: 2.5\nretry: 200\ndata: see you in 0.2 s\n\n"),
+            NO_CONTENT,
+        ),
+        (OPENED, message("see you in 1.5 s"), RECONNECTING,
+         OPENED, message("see you in 0.2 s"), RECONNECTING, FAILED),
+        requests=(None, None, None),
+        reconnects=True,
+        notice="Look at the times: the gaps before each reconnect. retry: 2.5 is not digits: ignored.",
+    ),
+    SpecCase(
+        "http-error", "An HTTP error status", PROCESSING,
+        "Any status other than 200 fails the connection: readyState CLOSED, one error event, "
+        "no reconnect, even for a 503 with Retry-After. EventSource does not say which status.",
+        (Answer(
+            b'{"error": {"code": "workshop_unavailable", "message": "a scripted 503 of the spec lab"}}\n',
+            status=503, content_type="application/json",
+        ),),
+        (FAILED,),
+        reconnects=True,
+        notice="Why static/realtime.js probes the URL with fetch when its EventSource gives up.",
+    ),
+    SpecCase(
+        "no-content", "204 No Content", PROCESSING,
+        "A 204 fails the connection like any status but 200: the way for a server to say "
+        "\"stop, do not come back\".",
+        (NO_CONTENT,),
+        (FAILED,),
+        reconnects=True,
+    ),
+    SpecCase(
+        "wrong-type", "A wrong Content-Type", PROCESSING,
+        "A 200 whose Content-Type is not text/event-stream fails the connection: the body is "
+        "never parsed.",
+        (Answer(b"data: never dispatched\n\n", content_type="text/plain; charset=utf-8"),),
+        (FAILED,),
+        reconnects=True,
+    ),
+    # -- 9.2.4 The Last-Event-ID header: resuming --------------------------------------
+    SpecCase(
+        "dropped", "A dropped connection resumes with Last-Event-ID", LAST_EVENT_ID,
+        "On reconnect, EventSource sends the last event ID it saw as the Last-Event-ID header. "
+        "This server ends its first stream after two events with ids, echoes the header in its "
+        "second, and answers the third request 204 No Content.",
+        (
+            Answer(b"retry: 200\nid: 41\ndata: first\n\nid: 42\ndata: second\n\n"),
+            Answer(b"data: you sent Last-Event-ID: " + ECHO + b"\n\n"),
+            NO_CONTENT,
+        ),
+        (OPENED, message("first", "41"), message("second", "42"), RECONNECTING,
+         OPENED, message("you sent Last-Event-ID: 42", "42"), RECONNECTING, FAILED),
+        requests=(None, "42", "42"),
+        reconnects=True,
+        notice="The event after the reconnect still has lastEventId 42, and the 204 stopped the "
+        "EventSource for good. This project's cursor is exactly this id: the server replays what came after it.",
+    ),
+    SpecCase(
+        "id-reset", "An empty id forgets the last event ID", LAST_EVENT_ID,
+        "An id field with an empty value resets the last event ID; the next reconnect then "
+        "sends no Last-Event-ID header at all.",
+        (
+            Answer(b"retry: 200\nid: 7\ndata: a\n\nid\ndata: b\n\n"),
+            NO_CONTENT,
+        ),
+        (OPENED, message("a", "7"), message("b"), RECONNECTING, FAILED),
+        requests=(None, None),
+        reconnects=True,
+    ),
     # -- 9.2.5 Parsing: line ends and the BOM ------------------------------------------
     SpecCase(
         "lf", "Lines end with LF", PARSING,
@@ -149,21 +226,15 @@ _CASES = [
     ),
     SpecCase(
         "bom", "A leading byte order mark", PARSING,
-        "One UTF-8 BOM at the very start of the stream is skipped. Anywhere else it is part "
-        "of the line: the second line's field name is U+FEFF followed by \"data\", which is ignored.",
+        "A stream may start with a UTF-8 byte order mark (U+FEFF), which is skipped. This one "
+        "sends a BOM before each of its two events.",
         (Answer(b"\xef\xbb\xbfdata: first\n\n\xef\xbb\xbfdata: second\n\n"),),
         _stream(message("first")),
-        notice="Two events were sent, one is dispatched.",
+        notice="Two events were sent, one is dispatched. Only the BOM at the very start is skipped; "
+        "anywhere else it is part of its line: the second field name is U+FEFF followed by \"data\", "
+        "a field the spec does not know, so the line is ignored.",
     ),
-    SpecCase(
-        "no-final-blank-line", "A stream that ends mid-event", INTERPRETING,
-        "An event is dispatched only by a blank line: at the end of the stream, a half-built "
-        "event is discarded.",
-        (Answer(b"data: complete\n\ndata: incomplete\n"),),
-        _stream(message("complete")),
-        notice="Why a proxy that buffers or cuts a stream loses the event in flight.",
-    ),
-    # -- 9.2.6 Interpreting: fields -------------------------------------------------------
+    # -- 9.2.6 Interpreting: fields ----------------------------------------------------
     SpecCase(
         "data-space", "data: with and without a space", INTERPRETING,
         "After the colon, one space is removed if there is one; anything else is the value.",
@@ -228,76 +299,13 @@ _CASES = [
         (Answer(b": hello\n\n: keep-alive\n\ndata: after the comments\n\n:\n\n"),),
         _stream(message("after the comments")),
     ),
-    # -- 9.2.3 Processing model: reconnecting, failing --------------------------------------
     SpecCase(
-        "retry", "retry: sets the reconnection time", PROCESSING,
-        "When the stream ends, EventSource waits the reconnection time, then reconnects. "
-        "retry: (ASCII digits only) sets it, in milliseconds, for every later reconnect.",
-        (
-            Answer(b"retry: 1500\ndata: see you in 1.5 s\n\n"),
-            Answer(b"retry: 2.5\nretry: 200\ndata: see you in 0.2 s\n\n"),
-            NO_CONTENT,
-        ),
-        (OPENED, message("see you in 1.5 s"), RECONNECTING,
-         OPENED, message("see you in 0.2 s"), RECONNECTING, FAILED),
-        requests=(None, None, None),
-        reconnects=True,
-        notice="Look at the times: the gaps before each reconnect. retry: 2.5 is not digits: ignored.",
-    ),
-    SpecCase(
-        "dropped", "A dropped connection resumes with Last-Event-ID", LAST_EVENT_ID,
-        "On reconnect, EventSource sends the last event ID it saw as the Last-Event-ID header; "
-        "the server echoes it here. The third answer is 204, which stops it.",
-        (
-            Answer(b"retry: 200\nid: 41\ndata: first\n\nid: 42\ndata: second\n\n"),
-            Answer(b"data: you sent Last-Event-ID: " + ECHO + b"\n\n"),
-            NO_CONTENT,
-        ),
-        (OPENED, message("first", "41"), message("second", "42"), RECONNECTING,
-         OPENED, message("you sent Last-Event-ID: 42", "42"), RECONNECTING, FAILED),
-        requests=(None, "42", "42"),
-        reconnects=True,
-        notice="This project's cursor is exactly this id: the server replays what came after it.",
-    ),
-    SpecCase(
-        "id-reset", "An empty id forgets the last event ID", LAST_EVENT_ID,
-        "An id field with an empty value resets the last event ID; the next reconnect then "
-        "sends no Last-Event-ID header at all.",
-        (
-            Answer(b"retry: 200\nid: 7\ndata: a\n\nid\ndata: b\n\n"),
-            NO_CONTENT,
-        ),
-        (OPENED, message("a", "7"), message("b"), RECONNECTING, FAILED),
-        requests=(None, None),
-        reconnects=True,
-    ),
-    SpecCase(
-        "http-error", "An HTTP error status", PROCESSING,
-        "Any status other than 200 fails the connection: readyState CLOSED, one error event, "
-        "no reconnect, even for a 503 with Retry-After. EventSource does not say which status.",
-        (Answer(
-            b'{"error": {"code": "workshop_unavailable", "message": "a scripted 503 of the spec lab"}}\n',
-            status=503, content_type="application/json",
-        ),),
-        (FAILED,),
-        reconnects=True,
-        notice="Why static/realtime.js probes the URL with fetch when its EventSource gives up.",
-    ),
-    SpecCase(
-        "no-content", "204 No Content", PROCESSING,
-        "A 204 fails the connection like any status but 200: the way for a server to say "
-        "\"stop, do not come back\".",
-        (NO_CONTENT,),
-        (FAILED,),
-        reconnects=True,
-    ),
-    SpecCase(
-        "wrong-type", "A wrong Content-Type", PROCESSING,
-        "A 200 whose Content-Type is not text/event-stream fails the connection: the body is "
-        "never parsed.",
-        (Answer(b"data: never dispatched\n\n", content_type="text/plain; charset=utf-8"),),
-        (FAILED,),
-        reconnects=True,
+        "no-final-blank-line", "A stream that ends mid-event", INTERPRETING,
+        "An event is dispatched only by a blank line: at the end of the stream, a half-built "
+        "event is discarded.",
+        (Answer(b"data: complete\n\ndata: incomplete\n"),),
+        _stream(message("complete")),
+        notice="Why a proxy that buffers or cuts a stream loses the event in flight.",
     ),
 ]
 

@@ -199,6 +199,22 @@ def test_guide_step(workshop, check, request):
     assert normalized(output, check.options) == normalized(check.expected, check.options)
 
 
+@pytest.mark.integration
+def test_the_lab_steps_of_the_guide_show_the_same_when_run_again(workshop):
+    """Issue 19, item 6: a learner who runs exercise 3's lab block twice sees what the guide shows, twice."""
+    [check] = [check for check in guide_checks() if check.name == "resume-lab"]
+    for _ in range(2):
+        assert normalized(workshop.run_shell(check.code), check.options) == normalized(check.expected, check.options)
+
+
+def test_the_guide_says_where_format_event_comes_from_and_its_command_runs():
+    [exercise] = [m.group(0) for m in _EXERCISE.finditer(guide_text()) if m.group(1) == "6"]
+    assert "`realtime/sse.py`" in exercise
+    [command] = re.findall(r"^\.venv/bin/python -c .*format_event.*$", exercise, re.M)
+    result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "ValueError: SSE field 'id' must not contain CR or LF" in result.stderr, result.stderr
+
+
 def run_devtools_snippet(page, workshop: Workshop, check: Check) -> str:
     """Paste the snippet into the console of the lab page; what it logged, once it logged all the guide shows."""
     logged: list[str] = []
@@ -323,6 +339,19 @@ def test_the_lab_goes_with_the_demo(tmp_path):
         client = app.test_client()
         assert_json_error(client.get("/workshop"), 404, "not_found")
         assert_json_error(client.get("/workshop/cases/lf"), 404, "not_found")
+
+
+def test_the_lab_lists_the_spec_sections_in_order_in_plain_words(client):
+    page = client.get("/workshop").get_data(as_text=True)
+    sections = re.findall(r'<h3 class="lab-nav-section">§(.*?)</h3>', page)
+    assert [s.split()[0] for s in sections] == ["9.2.3", "9.2.4", "9.2.5", "9.2.6"]
+    assert not any("`" in text for text in sections), "no Markdown on the page"
+
+
+def test_a_case_shows_no_outcome_above_the_prediction():
+    """The rule is shown above "Your prediction"; what happens only in the collapsed section (`notice`)."""
+    assert "ignored" not in CASES["bom"].rule and "ignored" in CASES["bom"].notice
+    assert "stop" not in CASES["dropped"].rule and "stopped" in CASES["dropped"].notice
 
 
 def test_the_page_carries_the_cases_and_no_secret(app, client):
