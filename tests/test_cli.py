@@ -121,6 +121,40 @@ def test_tail_with_url_watches_a_remote_server_through_the_python_client(start_s
     assert refused.returncode == 1 and "401 invalid_token" in refused.stderr, refused.stderr
 
 
+def test_tail_with_url_prints_retry_and_keep_alives_as_the_local_tail_does(start_server, tmp_path):
+    """Issue 19, item 7: the server's own frames, `retry:` and `: keep-alive` included, not only messages."""
+    server = start_server(f"sqlite:///{tmp_path / 'remote.sqlite3'}", workers=1, DEMO_ENABLED=True)
+    first = server.publish("run.43", "status", {"percent": 10})
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "app", "realtime", "tail", "run.43", "--url", server.url,
+         "--topic", "status"],
+        cwd=ROOT, env=_env(f"sqlite:///{tmp_path / 'unused.sqlite3'}"), stdout=subprocess.PIPE, text=True,
+    )
+    saw = _lines_of(tail)
+    try:
+        wait_until(lambda: saw(": keep-alive"), what="a keep-alive after a second of silence")  # the server's heartbeat: 1 s
+    finally:
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(timeout=10) == 0
+        tail.stdout.close()
+    frames = "".join(saw.seen).split("\n\n")
+    assert frames[0] == "retry: 200"  # the server's REALTIME_RETRY_MS, as it sent it
+    cursor, event, data = frames[1].split("\n")
+    assert cursor.startswith("id: ") and cursor.endswith(f"-{first['id']}") and event == "event: status"
+    assert json.loads(data.removeprefix("data: ")) == first
+    assert frames[2] == ": keep-alive"
+
+
+def test_tail_help_says_what_topics_url_needs(tmp_path):
+    """A server's token names its topics; there is none for all of them (issue 19, item 7)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", "realtime", "tail", "--help"],
+        cwd=ROOT, env=_env(f"sqlite:///{tmp_path / 'unused.sqlite3'}"), capture_output=True, text=True, timeout=30,
+    )
+    option = " ".join(result.stdout.split("--topic TEXT", 1)[1].split("--last-event-id", 1)[0].split())
+    assert "With --url: the topics of --token; without --token, name them" in option, option
+
+
 def test_tail_with_url_says_what_is_wrong(tmp_path):
     env = _env(f"sqlite:///{tmp_path / 'unused.sqlite3'}")
     for args, code, said in (
