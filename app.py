@@ -101,6 +101,12 @@ def _served_by_flask_run() -> bool:
     return context is not None and context.command is run_command
 
 
+def _loaded_by_a_command() -> bool:
+    """Whether a `flask` command other than `flask run` is loading the app: it serves no request."""
+    context = click.get_current_context(silent=True)
+    return context is not None and context.command is not run_command
+
+
 def _database_problem(app: Flask) -> str | None:
     try:
         database_for(app).ping(timeout_s=2.0)  # /readyz turns 503 within seconds of a stall
@@ -112,9 +118,11 @@ def _database_problem(app: Flask) -> str | None:
 def _require_secret_key(app: Flask) -> None:
     if app.config.get("SECRET_KEY"):
         return
-    if app.debug or app.testing:
+    if app.debug or app.testing or _loaded_by_a_command():
         # Tokens signed with a throwaway key die with the process; the client
-        # then asks for a new one. Good enough for `flask run --debug` and tests.
+        # then asks for a new one. Good enough for `flask run --debug`, tests,
+        # and commands that serve no request: `flask realtime tail --url` only
+        # reads another server (issue 19, item 7), `flask jobs worker` signs no token.
         app.config["SECRET_KEY"] = secrets.token_hex(32)
         log.warning("SECRET_KEY is not set; using a random key for this process only")
         return

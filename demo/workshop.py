@@ -68,7 +68,7 @@ def _lab_id() -> str:
 
 # The cases are fixed data: their JSON, and the page's sections of it, are built once.
 CASES_JSON = [case.to_json() for case in CASES.values()]
-SECTIONS: dict[str, list[dict[str, Any]]] = {}  # in the cases' order: parsing first
+SECTIONS: dict[str, list[dict[str, Any]]] = {}  # in the cases' order: the spec's section order
 for case_json in CASES_JSON:
     SECTIONS.setdefault(case_json["section"], []).append(case_json)
 

@@ -17,17 +17,16 @@ and its replay reads take turns of their own (replay.py). Every other path
 passes straight through.
 
 The bound holds at every moment: a request goes into the app only with a
-turn. One that waited `max_wait_s` without getting one is refused at once,
-`503 server_busy` with `Retry-After` (the project's clients wait that long
-and try again), and counted in `realtime_stream_admission_refused_total`.
-Waiting longer would break docs/protocol.md §7: while the database stalls, the
-setups inside hold their turns for up to a database call's time limit (8 s,
-common/database.py), so a request let in after 2 s still answers within
-10 s, one let in later might not. Letting it in without a turn instead, as
-the gate did before issue 17, sent a storm's waiters into the app together
-after their first second: no bound at all. So the part of a storm that a
-worker cannot set up within 2 s is turned away and comes back after
-`Retry-After`: shed, never let in all at once.
+turn. A waiter keeps its place while turns come free (a storm being set up:
+2,000 setups take about a second), and is refused, `503 server_busy` with
+`Retry-After` (the project's clients wait that long and try again), counted
+in `realtime_stream_admission_refused_total`, when no turn at all came free
+for `max_wait_s` (the setups inside are stuck: on a stalled database each
+holds its turn for up to a database call's time limit, 8 s) or when it waited
+`max_queue_s` in all. Either way it is answered within docs/protocol.md §7's
+10 s. Letting a waiter in without a turn instead, as the gate did before
+issue 17, sent a storm's waiters into the app together after their first
+second: no bound at all.
 """
 from __future__ import annotations
 
@@ -54,16 +53,22 @@ class StreamAdmission:
     #: timed waits run out when it says so, not when a clock does.
     semaphore_class: Callable[[int], Any] = threading.BoundedSemaphore
 
-    def __init__(self, app: WSGIApp, limit: int, *, max_wait_s: float = 2.0, path: str = STREAM_PATH) -> None:
+    def __init__(
+        self, app: WSGIApp, limit: int, *, max_wait_s: float = 2.0, max_queue_s: float = 8.0,
+        path: str = STREAM_PATH, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.app = app
         self.path = path
-        self.max_wait_s = max_wait_s
+        self.max_wait_s = max_wait_s  # with no turn coming free meanwhile
+        self.max_queue_s = max_queue_s  # in all
+        self._clock = clock
         self._slots = self.semaphore_class(limit)
+        self._last_turn = float("-inf")  # when a turn was last handed out
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != self.path:
             return self.app(environ, start_response)
-        if not self._slots.acquire(timeout=self.max_wait_s):
+        if not self._turn():
             metrics.STREAM_ADMISSION_REFUSED.inc()
             start_response("503 Service Unavailable", [
                 ("Content-Type", "application/json"),
@@ -79,3 +84,18 @@ class StreamAdmission:
             return self.app(environ, start_response)
         finally:
             self._slots.release()
+
+    def _turn(self) -> bool:
+        """Wait for a turn while turns come free; False once none did for max_wait_s, or after max_queue_s."""
+        started = self._clock()
+
+        def left() -> float:
+            now = self._clock()
+            return min(self.max_wait_s - (now - max(started, self._last_turn)), self.max_queue_s - (now - started))
+
+        while True:
+            if self._slots.acquire(timeout=max(0.0, left())):
+                self._last_turn = self._clock()
+                return True
+            if left() <= 0:
+                return False

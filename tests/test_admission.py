@@ -51,14 +51,22 @@ class Turns:
             self._changed.notify_all()
 
 
-def _gate(app, limit: int) -> tuple[StreamAdmission, Turns]:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _gate(app, limit: int, clock: Clock | None = None) -> tuple[StreamAdmission, Turns]:
     """A gate on `app` whose turns are kept in a `Turns`, and those turns."""
     turns = Turns(limit)
 
     class Gate(StreamAdmission):
         semaphore_class = staticmethod(lambda value: turns)
 
-    return Gate(app, limit), turns
+    return Gate(app, limit, clock=clock or Clock()), turns
 
 
 class HeldApp:
@@ -126,13 +134,14 @@ def test_streams_that_waited_their_longest_are_refused_and_the_bound_still_holds
     """No herd after the longest wait (issue 17): each waiter gets a turn or a 503, never a way in
     without one, so a setup stuck on a stalled database still leaves its waiters an answer in time
     (docs/protocol.md §7)."""
-    held = HeldApp()
-    gate, turns = _gate(held, limit=2)
+    held, clock = HeldApp(), Clock()
+    gate, turns = _gate(held, limit=2, clock=clock)
     refused_before = _refused()
     inside = [Call(gate, STREAM_PATH) for _ in range(2)]
     wait_until(lambda: held.inside == 2, what="two streams inside")
     waiters = [Call(gate, STREAM_PATH) for _ in range(6)]
     wait_until(lambda: turns.waiting == 6, what="six streams waiting")
+    clock.now += gate.max_wait_s  # and no turn came free meanwhile
     turns.run_out()
     for call in waiters:
         call.join(30)
@@ -188,3 +197,43 @@ def test_the_app_gates_its_own_stream_route(app):
     adapter = app.url_map.bind("localhost")
     assert adapter.match(STREAM_PATH, method="GET")[0] == "realtime.subscribe"
     assert isinstance(app.wsgi_app, StreamAdmission)
+
+
+class OneByOne:
+    """A WSGI app whose stream calls each wait for their own release, in arrival order."""
+
+    def __init__(self) -> None:
+        self.calls: list[threading.Event] = []
+        self.served = 0
+
+    def __call__(self, environ, start_response):
+        done = threading.Event()
+        self.calls.append(done)
+        done.wait(30)
+        self.served += 1
+        return [b"ok"]
+
+
+def test_a_waiter_keeps_its_place_while_turns_come_free_and_is_refused_once_they_stop():
+    """A storm being set up is not shed: only a gate whose turns stopped moving turns waiters away."""
+    app, clock = OneByOne(), Clock()
+    gate, turns = _gate(app, limit=1, clock=clock)
+    first = Call(gate, STREAM_PATH)
+    wait_until(lambda: len(app.calls) == 1, what="the first stream inside")
+    second, third = Call(gate, STREAM_PATH), Call(gate, STREAM_PATH)
+    wait_until(lambda: turns.waiting == 2, what="two waiting")
+    clock.now += 1.5
+    app.calls[0].set()  # a turn comes free: the second goes in, 1.5 s after the third began to wait
+    wait_until(lambda: len(app.calls) == 2 and turns.waiting == 1, what="the second inside")
+    clock.now += 1.0  # the third has waited 2.5 s, but a turn came free 1 s ago
+    turns.run_out()
+    wait_until(lambda: turns.waiting == 1, what="the third still waiting")
+    assert third.status is None
+    clock.now += gate.max_wait_s  # no turn for max_wait_s now
+    turns.run_out()
+    third.join(30)
+    assert third.status.startswith("503")
+    app.calls[1].set()
+    for call in (first, second):
+        call.join(30)
+        assert call.body == b"ok"

@@ -167,3 +167,23 @@ def test_tail_with_url_says_what_is_wrong(tmp_path):
         )
         assert result.returncode == code and said in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_tail_with_url_needs_no_local_secret_key(start_server, tmp_path):
+    """It only reads another server, whose own key signs the token it asks for (issue 19, item 7)."""
+    server = start_server(f"sqlite:///{tmp_path / 'remote.sqlite3'}", workers=1, DEMO_ENABLED=True)
+    first = server.publish("run.44", "status", {"percent": 10})
+    env = _env(f"sqlite:///{tmp_path / 'unused.sqlite3'}")
+    del env["SECRET_KEY"]
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "app", "realtime", "tail", "run.44", "--url", server.url,
+         "--topic", "status"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+    )
+    saw = _lines_of(tail)
+    try:
+        wait_until(lambda: saw(f"-{first['id']}\n"), what="the replayed frame")
+    finally:
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(timeout=10) == 0
+        tail.stdout.close()
