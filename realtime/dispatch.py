@@ -28,10 +28,12 @@ import threading
 import time
 from typing import Callable, Iterable
 
+from common.database import DatabaseUnavailable
+
 from . import metrics, sse
 from .changes import ChangeFeed
-from .replay import ReplayReads
 from .holds import Holds
+from .replay import ReplayReads
 from .schema import intent_key
 from .store import Message, MessageStore, Page
 from .subscription import Channel, Frame, Subscription
@@ -85,6 +87,7 @@ class Dispatcher:
         self._position: int | None = None  # set by prime()
         self._holds = Holds()
         self._priming = threading.Lock()
+        self._prime_failed_at = float("-inf")
         #: Replay pages shared by streams that ask for the same one together (a reconnect storm).
         self.replays = ReplayReads(
             store, lambda: self._position or 0, page_size=REPLAY_PAGE, page_bytes=REPLAY_PAGE_BYTES, clock=clock,
@@ -139,12 +142,21 @@ class Dispatcher:
         if self._position is not None:
             return
         with self._priming:
-            if self._position is None:
+            if self._position is not None:
+                return
+            if self._clock() - self._prime_failed_at < self.tick_s:
+                # Streams queued behind an attempt that just failed: answer them now, not
+                # after a database call each, one after another (docs/protocol.md §7's 10 s).
+                raise DatabaseUnavailable("the database is unavailable; try again shortly")
+            try:
                 drawn = self.store.last_drawn()
                 writers = self.store.writers()  # looked at after `drawn`
-                with self._lock:
-                    self._holds = Holds().adding(writers, drawn, self._clock(), from_prime=True)
-                    self._position = drawn
+            except DatabaseUnavailable:
+                self._prime_failed_at = self._clock()
+                raise
+            with self._lock:
+                self._holds = Holds().adding(writers, drawn, self._clock(), from_prime=True)
+                self._position = drawn
 
     def subscribe(self, channel: str, topics: Iterable[str] | None) -> Subscription:
         self.prime()

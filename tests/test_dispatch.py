@@ -240,3 +240,31 @@ def test_a_stream_blocked_writing_for_the_send_timeout_is_cut(dispatcher, clock)
     clock.now += 0.1
     assert dispatcher.cut_stalled() == 1
     assert (writing.closed_reason, idle.closed_reason) == ("send_timeout", None)
+
+
+def test_streams_queued_behind_a_failed_prime_are_answered_at_once(store, clock, monkeypatch):
+    """A worker's first streams while the database stalls: one attempt waits out its time limit,
+    the streams queued behind it get their 503 right after, not one time limit each."""
+    from common.database import DatabaseUnavailable
+
+    attempts = []
+
+    def away():
+        attempts.append(clock.now)
+        raise DatabaseUnavailable("away")
+
+    dispatcher = Dispatcher(store, Feed(), heartbeat_s=4.0, clock=clock)
+    monkeypatch.setattr(store, "last_drawn", away)
+    for _ in range(3):
+        with pytest.raises(DatabaseUnavailable):
+            dispatcher.prime()
+    assert len(attempts) == 1, "the others did not ask the database again"
+    clock.now += dispatcher.tick_s
+    with pytest.raises(DatabaseUnavailable):
+        dispatcher.prime()
+    assert len(attempts) == 2, "a while later, it tries again"
+    monkeypatch.undo()
+    clock.now += dispatcher.tick_s
+    dispatcher.prime()
+    assert dispatcher.position == store.last_id()
+    dispatcher.stop()
