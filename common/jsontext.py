@@ -1,14 +1,26 @@
-"""Turning caller data into the JSON text that is stored and streamed.
+"""Turning caller data into the JSON text that is stored and streamed, and a client's JSON text into data.
 
 One encoder for messages and events alike: compact UTF-8 (no `\\uXXXX` for
 every accent), no NaN or Infinity (browsers cannot parse them), no lone
 surrogates (not UTF-8), no nesting deeper than `MAX_DEPTH`, and a size limit
 checked on the bytes as stored.
+
+One decoder for request bodies: strict UTF-8, no NaN or Infinity, and no
+more than `MAX_VALUES` values, counted on the text before any is built: a
+byte limit alone does not bound what parsing costs (issue 18).
 """
 from __future__ import annotations
 
 import json
 from typing import Any
+
+#: Most values (numbers, strings, arrays, objects; keys count too) `decode` builds from one
+#: text. Parsing makes an object of each: `{},` is 3 bytes of text and an empty dict of some
+#: 70, so the bytes a body limit allows can cost twenty times as much memory, all of it built
+#: in one call that holds the gevent hub (issue 18). Data as stored (`, ` between values)
+#: spends two bytes or more on each value counted, so any one message that
+#: REALTIME_MAX_MESSAGE_BYTES (512 KiB) allows counts at most 262,144: it always fits.
+MAX_VALUES = 300_000
 
 #: Deepest nesting of arrays and objects accepted (docs/protocol.md §3.3): every
 #: client's JSON parser, and the encoder's own recursion, stays far from its limit.
@@ -19,6 +31,12 @@ _CONTAINERS = (dict, list, tuple)  # what json.dumps writes as objects and array
 
 class NotJSON(ValueError):
     """The value cannot be stored as JSON text."""
+
+
+class TooManyValues(ValueError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} JSON values (numbers, strings, arrays, objects, keys)")
+        self.limit = limit
 
 
 class TooLarge(ValueError):
@@ -74,3 +92,54 @@ def check_depth(value: Any) -> None:
             for child in (container.values() if isinstance(container, dict) else container)
             if isinstance(child, _CONTAINERS)
         }
+
+
+def decode(raw: bytes, *, max_values: int = MAX_VALUES) -> Any:
+    """The value of the JSON text `raw`: `TooManyValues` past `max_values`, before anything is
+    parsed; `NotJSON` for text that is not strict UTF-8 JSON (NaN and Infinity included)."""
+    if not values_within(raw, max_values):
+        raise TooManyValues(max_values)
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise NotJSON(str(exc)) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Every byte but `"` and the four that come before a value or key, for `bytes.translate` to drop.
+_NOT_MARKS = bytes(sorted(set(range(256)) - set(b'",:[{')))
+
+
+def values_within(raw: bytes, limit: int) -> bool:
+    """Whether parsing the JSON text `raw` builds at most `limit` values and keys, found with a
+    few passes of C code over the bytes, without building any of them.
+
+    Every value but the outermost comes after a `[`, `,` or `:`, and every key after a `{` or
+    `,`: so those bytes outside strings, plus one, count them all (and each empty `[]` or `{}`
+    once more). UTF-8 never uses ASCII bytes inside a character, so the bytes can be searched
+    as they are.
+    """
+    if b"\\" in raw:
+        # Escapes out first, so that every `"` left opens or closes a string. `replace` works from
+        # the left as a parser reads, so in `\\\\"` the pair goes first and the quote stays.
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    marks = raw.translate(None, _NOT_MARKS)
+    quotes = marks.count(b'"')
+    if quotes // 2 > limit:
+        return False  # each string is a value or a key
+    count = len(marks) - quotes + 1
+    if count <= limit:
+        return True  # even counting the marks inside strings, if any
+    # Text in strings can hold marks (CSV, JSON sent as a string): take out those between each
+    # pair of quotes, one find per string, and there are at most `limit` strings.
+    start = marks.find(b'"')
+    while start != -1:
+        end = marks.find(b'"', start + 1)
+        if end == -1:
+            break
+        count -= end - start - 1
+        start = marks.find(b'"', end + 1)
+    return count <= limit

@@ -7,6 +7,11 @@ a token request is small, a batch of events is not) and the error that names
 what was too large; time limits come from `BODY_TIMEOUT_S` (docs/protocol.md
 §3.3).
 
+A body costs the worker a bounded share of its time and memory, whatever a
+client sends (issue 18): it is read a step at a time, each step followed by a
+turn for the worker's other greenlets, and its values are counted on the text
+(`jsontext.MAX_VALUES`) before parsing builds any of them.
+
 Cross-site requests: a web page on another site can make a browser POST
 anywhere without asking (no CORS preflight) as long as the body is
 `text/plain`, a form, or nothing at all, e.g. `fetch(url, {method: "POST",
@@ -20,14 +25,14 @@ Content-Type rule below stays for browsers too old to say (no
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Any
 from urllib.parse import urlsplit
 
+import gevent
 from flask import Flask, current_app, request
-from gevent import Timeout
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+from common import jsontext
 from common.errors import AppError
 from common.greenlets import gevent_is_patched
 
@@ -37,6 +42,10 @@ BODY_TIMEOUT_S = 10.0
 
 #: The body limit of endpoints that take a few small fields (a token request, a run id).
 SMALL_BODY_BYTES = 64 * 1024
+
+#: How much of a body is read between two turns given to the worker's other greenlets; gunicorn's
+#: own largest read step (its body reader copies what it buffered at each read: fewer, larger reads).
+READ_STEP_BYTES = 1024 * 1024
 
 
 class BodyTimeout(AppError):
@@ -133,9 +142,10 @@ def _has_body() -> bool:
 def json_body(max_bytes: int = SMALL_BODY_BYTES, too_large: type[AppError] = BodyTooLarge) -> Any:
     """The request body as a JSON value, at most `max_bytes` long.
 
-    415 when it is not declared JSON, 413 `too_large` when it is longer, 408
-    when it trickles in, 400 `invalid_json` when it does not parse. Nothing is
-    read before the Content-Type and a declared Content-Length are checked.
+    415 when it is not declared JSON, 413 `too_large` when it is longer or
+    holds more than `jsontext.MAX_VALUES` values, 408 when it trickles in, 400
+    `invalid_json` when it does not parse. Nothing is read before the
+    Content-Type and a declared Content-Length are checked.
     """
     check_content_type()
     # An operator's app-wide MAX_CONTENT_LENGTH, if any, stays a ceiling.
@@ -144,34 +154,52 @@ def json_body(max_bytes: int = SMALL_BODY_BYTES, too_large: type[AppError] = Bod
     request.max_content_length = limit  # read by Werkzeug when it opens the body stream, next
     message = f"the request body is over {limit} bytes, the limit of this endpoint"
     try:
+        # A Content-Length over the limit, or a chunked body read up to it that goes on (one
+        # of exactly `limit` bytes, whose end Werkzeug cannot tell apart from more to come).
         raw = _read_body()
-    except RequestEntityTooLarge:  # a Content-Length over the limit, or a chunked body that went past it
+    except RequestEntityTooLarge:
         raise too_large(message) from None
-    if request.content_length is None and len(raw) >= limit:
-        # A chunked body is cut at the limit rather than refused (Werkzeug's
-        # LimitedStream stops reading there): refuse it here, or it would fail
-        # as broken JSON. One of exactly `limit` bytes cannot be told apart.
-        raise too_large(message)
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        body = jsontext.decode(raw)
+    except jsontext.TooManyValues as exc:
+        raise too_large(f"the request body holds {exc}, the limit of this endpoint; send fewer at a time") from None
+    except jsontext.NotJSON:
         raise AppError("the body must be JSON encoded as UTF-8", code="invalid_json") from None
+    _let_others_run()  # between parsing a large body and what the view does with it (encode, store)
+    return body
 
 
 def _read_body() -> bytes:
-    """The raw body, read within `BODY_TIMEOUT_S` under gevent.
+    """The raw body, read within `BODY_TIMEOUT_S` under gevent, a step at a time.
 
     gunicorn's gevent worker has no per-request timeout, so the deadline is a
     `gevent.Timeout` around the read. Only our own instance is caught: an
     outer timeout (the worker's, a caller's) must still reach its owner.
     Without gevent (tests, `flask run`) the body is read as it comes.
+
+    A read lets the other greenlets run only when it has to wait for the
+    client; one that sends fast never makes it wait, and reading megabytes
+    (gunicorn parses chunked framing in Python) held every stream of the
+    worker for seconds. So each step ends with a turn for the others.
     """
-    deadline = Timeout(BODY_TIMEOUT_S) if gevent_is_patched() else None
+    deadline = gevent.Timeout(BODY_TIMEOUT_S) if gevent_is_patched() else None
     if deadline is not None:
         deadline.start()
+    # Up to the Content-Length, never past it: under gunicorn (`wsgi.input_terminated`) Werkzeug
+    # cuts the stream at the endpoint's limit and refuses a read past it, even at the end of a
+    # body of exactly that size. A chunked body is read until it ends, or goes past the limit.
+    steps, left = [], request.content_length
     try:
-        return request.get_data(cache=False)
-    except Timeout as exc:
+        while left is None or left > 0:
+            step = request.stream.read(READ_STEP_BYTES if left is None else min(left, READ_STEP_BYTES))
+            if not step:
+                break
+            steps.append(step)
+            if left is not None:
+                left -= len(step)
+            _let_others_run()
+        return b"".join(steps)
+    except gevent.Timeout as exc:
         if exc is not deadline:
             raise
         raise BodyTimeout(
@@ -186,16 +214,18 @@ def _read_body() -> bytes:
             deadline.close()
 
 
+def _let_others_run() -> None:
+    """Under gevent, a turn for the worker's other greenlets (its streams) between long steps."""
+    if gevent_is_patched():
+        gevent.sleep(0)
+
+
 def json_object(max_bytes: int = SMALL_BODY_BYTES, too_large: type[AppError] = BodyTooLarge) -> dict[str, Any]:
     """The request body, which must be a JSON object (see `json_body`)."""
     body = json_body(max_bytes, too_large)
     if not isinstance(body, dict):
         raise AppError("the body must be a JSON object", code="invalid_json")
     return body
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def bearer_token() -> str | None:

@@ -10,6 +10,7 @@ import pytest
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from common.errors import _http_code
+from common.jsontext import MAX_VALUES
 from common.request_input import SMALL_BODY_BYTES
 from conftest import app_on
 from json_errors import AUTH, MAX_BODY, PUBLISH, TOKEN, assert_json_error
@@ -62,6 +63,16 @@ def test_the_events_limit_follows_jobs_max_event_bytes(client, jobs):
     assert "request body" in error["message"]
 
 
+def test_by_default_an_event_holds_32_kib_and_a_full_batch_about_3_mib(client, jobs):
+    """An event starts runs and carries references (issue 18: 100 x 512 KiB froze a worker)."""
+    data = {"note": "x" * (32 * 1024 - len('{"note": ""}'))}  # stored as exactly 32 KiB
+    assert client.post(EVENTS, json=[{"name": "a.b", "data": data}] * 100).status_code == 202
+    error = assert_json_error(client.post(EVENTS, json={"name": "a.b", "data": {**data, "n": 1}}), 413, "event_too_large")
+    assert "JOBS_MAX_EVENT_BYTES" in error["message"]
+    over = padded({"name": "a.b", "data": {}}, 100 * 32 * 1024 + 64 * 1024 + 1)
+    assert_json_error(client.post(EVENTS, data=over, headers=JSON), 413, "event_too_large")
+
+
 def test_a_chunked_events_body_is_cut_at_its_limit(client, jobs):
     jobs.max_event_bytes = 1000
     over = padded({"name": "a.b", "data": {}}, jobs.max_body_bytes + 1)
@@ -81,6 +92,29 @@ def test_publish_bodies_up_to_the_message_limit_plus_room(client, realtime):
     assert realtime.store.last_id() == 0
     assert client.post(PUBLISH, data=padded(fields, MAX_BODY), headers={**AUTH, **JSON}).status_code == 201
     assert post_chunked(client, PUBLISH, padded(fields, MAX_BODY - 1)).status_code == 201
+
+
+# -- every body: at most MAX_VALUES values, counted before any is built -----------------------
+
+
+def test_a_body_of_one_value_too_many_is_413_before_it_is_parsed(client, jobs):
+    """`[0,...]` is 2 bytes of body a value: well within the events limit, and each an object once built."""
+    fits = b"[" + b"0," * (MAX_VALUES - 2) + b"0]"  # the array and MAX_VALUES - 1 numbers
+    assert_json_error(client.post(EVENTS, data=fits, headers=JSON), 400, "invalid_json")  # parsed: not events
+    over = b"[" + b"0," * (MAX_VALUES - 1) + b"0]"
+    error = assert_json_error(client.post(EVENTS, data=over, headers=JSON), 413, "event_too_large")
+    assert f"more than {MAX_VALUES} JSON values" in error["message"]
+
+
+def test_only_what_is_outside_strings_counts_as_values(client, realtime):
+    """Text that holds commas, colons and brackets (CSV, JSON sent as a string) is one value;
+    escaped quotes and backslashes do not end it early."""
+    text = '\\"' + ",:[{" * (MAX_VALUES // 4 + 1) + '\\",'
+    message = {"channel": "c", "topic": "t", "data": text}
+    assert client.post(PUBLISH, json=message, headers=AUTH).status_code == 201
+    values = {"messages": [{"channel": "c", "topic": "t", "data": [0] * (MAX_VALUES // 2)}] * 2}
+    assert_json_error(client.post(PUBLISH, json=values, headers=AUTH), 413, "message_too_large")
+    assert realtime.store.last_id() == 1
 
 
 # -- small bodies: tokens --------------------------------------------------------------------

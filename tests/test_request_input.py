@@ -27,6 +27,19 @@ class FailingBody:
         raise self.error
 
 
+class InstantBody:
+    """A `wsgi.input` whose client sent everything at once, so no read ever waits (as on a fast
+    link). `turns()` at each read: how often another greenlet has had a turn so far."""
+
+    def __init__(self, data: bytes, turns) -> None:
+        self.data, self.turns, self.seen = data, turns, []
+
+    def read(self, size: int = -1) -> bytes:
+        self.seen.append(self.turns())
+        piece, self.data = (self.data, b"") if size < 0 else (self.data[:size], self.data[size:])
+        return piece
+
+
 class StalledBody:
     """A `wsgi.input` whose client sends nothing more: the read waits (cooperatively) for bytes.
 
@@ -77,6 +90,26 @@ def short_deadline(monkeypatch):
 def test_body_that_stops_arriving_is_408_under_gevent(client, realtime, short_deadline, path):
     assert_json_error(post_stream(client, path, StalledBody()), 408, "request_timeout")
     assert realtime.store.last_id() == 0
+
+
+def test_a_body_that_arrives_at_once_lets_other_greenlets_run_while_it_is_read(client, short_deadline):
+    """Without a read that waits, a greenlet reading megabytes kept every stream of its worker waiting (issue 18)."""
+    turns = 0
+
+    def other() -> None:  # a stream of the same worker, say
+        nonlocal turns
+        while True:
+            turns += 1
+            gevent.sleep(0)
+
+    greenlet = gevent.spawn(other)
+    body = InstantBody(b" " * (4 * 1024 * 1024) + b"[]", lambda: turns)
+    try:
+        assert_json_error(post_stream(client, PUBLISH, body), 400, "invalid_json")  # read, parsed: not an object
+    finally:
+        greenlet.kill()
+    reads = body.seen
+    assert len(reads) > 4 and all(later > earlier for earlier, later in zip(reads, reads[1:])), reads
 
 
 def test_a_body_in_time_is_read_as_usual_under_gevent(client, short_deadline):
