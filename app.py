@@ -35,7 +35,7 @@ SECRET_KEYS = ("SECRET_KEY", "REALTIME_PUBLISH_KEY", "JOBS_EVENT_KEY", "METRICS_
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
-    app.json.sort_keys = False  # keep envelopes in CONTRACT order
+    app.json.sort_keys = False  # keep envelopes in the order of docs/protocol.md §6
     os.makedirs(app.instance_path, exist_ok=True)
 
     app.config["DATABASE_URL"] = "sqlite:///" + os.path.join(app.instance_path, "realtime.sqlite3")

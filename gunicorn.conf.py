@@ -16,7 +16,7 @@ worker_class = "common.server_errors.JsonErrorGeventWorker"
 # twentieth of its memory (bench/README.md). The workers inherit this, as any set before.
 os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "false")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_connections = 10000  # open streams per worker (gunicorn's default, 1000, is too few)
+worker_connections = 10000  # connections per worker (gunicorn's default, 1000, is too few); 95% for streams
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 graceful_timeout = 30
 # A worker that misses its heartbeat this long is aborted. On a reload (SIGHUP)
@@ -107,6 +107,12 @@ def post_worker_init(worker):
 
         return on_signal
 
+    if "realtime" in extensions:
+        # Streams may take this worker's connections but the last 5%: those stay for health
+        # checks, publishes and token requests (realtime/stream_limits.py, issue 18). The value
+        # gunicorn runs with, --worker-connections included, not the one written above.
+        extensions["realtime"].stream_limits.fit_connections(worker.cfg.worker_connections)
+
     # Background work (dispatcher, pruning, the embedded job pool) starts now,
     # after the fork, rather than waiting for this worker's first request.
     for name in ("realtime", "jobs"):
@@ -118,13 +124,30 @@ def post_worker_init(worker):
     signal.signal(signal.SIGINT, stop_then(worker.handle_quit))
 
 
+# More than any endpoint takes (the largest is a batch publish, REALTIME_MAX_BATCH_BYTES 4 MiB).
+LARGEST_BODY_BYTES = 8 * 1024 * 1024
+
+
+def pre_request(worker, req):
+    """A request that declares a body larger than any endpoint takes ends its connection after
+    the answer (the app refuses it with a 413 without reading it).
+
+    On a kept-alive connection gunicorn would read and discard the rest of that body before
+    the next request, 1 KiB at a time on the gevent hub: a refused 52 MB upload froze the
+    worker's streams for seconds (issue 18). A request gunicorn is to close it does not drain.
+    """
+    length = next((value for name, value in req.headers if name == "CONTENT-LENGTH"), "")
+    if length.isdigit() and int(length) > LARGEST_BODY_BYTES:
+        req.must_close = True
+
+
 def worker_exit(server, worker):
     """Let the embedded job pool finish its steps in progress and hand their runs back.
 
     gunicorn calls this in the worker process after its own graceful shutdown
     (on SIGTERM, also what old workers get on SIGHUP), just before it exits.
     Exiting at once would kill a step midway: its run would wait a whole lease
-    for another worker, run that step again and count a crash (CONTRACT §5).
+    for another worker, run that step again and count a crash (docs/protocol.md §7).
     The pool stopped claiming at the signal (post_worker_init); its loop keeps
     renewing leases until the steps end. The master bounds the wait: on
     shutdown it SIGKILLs the worker `graceful_timeout` after its SIGTERM; on

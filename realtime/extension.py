@@ -11,6 +11,7 @@ dispatcher and token issuer, which never look at Flask.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ from .messages import check_batch, check_message
 from .names import check_channel, check_idempotency_key, check_topic
 from .store import Message, MessageStore
 from .stream import Reset, open_stream, resolve_cursor
+from .stream_limits import StreamLimits
 from .tokens import Grant, TokenIssuer
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ DEFAULTS = {
     "REALTIME_RETENTION_S": 86400,
     "REALTIME_MAX_MESSAGE_BYTES": 524288,
     "REALTIME_PUBLISH_KEY": None,
-    "REALTIME_MAX_BATCH_BYTES": 16 * 1024 * 1024,  # a POST /api/realtime/publish of {"messages": [...]}
+    "REALTIME_MAX_BATCH_BYTES": 4 * 1024 * 1024,  # a POST /api/realtime/publish of {"messages": [...]}
     # Beyond docs/protocol.md §2: tuning knobs with safe defaults (README, Configuration).
     "REALTIME_LISTEN_URL": None,  # PostgreSQL: a direct connection for LISTEN (default: DATABASE_URL)
     "REALTIME_POLL_S": 0.25,  # SQLite: how often other processes' appends are looked for
@@ -55,6 +57,10 @@ DEFAULTS = {
     "REALTIME_SEND_TIMEOUT_S": 10,  # a write to a client that stopped reading is cut after this
     "REALTIME_PRUNE_INTERVAL_S": 300,
     "REALTIME_STREAM_ADMISSION": 16,  # stream requests let into the app at once per process; 0: no limit
+    # Streams one process holds, open or being set up; unset: gunicorn's worker_connections less 5%
+    # (gunicorn.conf.py); 0: no limit. And the streams of one token in one process; 0: no limit.
+    "REALTIME_MAX_STREAMS": None,
+    "REALTIME_MAX_STREAMS_PER_TOKEN": 4,
 }
 
 
@@ -92,10 +98,17 @@ class Realtime:
         self._starting = threading.Lock()
         self._stopped = threading.Event()
 
+        max_streams = config["REALTIME_MAX_STREAMS"]
+        self.stream_limits = StreamLimits(
+            max_streams=None if max_streams is None else int(max_streams),
+            max_per_token=int(config["REALTIME_MAX_STREAMS_PER_TOKEN"]),
+            retry_after_s=max(1, math.ceil(self.heartbeat_s)),
+        )
+
         app.extensions["realtime"] = self
-        admission = int(config["REALTIME_STREAM_ADMISSION"])
-        if admission > 0:
-            app.wsgi_app = StreamAdmission(app.wsgi_app, admission)  # type: ignore[method-assign]
+        app.wsgi_app = StreamAdmission(  # type: ignore[method-assign]
+            app.wsgi_app, int(config["REALTIME_STREAM_ADMISSION"]), limits=self.stream_limits
+        )
         # Background work starts with the first request, i.e. in the serving
         # process after gunicorn forked, never at import or in `flask` commands.
         app.before_request(self.start)

@@ -15,7 +15,7 @@ MESSAGES = "/api/realtime/messages"
 SUBSCRIBE = "/api/realtime/subscribe"
 AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 MAX_DATA = 524288  # REALTIME_MAX_MESSAGE_BYTES default
-MAX_BODY = 16 * 1024 * 1024  # the publish endpoint's body limit: a batch, REALTIME_MAX_BATCH_BYTES (realtime/views.py)
+MAX_BODY = 4 * 1024 * 1024  # the publish endpoint's body limit: a batch, REALTIME_MAX_BATCH_BYTES (realtime/views.py)
 
 
 def assert_json_error(response, status: int, code: str | None = None) -> dict:

@@ -12,6 +12,9 @@ its own code, which this test leaves out.)
 """
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -253,3 +256,29 @@ def test_a_body_at_or_past_the_limit_neither_freezes_nor_bloats_the_worker(serve
     assert [outcome.answer for outcome in outcomes] == [
         (endpoint.accepted, None), endpoint.refused, (413, endpoint.too_large)
     ], report
+
+
+def test_a_huge_declared_body_is_refused_and_its_connection_closed_not_drained(server, ticks):
+    """The issue's own request: 52 MB to /api/events with a Content-Length. The app refuses it
+    unread; gunicorn would then read and discard the rest on the hub (seconds without a frame
+    for every stream) before the connection's next request. It closes the connection instead."""
+    size = 52 * 1024 * 1024
+    ticks.ticked_after(time.monotonic())
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE_S) as sock:
+        sock.sendall(
+            b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {size}\r\n\r\n".encode() + b"[" + b" " * CHUNK_BYTES
+        )
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        assert (answer.status, answer.getheader("Connection")) == (413, "close")
+        assert json.loads(answer.read())["error"]["code"] == "event_too_large"
+        answer.close()
+        try:  # closed with the body unread: the client's kernel may see a reset rather than an end
+            assert sock.recv(1) == b"", "the server closed the connection rather than drain 52 MB"
+        except ConnectionResetError:
+            pass
+    end = time.monotonic()
+    ticks.ticked_after(end)
+    assert ticks.longest_gap(start, end) < MAX_GAP_S
