@@ -243,3 +243,44 @@ def test_streams_replaying_one_shared_page_share_its_frames(store, dispatcher): 
     assert _ids(first.frames) == ids and len(shorter.frames) == 2
     assert all(a is b for a, b in zip(first.frames, again.frames))
     assert all(a is b for a, b in zip(first.frames, shorter.frames))
+
+
+def test_a_prune_between_two_replay_pages_is_reported_not_skipped(store, dispatcher, monkeypatch):  # noqa: F811
+    """Issue 17: the prune mark was read with a stream's first page only; every page must know."""
+    ids = [store.append("c", "t", str(n)).id for n in range(6)]
+    dispatcher.prime()
+    dispatcher.replays.page_size = 2
+    read_after, reads = store.read_after, []
+
+    def read_after_a_prune_before_the_second_page(*args, **kwargs):
+        reads.append(args[2])
+        if len(reads) == 2:
+            store.prune(timedelta(0))  # the pruner runs while the stream sends its first page
+        return read_after(*args, **kwargs)
+
+    monkeypatch.setattr(store, "read_after", read_after_a_prune_before_the_second_page)
+    stream = open_stream(dispatcher, "c", None, Cursor(store.epoch, ids[0]), retry_ms=100)
+    next(stream)
+    assert _ids([next(stream)]) == ids[1:3]
+    assert next(stream) == sse.reset_frame("history_truncated", f"{store.epoch}-{ids[-1]}")
+    live = store.append("c", "t", '"live"')
+    dispatcher.dispatch_new()
+    assert _ids([next(stream)]) == [live.id]
+    stream.close()
+
+
+def test_a_history_page_knows_of_a_prune_after_its_cursor_was_checked(app, monkeypatch):
+    realtime = app.extensions["realtime"]
+    store = realtime.store
+    first = realtime.publish("c", "t", 1)
+    realtime.publish("c", "t", 2)
+    read_after = store.read_after
+
+    def pruned_first(*args, **kwargs):
+        store.prune(timedelta(0))
+        return read_after(*args, **kwargs)
+
+    monkeypatch.setattr(store, "read_after", pruned_first)
+    messages, cursor, reset = realtime.history("c", None, f"{store.epoch}-{first.id}", 10)
+    assert messages == [] and reset is not None and reset.reason == "history_truncated"
+    assert cursor == f"{store.epoch}-{first.id + 1}"
