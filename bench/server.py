@@ -232,6 +232,10 @@ class BenchServer(ServerProcess):
             # The bench's streams ask POST /api/realtime/token for any channel: the demo's
             # allow-all policy, which gunicorn has only when asked for. Older checkouts ignore it.
             "FLASK_DEMO_ENABLED": "true",
+            # Its load clients open thousands of streams with one token, and the scale phase
+            # 10,000 per worker: the per-token and per-process stream caps are for the Internet.
+            "FLASK_REALTIME_MAX_STREAMS_PER_TOKEN": "0",
+            "FLASK_REALTIME_MAX_STREAMS": "0",
         })
         self.env.update(env or {})
         self.env.update({f"FLASK_{key}": str(value) for key, value in config.items()})
