@@ -27,6 +27,13 @@ holds its turn for up to a database call's time limit, 8 s) or when it waited
 10 s. Letting a waiter in without a turn instead, as the gate did before
 issue 17, sent a storm's waiters into the app together after their first
 second: no bound at all.
+
+Before any of that, the gate holds one of the process's `StreamLimits`
+slots for the request, from its arrival until the server closes its
+response, waiting for a turn included: a process that already holds
+REALTIME_MAX_STREAMS refuses the next at once, `503 server_full`, so the
+worker's last connections stay free for health checks, publishes and token
+requests (stream_limits.py, issue 18).
 """
 from __future__ import annotations
 
@@ -35,7 +42,10 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
+from werkzeug.wsgi import ClosingIterator
+
 from . import metrics
+from .stream_limits import StreamLimits
 
 WSGIApp = Callable[[dict, Callable[..., Any]], Iterable[bytes]]
 
@@ -46,6 +56,13 @@ BUSY_BODY = json.dumps({"error": {
     "code": "server_busy",
     "message": f"too many streams are opening on this server at once; try again in {RETRY_AFTER_S} s",
 }}).encode()
+# Streams last: a slot of a full process comes free when one ends, not within a second. Long enough
+# that a full worker's refused clients cost it little, short for a client sent to another worker.
+FULL_RETRY_AFTER_S = 5
+FULL_BODY = json.dumps({"error": {
+    "code": "server_full",
+    "message": f"this server holds all the streams it may; try again in {FULL_RETRY_AFTER_S} s",
+}}).encode()
 
 
 class StreamAdmission:
@@ -54,28 +71,39 @@ class StreamAdmission:
     semaphore_class: Callable[[int], Any] = threading.BoundedSemaphore
 
     def __init__(
-        self, app: WSGIApp, limit: int, *, max_wait_s: float = 2.0, max_queue_s: float = 8.0,
-        path: str = STREAM_PATH, clock: Callable[[], float] = time.monotonic,
+        self, app: WSGIApp, limit: int, *, limits: StreamLimits | None = None, max_wait_s: float = 2.0,
+        max_queue_s: float = 8.0, path: str = STREAM_PATH, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
         self.path = path
+        self.limits = limits
         self.max_wait_s = max_wait_s  # with no turn coming free meanwhile
         self.max_queue_s = max_queue_s  # in all
         self._clock = clock
-        self._slots = self.semaphore_class(limit)
+        self._slots = self.semaphore_class(limit) if limit > 0 else None  # 0: no turns to take
         self._last_turn = float("-inf")  # when a turn was last handed out
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != self.path:
             return self.app(environ, start_response)
+        if self.limits is None:
+            return self._set_up(environ, start_response)
+        leave = self.limits.enter()
+        if leave is None:
+            return _refuse(start_response, FULL_BODY, FULL_RETRY_AFTER_S)
+        try:
+            return ClosingIterator(self._set_up(environ, start_response), leave)
+        except BaseException:
+            leave()
+            raise
+
+    def _set_up(self, environ: dict, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """The app's response, called on a turn of its own, or 503 server_busy."""
+        if self._slots is None:
+            return self.app(environ, start_response)
         if not self._turn():
             metrics.STREAM_ADMISSION_REFUSED.inc()
-            start_response("503 Service Unavailable", [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(BUSY_BODY))),
-                ("Retry-After", str(RETRY_AFTER_S)),
-            ])
-            return [BUSY_BODY]
+            return _refuse(start_response, BUSY_BODY, RETRY_AFTER_S)
         try:
             # Under gevent, the release that woke us is still handing out
             # slots in the same turn of the loop: run the setup on our own
@@ -99,3 +127,12 @@ class StreamAdmission:
                 return True
             if left() <= 0:
                 return False
+
+
+def _refuse(start_response: Callable[..., Any], body: bytes, retry_after_s: int) -> list[bytes]:
+    start_response("503 Service Unavailable", [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("Retry-After", str(retry_after_s)),
+    ])
+    return [body]

@@ -54,3 +54,10 @@ STREAM_ADMISSION_REFUSED = Counter(
     "REALTIME_STREAM_ADMISSION turns and none came free (a storm bigger than the process takes in time, "
     "or setups stuck on the database).",
 )
+STREAM_LIMIT_REFUSED = Counter(
+    "realtime_stream_limit_refused_total",
+    "Stream requests refused by a cap on open streams (stream_limits.py), by reason: per_token "
+    "(429 too_many_streams: the token holds REALTIME_MAX_STREAMS_PER_TOKEN streams in the process), "
+    "process_full (503 server_full: the process holds REALTIME_MAX_STREAMS).",
+    ["reason"],
+)

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
+from werkzeug.wsgi import ClosingIterator
 
 from common.request_input import bearer_matches, bearer_token, json_object
 
@@ -123,15 +124,23 @@ def _json_text(text: str, status: int) -> Response:
 @blueprint.get("/subscribe")
 def subscribe() -> Response:
     grant, topics = _granted_scope()
-    # The header (sent by EventSource on reconnect) wins over the query
-    # parameter (used for the first connection of a resuming client).
-    cursor = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
-    frames = _realtime().stream(grant.channel, topics, cursor, request_id=g.get("request_id"))
+    realtime = _realtime()
+    # Counted once the signature is verified (a forged token takes no real one's streams), and
+    # given back when the server closes the response (stream_limits.py): 429 too_many_streams.
+    release = realtime.stream_limits.claim(grant)
+    try:
+        # The header (sent by EventSource on reconnect) wins over the query
+        # parameter (used for the first connection of a resuming client).
+        cursor = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
+        frames = realtime.stream(grant.channel, topics, cursor, request_id=g.get("request_id"))
+    except BaseException:
+        release()
+        raise
     return Response(
-        frames,
-        # The frames are bytes already: hand the generator itself to the
-        # server, without Werkzeug's per-chunk wrappers (it still calls
-        # close() on it when the client goes away).
+        ClosingIterator(frames, release),
+        # The frames are bytes already: hand them to the server without
+        # Werkzeug's per-chunk encoding (it still calls close() when the
+        # client goes away, which closes the generator, then releases).
         direct_passthrough=True,
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
