@@ -21,6 +21,7 @@ class Turns:
     def __init__(self, value: int) -> None:
         self.limit = self.free = value
         self.waiting = 0
+        self.waits = 0  # waits begun
         self._round = 0  # a wait that began in an earlier round has run out
         self._changed = threading.Condition()
 
@@ -28,6 +29,7 @@ class Turns:
         with self._changed:
             began = self._round
             self.waiting += 1
+            self.waits += 1
             try:
                 while not self.free:
                     if timeout is not None and self._round != began:
@@ -226,8 +228,9 @@ def test_a_waiter_keeps_its_place_while_turns_come_free_and_is_refused_once_they
     app.calls[0].set()  # a turn comes free: the second goes in, 1.5 s after the third began to wait
     wait_until(lambda: len(app.calls) == 2 and turns.waiting == 1, what="the second inside")
     clock.now += 1.0  # the third has waited 2.5 s, but a turn came free 1 s ago
+    waits = turns.waits
     turns.run_out()
-    wait_until(lambda: turns.waiting == 1, what="the third still waiting")
+    wait_until(lambda: turns.waits == waits + 1, what="the third waiting again")
     assert third.status is None
     clock.now += gate.max_wait_s  # no turn for max_wait_s now
     turns.run_out()
