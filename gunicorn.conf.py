@@ -12,8 +12,8 @@ import tempfile
 # request line, too many headers ...): JSON errors, not its HTML pages (common/server_errors.py).
 worker_class = "common.server_errors.JsonErrorGeventWorker"
 # gevent records, for each new greenlet, the greenlet and ten stack frames that spawned it (for
-# debugging tools). Kept for as long as the stream lives, that is 0.8 KiB per open stream, a
-# twentieth of its memory (bench/README.md). The workers inherit this, as any set before.
+# debugging tools). Kept for as long as the stream lives: a share of each idle stream's memory
+# worth saving (bench/README.md has the figure). The workers inherit this, as any set before.
 os.environ.setdefault("GEVENT_TRACK_GREENLET_TREE", "false")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_connections = 10000  # connections per worker (gunicorn's default, 1000, is too few); 95% for streams

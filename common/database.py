@@ -61,7 +61,7 @@ def make_engine(
     server-side prepared statements (psycopg prepares a
     statement on its fifth run) unless `prepared_statements` is false, for a
     pooler in transaction mode (PgBouncer before 1.21) cannot keep them. No `pool_pre_ping`: it is a
-    round trip before every call (a tenth of a publish, bench/publish.py); a
+    round trip before every call (bench/README.md has its cost); a
     connection the server dropped fails its next call instead, as a 503, and
     SQLAlchemy then replaces the whole pool.
     """

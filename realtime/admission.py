@@ -2,10 +2,9 @@
 
 After a deploy every client reconnects at once. Under gevent each new stream
 is a greenlet, and the hub runs ready greenlets in the order they became
-ready: a request's parse, Flask, the token check and the first replay page
-cost about 0.4 ms of CPU, and with 2,000 of them queued, the database reply a
-publish was waiting for came after all of them (p99 0.6 s on one worker,
-bench/storm.py). Centrifugo bounds new connections per node for the same
+ready: with thousands of stream setups queued, the database reply a publish
+was waiting for came after all of them (bench/storm.py; its figures are in
+bench/README.md). Centrifugo bounds new connections per node for the same
 reason.
 
 `StreamAdmission` wraps the WSGI app and lets at most `limit` requests for

@@ -114,7 +114,7 @@ class Subscription:
 
         No timeout here: keep-alives are queued by the dispatcher like
         messages. A timeout per wait would arm and cancel a timer on every
-        wake-up, which at 1,000 streams cost more than the frames themselves.
+        wake-up, which with many streams cost more than the frames themselves (bench/README.md).
         """
         while not self._pending and self.closed_reason is None:
             event = self.channel.event  # before looking again: see Channel
