@@ -220,3 +220,20 @@ def test_live_server_answers_bad_input_with_json(live_server):
     assert not failures, "\n".join(failures)
     assert history == [], "a refused request stored a message"
     assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
+
+
+def test_live_server_refuses_an_idempotency_key_reused_for_another_message(live_server):
+    """Issue 18: the same key with another body is 422, and the second message is not lost silently."""
+    headers = {"Authorization": f"Bearer {PUBLISH_KEY}", "Idempotency-Key": "order-7"}
+    first = httpx.post(live_server.url + PUBLISH, json={"channel": "c", "topic": "t", "data": 1}, headers=headers,
+                       timeout=10)
+    assert first.status_code == 201
+    other = httpx.post(live_server.url + PUBLISH, json={"channel": "c", "topic": "t", "data": 2}, headers=headers,
+                       timeout=10)
+    assert_json_error(other, 422, "idempotency_key_reused")
+    again = httpx.post(live_server.url + PUBLISH, json={"channel": "c", "topic": "t", "data": 1}, headers=headers,
+                       timeout=10)
+    assert again.status_code == 201 and again.json() == first.json()
+    token = live_server.token("c", ["t"])
+    history = httpx.get(live_server.url + MESSAGES, params={"token": token}, timeout=10).json()["messages"]
+    assert [m["data"] for m in history] == [1]
