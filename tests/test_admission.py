@@ -206,10 +206,12 @@ class OneByOne:
 
     def __init__(self) -> None:
         self.calls: list[threading.Event] = []
+        self.entered: list[str] = []
         self.served = 0
 
     def __call__(self, environ, start_response):
         done = threading.Event()
+        self.entered.append(environ["who"])
         self.calls.append(done)
         done.wait(30)
         self.served += 1
@@ -220,14 +222,16 @@ def test_a_waiter_keeps_its_place_while_turns_come_free_and_is_refused_once_they
     """A storm being set up is not shed: only a gate whose turns stopped moving turns waiters away."""
     app, clock = OneByOne(), Clock()
     gate, turns = _gate(app, limit=1, clock=clock)
-    first = Call(gate, STREAM_PATH)
+    first = Call(gate, STREAM_PATH, who="first")
     wait_until(lambda: len(app.calls) == 1, what="the first stream inside")
-    second, third = Call(gate, STREAM_PATH), Call(gate, STREAM_PATH)
+    waiters = {who: Call(gate, STREAM_PATH, who=who) for who in ("a", "b")}
     wait_until(lambda: turns.waiting == 2, what="two waiting")
     clock.now += 1.5
-    app.calls[0].set()  # a turn comes free: the second goes in, 1.5 s after the third began to wait
-    wait_until(lambda: len(app.calls) == 2 and turns.waiting == 1, what="the second inside")
-    clock.now += 1.0  # the third has waited 2.5 s, but a turn came free 1 s ago
+    app.calls[0].set()  # a turn comes free: one waiter goes in, 1.5 s after the other began to wait
+    wait_until(lambda: len(app.calls) == 2 and turns.waiting == 1, what="one waiter inside")
+    second = waiters[app.entered[1]]
+    third = waiters["b" if app.entered[1] == "a" else "a"]
+    clock.now += 1.0  # the other has waited 2.5 s, but a turn came free 1 s ago
     waits = turns.waits
     turns.run_out()
     wait_until(lambda: turns.waits == waits + 1, what="the third waiting again")
