@@ -60,7 +60,7 @@ DEFAULTS = {
     # Streams one process holds, open or being set up; unset: gunicorn's worker_connections less 5%
     # (gunicorn.conf.py); 0: no limit. And the streams of one token in one process; 0: no limit.
     "REALTIME_MAX_STREAMS": None,
-    "REALTIME_MAX_STREAMS_PER_TOKEN": 4,
+    "REALTIME_MAX_STREAMS_PER_TOKEN": 16,
 }
 
 

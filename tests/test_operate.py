@@ -55,7 +55,9 @@ def test_metrics_are_summed_over_the_workers_and_name_no_channel(start_server, t
         assert metrics['realtime_streams_closed_total{reason="client_gone"}'] == 3
         assert metrics["realtime_streams_open"] == 0
         assert metrics["realtime_frames_sent_total"] >= 12 + 9 + 15
-        assert metrics["realtime_publish_to_send_seconds_count"] == timed + len(live)
+        # Once per message and worker with a subscriber: this stream's, and maybe a worker that has
+        # not yet noticed the first stream's end (under load its keep-alive write comes late).
+        assert timed + len(live) <= metrics["realtime_publish_to_send_seconds_count"] <= timed + 2 * len(live)
     text = httpx.get(server.url + "/metrics", timeout=10).text
     assert channel not in text and "secret-channel-name" not in text
 

@@ -103,7 +103,7 @@ def test_a_body_that_arrives_at_once_lets_other_greenlets_run_while_it_is_read(c
             gevent.sleep(0)
 
     greenlet = gevent.spawn(other)
-    body = InstantBody(b" " * (4 * 1024 * 1024) + b"[]", lambda: turns)
+    body = InstantBody(b" " * (3 * 1024 * 1024) + b"[]", lambda: turns)
     try:
         assert_json_error(post_stream(client, PUBLISH, body), 400, "invalid_json")  # read, parsed: not an object
     finally:

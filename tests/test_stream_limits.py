@@ -102,6 +102,7 @@ def test_the_process_cap_leaves_a_share_of_the_connections(configured, worker_co
 def test_the_subscribe_view_counts_a_tokens_streams_until_they_close(app, client):
     """Four streams of a token open; the fifth is 429 with Retry-After; a forged token is refused
     without taking the real one's place; a stream closed gives its place back."""
+    app.extensions["realtime"].stream_limits.max_per_token = 4  # REALTIME_MAX_STREAMS_PER_TOKEN
     token = client.post("/api/realtime/token", json={"channel": "run.limits", "topics": ["status"]}).json["token"]
     url = f"{SUBSCRIBE}?token={token}"
     forged = f"{SUBSCRIBE}?token={token.rpartition('.')[0]}.{'A' * 27}"  # its payload, another signature
@@ -245,7 +246,8 @@ def streams() -> Iterator[list[Answer]]:
 
 @pytest.mark.integration
 def test_one_token_gets_its_cap_of_streams_on_each_worker_and_429_for_the_rest(start_server, tmp_path, streams):
-    server = start_server(f"sqlite:///{tmp_path / 'token.sqlite3'}", DEMO_ENABLED=True)  # 2 workers
+    server = start_server(f"sqlite:///{tmp_path / 'token.sqlite3'}", DEMO_ENABLED=True,  # 2 workers
+                          REALTIME_MAX_STREAMS_PER_TOKEN=4)
     token = server.token("run.attack", ["status"])
     streams += flood(server, [token] * 30)
     opened = [a for a in streams if a.status == 200]
