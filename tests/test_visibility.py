@@ -16,19 +16,9 @@ from realtime import metrics
 from realtime.dispatch import Dispatcher
 from realtime.schema import INTENT, NO_NEW_IDS, SchemaError, as_int4, create_schema, intent_key
 from realtime.store import MessageStore, NewMessage
+from test_dispatch import Feed  # a change feed the test drives by hand
 
 pytestmark = pytest.mark.postgres
-
-
-class Feed:
-    def wait(self, timeout: float) -> bool:
-        raise AssertionError("the test drives the dispatcher")
-
-    def poke(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Clock:
