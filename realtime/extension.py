@@ -31,7 +31,7 @@ from .errors import Forbidden
 from .messages import check_batch, check_message
 from .names import check_channel, check_idempotency_key, check_topic
 from .store import Message, MessageStore
-from .stream import Reset, open_stream, resolve_cursor
+from .stream import Reset, open_stream, pruned_after, resolve_cursor
 from .stream_limits import StreamLimits
 from .tokens import Grant, TokenIssuer
 
@@ -199,10 +199,11 @@ class Realtime:
         page = self.store.read_after(
             channel, topics, after_id, limit, HISTORY_BYTES, through=self.store.settled_through(channel)
         )
-        if cursor is not None and reset is None and page.pruned_through > after_id:
-            # Pruned between the cursor's check and the page (the mark is the page's own).
-            after_id = page.pruned_through
-            reset = Reset("history_truncated", str(Cursor(self.store.epoch, after_id)))
+        if cursor is not None and reset is None:
+            # Pruned between the cursor's check and the page?
+            reset = pruned_after(page, after_id, self.store.epoch)
+            if reset is not None:
+                after_id = page.pruned_through
         if cursor is not None:
             metrics.RESUMES.labels(reset.reason if reset is not None else "exact").inc()
         last_id = page[-1].id if page else after_id

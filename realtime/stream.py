@@ -33,7 +33,7 @@ from . import metrics, sse
 from .cursor import Cursor
 from .dispatch import Clock, Dispatcher, Subscription
 from .replay import ReplayBusy
-from .store import MessageStore
+from .store import MessageStore, Page
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,14 @@ class Reset:
 
     def frame(self) -> bytes:
         return sse.reset_frame(self.reason, self.cursor)
+
+
+def pruned_after(page: Page, after_id: int, epoch: str) -> Reset | None:
+    """`history_truncated` when messages right after `after_id` were pruned before `page` was read
+    (its mark comes from the page's own snapshot): said, never skipped silently."""
+    if page.pruned_through > after_id:
+        return Reset("history_truncated", str(Cursor(epoch, page.pruned_through)))
+    return None
 
 
 def resolve_cursor(store: MessageStore, channel: str, cursor: Cursor | None) -> tuple[int, Reset | None]:
@@ -156,10 +164,9 @@ def event_stream(
                     threading.Event().wait(dispatcher.tick_s)  # the database is away: do not spin
                 continue
             page = shared.page
-            if check_prune and page.pruned_through > last_id:
-                # Messages right after the position were pruned before this page was read (its
-                # mark comes from the page's own snapshot): say so, never skip them silently.
-                reset = Reset("history_truncated", str(Cursor(epoch, page.pruned_through)))
+            pruned = pruned_after(page, last_id, epoch) if check_prune else None
+            if pruned is not None:
+                reset = pruned
                 replayed.append(reset.frame())
                 last_id = page.pruned_through
             check_prune = True
