@@ -348,3 +348,21 @@ def add_missing_columns(engine: Engine, table: Table) -> None:
             name = engine.dialect.identifier_preparer.format_table(table)
             log.info("adding column %s.%s", table.name, column.name)
             conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {spec}")
+
+
+def add_missing_indexes(conn: Any, table: Table) -> None:
+    """Create the indexes of `table` that its database table lacks, in the caller's transaction
+    (under its schema lock): `create_all` adds none to an existing table.
+
+    On PostgreSQL a one-time build on a large table may take longer than the statement
+    timeout: lifted for this transaction, only when an index is missing.
+    """
+    from sqlalchemy import inspect
+
+    present = {index["name"] for index in inspect(conn).get_indexes(table.name)}
+    missing = [index for index in table.indexes if index.name not in present]
+    if missing and conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+    for index in missing:
+        log.info("adding index %s", index.name)
+        index.create(conn)

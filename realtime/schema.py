@@ -30,12 +30,11 @@ from sqlalchemy import (
     Table,
     Text,
     func,
-    inspect,
     select,
     text,
 )
 
-from common.database import DatabaseUnavailable, upsert
+from common.database import DatabaseUnavailable, add_missing_indexes, upsert
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def create_schema(engine: Engine) -> None:
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         metadata.create_all(conn)
-        _add_index(conn, idempotency, "ix_realtime_idempotency_message_id")  # new in issue 17: older tables lack it
+        add_missing_indexes(conn, idempotency)  # ix_..._message_id is new in issue 17: older tables lack it
         conn.execute(upsert(engine, meta).values(key="epoch", value=secrets.token_hex(4)).on_conflict_do_nothing())
         if engine.dialect.name == "postgresql":
             cache = conn.execute(
@@ -138,17 +137,3 @@ def create_schema(engine: Engine) -> None:
                     "ALTER SEQUENCE %s CACHE 1", SEQUENCE, cache, SEQUENCE,
                 )
                 raise SchemaError("the database's realtime schema is misconfigured; the server log says how to fix it")
-
-
-def _add_index(conn, table: Table, name: str) -> None:  # noqa: ANN001
-    """Create an index of `table` that an existing table may lack (`create_all` adds none to one).
-
-    On PostgreSQL its one-time build on a large table may take longer than the statement
-    timeout: lifted for this transaction, only when the index is missing."""
-    index = next(i for i in table.indexes if i.name == name)
-    present = {i["name"] for i in inspect(conn).get_indexes(table.name)}
-    if name in present:
-        return
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SET LOCAL statement_timeout = 0"))
-    index.create(conn)

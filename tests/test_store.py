@@ -199,3 +199,16 @@ def test_a_write_waiting_on_the_callers_own_sqlite_transaction_says_so(tmp_path)
             session.rollback()
     finally:
         db.dispose()
+
+
+def test_an_index_added_since_a_database_was_made_is_created_on_it(store):
+    from sqlalchemy import inspect, text
+
+    from realtime.schema import create_schema
+
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_realtime_idempotency_message_id"))  # a database made before issue 17
+    create_schema(store.engine)
+    with store.engine.connect() as conn:
+        names = {index["name"] for index in inspect(conn).get_indexes("realtime_idempotency")}
+    assert "ix_realtime_idempotency_message_id" in names
