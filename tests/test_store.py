@@ -206,6 +206,7 @@ def test_an_index_added_since_a_database_was_made_is_created_on_it(store):
 
     from realtime.schema import create_schema
 
+    store.db.ensure_schema()
     with store.engine.begin() as conn:
         conn.execute(text("DROP INDEX ix_realtime_idempotency_message_id"))  # a database made before issue 17
     create_schema(store.engine)
