@@ -35,20 +35,17 @@ class Holds:
     def __init__(self, holds: dict[tuple[str, int | None], Hold] | None = None) -> None:
         self.by_entry = holds or {}
         self._any = min((h.after_id for (_, k), h in self.by_entry.items() if k is ANY), default=None)
-        self._by_key: dict[int, int] = {}
+        self._by_key: dict[int, int] = {}  # the lowest after_id of each key's holds
         for (_, key), hold in self.by_entry.items():
-            if key is not ANY and hold.after_id < self._by_key.get(key, hold.after_id + 1):
-                self._by_key[key] = hold.after_id
+            if key is not ANY:
+                self._by_key[key] = min(self._by_key.get(key, hold.after_id), hold.after_id)
 
     def __bool__(self) -> bool:
         return bool(self.by_entry)
 
     def after(self, key: int) -> int | None:
         """The id after which messages of this key are held, None when they are not."""
-        own = self._by_key.get(key)
-        if own is None or (self._any is not None and self._any < own):
-            return self._any
-        return own
+        return min((after for after in (self._by_key.get(key), self._any) if after is not None), default=None)
 
     def held(self, message: Message) -> bool:
         if not self.by_entry:
