@@ -327,27 +327,31 @@ def add_missing_columns(engine: Engine, table: Table) -> None:
     column must therefore be nullable or have a `server_default`, so that the
     rows already there get a value. Under the schema lock, like `create_tables`.
     """
-    from sqlalchemy import inspect
-    from sqlalchemy.schema import CreateColumn
-
     with write_session(engine) as session:
         if engine.dialect.name == "postgresql":
             session.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-        conn = session.connection()
-        present = {column["name"] for column in inspect(conn).get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            if not column.nullable and column.server_default is None:
-                raise RuntimeError(
-                    f"{table.name}.{column.name} is missing and NOT NULL without a server_default: "
-                    "existing rows would have no value; add it by hand"
-                )
-            # The column as CREATE TABLE would spell it, in this dialect: name, type, DEFAULT, NOT NULL.
-            spec = CreateColumn(column).compile(dialect=engine.dialect)
-            name = engine.dialect.identifier_preparer.format_table(table)
-            log.info("adding column %s.%s", table.name, column.name)
-            conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {spec}")
+        add_missing_columns_in(session.connection(), table)
+
+
+def add_missing_columns_in(conn: Any, table: Table) -> None:
+    """`add_missing_columns` in the caller's transaction, under its own schema lock."""
+    from sqlalchemy import inspect
+    from sqlalchemy.schema import CreateColumn
+
+    present = {column["name"] for column in inspect(conn).get_columns(table.name)}
+    for column in table.columns:
+        if column.name in present:
+            continue
+        if not column.nullable and column.server_default is None:
+            raise RuntimeError(
+                f"{table.name}.{column.name} is missing and NOT NULL without a server_default: "
+                "existing rows would have no value; add it by hand"
+            )
+        # The column as CREATE TABLE would spell it, in this dialect: name, type, DEFAULT, NOT NULL.
+        spec = CreateColumn(column).compile(dialect=conn.dialect)
+        name = conn.dialect.identifier_preparer.format_table(table)
+        log.info("adding column %s.%s", table.name, column.name)
+        conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {spec}")
 
 
 def add_missing_indexes(conn: Any, table: Table) -> None:

@@ -22,7 +22,7 @@ from typing import Protocol
 import psycopg
 from sqlalchemy.engine import URL
 
-from common.greenlets import gevent_hub, native_thread_ident
+from common.greenlets import gevent_hub, set_event
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PollingChangeFeed:
         return False
 
     def poke(self) -> None:
-        _set(self._poked, self._hub)
+        set_event(self._poked, self._hub)
 
     def close(self) -> None:
         self._poked.set()
@@ -65,15 +65,6 @@ class PollingChangeFeed:
 
 def _conninfo(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _set(event: threading.Event, hub: object) -> None:
-    """`event.set()` from any thread: under gevent an Event belongs to the hub's
-    thread, and a job on a native thread (jobs/worker.py) must hand it over."""
-    if hub is not None and hub.thread_ident != native_thread_ident():
-        hub.loop.run_callback_threadsafe(event.set)
-    else:
-        event.set()
 
 
 class Notifier:
@@ -109,7 +100,7 @@ class Notifier:
                 if self._thread is None and not self._closed:
                     self._thread = threading.Thread(target=self._run, name="realtime-notifier", daemon=True)
                     self._thread.start()
-        _set(self._wanted, self._hub)
+        set_event(self._wanted, self._hub)
 
     def close(self) -> None:
         """Send what was asked, then stop the thread and close its connection."""
@@ -118,7 +109,7 @@ class Notifier:
             thread = self._thread
         if thread is None:
             return
-        _set(self._wanted, self._hub)
+        set_event(self._wanted, self._hub)
         thread.join(timeout=5)
 
     def _run(self) -> None:

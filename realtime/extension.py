@@ -28,11 +28,12 @@ from .changes import PostgresChangeFeed
 from .cursor import Cursor
 from .dispatch import Dispatcher
 from .errors import Forbidden
-from .messages import check_batch, check_message
+from .messages import check_batch, check_message, check_text_stream
 from .names import check_channel, check_idempotency_key, check_topic
 from .store import Message, MessageStore
 from .stream import Reset, open_stream, pruned_after, resolve_cursor
 from .stream_limits import StreamLimits
+from .text_streams import TextFlusher, TextStream, interrupted_ends
 from .tokens import Grant, TokenIssuer
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ DEFAULTS = {
     # (gunicorn.conf.py); 0: no limit. And the streams of one token in one process; 0: no limit.
     "REALTIME_MAX_STREAMS": None,
     "REALTIME_MAX_STREAMS_PER_TOKEN": 16,
+    # Text streams (text_streams.py): how often a process stores what its text streams wrote,
+    # and the most text one stream may hold.
+    "REALTIME_TEXT_FLUSH_MS": 50,
+    "REALTIME_TEXT_MAX_BYTES": 1024 * 1024,
 }
 
 
@@ -91,6 +96,11 @@ class Realtime:
             heartbeat_s=self.heartbeat_s,
             buffer_size=int(config["REALTIME_STREAM_BUFFER"]),
             send_timeout_s=float(config["REALTIME_SEND_TIMEOUT_S"]),
+        )
+        self.text_max_bytes = int(config["REALTIME_TEXT_MAX_BYTES"])
+        self.text_flusher = TextFlusher(
+            lambda items: self.store.append_many(items, on_commit=self.dispatcher.notify_appended),
+            interval_s=float(config["REALTIME_TEXT_FLUSH_MS"]) / 1000,
         )
         self.tokens = TokenIssuer(config["SECRET_KEY"], ttl_s=float(config["REALTIME_TOKEN_TTL_S"]))
         self._prune_interval_s = float(config["REALTIME_PRUNE_INTERVAL_S"])
@@ -153,6 +163,38 @@ class Realtime:
         """
         checked = check_batch(messages, max_bytes=self.max_message_bytes)
         return self.store.append_many(checked, on_commit=self.dispatcher.notify_appended)
+
+    def text_stream(
+        self,
+        channel: str,
+        topic: str,
+        id: str | None = None,
+        *,
+        run_id: str | None = None,
+        interrupt: Callable[[], None] | None = None,
+        cancel_errors: tuple[type[BaseException], ...] = (),
+    ) -> TextStream:
+        """A text stream to write, as a context manager (text_streams.py; docs/protocol.md §11):
+
+            with realtime.text_stream("run.42", "answer") as out:
+                out.write("Hello")
+
+        `id`: the stream's id, the same for every attempt of one piece of text (a
+        random one by default). `interrupt` is called at each write and may raise
+        to stop the writer; `cancel_errors` are the exceptions that end it `cancelled`.
+        """
+        return TextStream(
+            self.text_flusher, *check_text_stream(channel, topic, id, run_id), run_id=run_id,
+            max_bytes=self.text_max_bytes, interrupt=interrupt, cancel_errors=cancel_errors,
+        )
+
+    def end_interrupted_text_streams(self, run_id: str) -> int:
+        """End `failed` (`interrupted`) each text stream of `run_id` whose writer died before its end;
+        return how many. For a run's next attempt, before it writes again (jobs/runner.py)."""
+        ends = interrupted_ends(self.store.unended_text_streams(run_id))
+        if ends:
+            self.store.append_many(ends, on_commit=self.dispatcher.notify_appended)
+        return len(ends)
 
     # -- subscribing ------------------------------------------------------
 
@@ -221,6 +263,7 @@ class Realtime:
             self._pruner = threading.Thread(target=self._prune_forever, name="realtime-pruner", daemon=True)
             self._pruner.start()
             self.dispatcher.start()
+            self.text_flusher.start()  # here, in the hub's thread under gevent
 
     def prune(self) -> int:
         """Delete messages older than REALTIME_RETENTION_S now; return how many.

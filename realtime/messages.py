@@ -14,6 +14,7 @@ from .names import check_channel, check_run_id, check_topic
 from .store import NewMessage
 
 MAX_BATCH = 1000  # messages in one publish_many (docs/protocol.md §9)
+MAX_TEXT_STREAM_ID = 200  # characters, as the column holds
 
 
 def check_message(channel: Any, topic: Any, data: Any, run_id: Any, *, max_bytes: int) -> NewMessage:
@@ -51,3 +52,16 @@ def check_batch(messages: Sequence[Mapping[str, Any]], *, max_bytes: int) -> lis
         except RealtimeError as exc:  # the same code, saying which message: nothing is stored
             raise type(exc)(f"messages[{index}]: {exc.message}", code=exc.code) from None
     return checked
+
+
+def check_text_stream(channel: Any, topic: Any, sid: Any, run_id: Any) -> tuple[str, str, str | None]:
+    """A text stream's channel, topic and id (None: a random one), or the 4xx error."""
+    check_channel(channel)
+    check_topic(topic)
+    if run_id is not None:
+        check_run_id(run_id)
+    if sid is not None and not (isinstance(sid, str) and 1 <= len(sid) <= MAX_TEXT_STREAM_ID):
+        raise InvalidRequest(
+            f"a text stream's id must be a string of 1 to {MAX_TEXT_STREAM_ID} characters", code="invalid_text_stream"
+        )
+    return channel, topic, sid

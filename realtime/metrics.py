@@ -61,3 +61,11 @@ STREAM_LIMIT_REFUSED = Counter(
     "process_full (503 server_full: the process holds REALTIME_MAX_STREAMS).",
     ["reason"],
 )
+TEXT_STREAMS_OPEN = Gauge(
+    "realtime_text_streams_open", "Text streams being written in this instance (text_streams.py).",
+    multiprocess_mode="livesum",
+)
+TEXT_FLUSHES = Counter(
+    "realtime_text_flushes_total",
+    "INSERTs of the text streams' flusher: each stores what all of a process's text streams wrote since the last.",
+)

@@ -30,6 +30,8 @@ class NewMessage:
     topic: str
     data_json: str
     run_id: str | None = None
+    text_stream: str | None = None  # a text stream's message (text_streams.py): its id and seq
+    text_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Message:
     run_id: str | None
     created_at: datetime
     replayed: bool = False  # an Idempotency-Key repeat: stored by an earlier publish
+    text_stream: str | None = None  # a text stream's message (text_streams.py): its id and seq
+    text_seq: int | None = None
 
     @property
     def data(self) -> Any:
@@ -92,7 +96,10 @@ class Page:
 
 
 def message_from(row: Any) -> Message:
-    return Message(row.id, row.channel, row.topic, row.data, row.run_id, as_utc(row.created_at))
+    return Message(
+        row.id, row.channel, row.topic, row.data, row.run_id, as_utc(row.created_at),
+        text_stream=row.text_stream, text_seq=row.text_seq,
+    )
 
 
 def read_page(

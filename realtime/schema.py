@@ -34,7 +34,7 @@ from sqlalchemy import (
     text,
 )
 
-from common.database import DatabaseUnavailable, add_missing_indexes, upsert
+from common.database import DatabaseUnavailable, add_missing_columns_in, add_missing_indexes, upsert
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,16 @@ messages = Table(
     Column("data", Text, nullable=False),  # the JSON text, sent as is
     Column("run_id", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # A text stream's messages (text_streams.py): its id and each message's seq; NULL on
+    # other messages. What lets a replay fold a stream's deltas into its text (folding.py).
+    Column("text_stream", String(200)),
+    Column("text_seq", Integer),
     Index("ix_realtime_messages_channel_id", "channel", "id"),
     Index("ix_realtime_messages_created_at", "created_at"),
+    Index(
+        "ix_realtime_messages_text_stream", "channel", "text_stream", "id",
+        postgresql_where=text("text_stream IS NOT NULL"), sqlite_where=text("text_stream IS NOT NULL"),
+    ),
     sqlite_autoincrement=True,
 )
 
@@ -125,7 +133,11 @@ def create_schema(engine: Engine) -> None:
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         metadata.create_all(conn)
-        add_missing_indexes(conn, idempotency)  # ix_..._message_id is new in issue 17: older tables lack it
+        # What later versions added, for a database an older one made: the text stream
+        # columns and their index (issue 20), idempotency's message_id index (issue 17).
+        add_missing_columns_in(conn, messages)
+        add_missing_indexes(conn, messages)
+        add_missing_indexes(conn, idempotency)
         conn.execute(upsert(engine, meta).values(key="epoch", value=secrets.token_hex(4)).on_conflict_do_nothing())
         if engine.dialect.name == "postgresql":
             cache = conn.execute(

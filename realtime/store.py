@@ -27,6 +27,7 @@ from common.postgres import per_transaction
 from . import metrics
 from .errors import IdempotencyKeyReused
 from .changes import ChangeFeed, Notifier, PollingChangeFeed, PostgresChangeFeed
+from .folding import fold, not_superseded, unended
 from .prune import Pruner
 from .reads import PAGE_BYTES, Message, NewMessage, Page, message_from, read_page
 from .schema import (
@@ -48,9 +49,10 @@ _INSERT_SQL = (
 # from the sequence as it is inserted, so ids ascend in list order.
 _INSERT_MANY_SQL = (
     f"WITH intent AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared({INTENT}, k) FROM unnest(%b::int4[]) AS k)"
-    " INSERT INTO realtime_messages (channel, topic, data, run_id, created_at)"
-    " SELECT c, t, d, r, %s FROM unnest(%b::varchar[], %b::varchar[], %b::text[], %b::varchar[])"
-    " WITH ORDINALITY AS m(c, t, d, r, n) WHERE (SELECT count(*) FROM intent) >= 0 ORDER BY n RETURNING id"
+    " INSERT INTO realtime_messages (channel, topic, data, run_id, text_stream, text_seq, created_at)"
+    " SELECT c, t, d, r, s, q, %s"
+    " FROM unnest(%b::varchar[], %b::varchar[], %b::text[], %b::varchar[], %b::varchar[], %b::int4[])"
+    " WITH ORDINALITY AS m(c, t, d, r, s, q, n) WHERE (SELECT count(*) FROM intent) >= 0 ORDER BY n RETURNING id"
 )
 _INTENT = text(f"SELECT pg_advisory_xact_lock_shared({INTENT}, :key)")
 
@@ -135,7 +137,8 @@ class MessageStore:
             ids = self._append_batch(items, created_at)
         else:
             rows = [
-                {"channel": m.channel, "topic": m.topic, "data": m.data_json, "run_id": m.run_id, "created_at": created_at}
+                {"channel": m.channel, "topic": m.topic, "data": m.data_json, "run_id": m.run_id,
+                 "text_stream": m.text_stream, "text_seq": m.text_seq, "created_at": created_at}
                 for m in items
             ]
             with self.engine.begin() as conn:
@@ -147,7 +150,8 @@ class MessageStore:
         if on_commit is not None:
             on_commit()
         return [
-            Message(message_id, m.channel, m.topic, m.data_json, m.run_id, created_at)
+            Message(message_id, m.channel, m.topic, m.data_json, m.run_id, created_at,
+                    text_stream=m.text_stream, text_seq=m.text_seq)
             for message_id, m in zip(ids, items)
         ]
 
@@ -156,7 +160,7 @@ class MessageStore:
         (a fifth of the CPU of SQLAlchemy's executemany for 1,000 rows), one transaction."""
         keys = sorted({as_int4(intent_key(channel)) for channel in {m.channel for m in items}})
         columns = ([m.channel for m in items], [m.topic for m in items], [m.data_json for m in items],
-                   [m.run_id for m in items])
+                   [m.run_id for m in items], [m.text_stream for m in items], [m.text_seq for m in items])
         with self._driver() as (driver, set_timeout), driver.transaction():
             if set_timeout:
                 driver.execute(set_timeout, prepare=False)
@@ -242,14 +246,27 @@ class MessageStore:
     ) -> Page:
         """Messages of `channel` (and `topics`, None = all) with id > after_id (and <= `through`),
         oldest first: at most `limit` of them, and no more than `max_bytes` of data but the first.
-        `page.pruned_through` is the channel's prune mark as of the same snapshot."""
-        where = [messages.c.channel == channel, messages.c.id > after_id]
+        `page.pruned_through` is the channel's prune mark as of the same snapshot.
+
+        Replay's read: a text stream comes as one message with its text so far (folding.py).
+        """
+        where = [messages.c.channel == channel, messages.c.id > after_id, not_superseded(through)]
         if through is not None:
             where.append(messages.c.id <= through)
         if topics is not None:
             where.append(messages.c.topic.in_(topics))
         self._count_read("replay")
-        return read_page(self.engine, where, limit, max_bytes, pruned_channel=channel)
+        page = read_page(self.engine, where, limit, max_bytes, pruned_channel=channel)
+        if any(m.text_stream is not None for m in page):
+            self._count_read("replay")
+            page = fold(self.engine, page, max_bytes)
+        return page
+
+    @database_call
+    def unended_text_streams(self, run_id: str) -> Sequence[Message]:
+        """The last message of each text stream of `run_id` that has no end (folding.py `unended`)."""
+        self._count_read("lookup")
+        return unended(self.engine, run_id)
 
     @database_call
     def read_new(
