@@ -14,7 +14,7 @@
  *     }
  *
  * It returns the subscription's `snapshot`: {state, latest, latestByTopic, messages, runStatus,
- * error}, and lastEventId, lastReset and retryAt (see realtime.js). A new channel or new topics
+ * error, texts}, and lastEventId, lastReset and retryAt (see realtime.js). A new channel or new topics
  * mean a new subscription; unmounting closes the stream. Types: realtime.d.ts, react.d.ts.
  *
  * No build step here: this module does
@@ -36,6 +36,7 @@ const NOT_YET_SUBSCRIBED = Object.freeze({
   runStatus: null,
   lastReset: null,
   retryAt: null,
+  texts: Object.freeze({}),
 });
 
 /** Subscribe while mounted; re-render on every change of the subscription's snapshot. */

@@ -64,11 +64,35 @@ export type TokenSource<M extends TopicMap = AnyTopics> =
   | string
   | ((request: { channel: string; topics: readonly TopicOf<M>[] }) => string | TokenGrant | Promise<string | TokenGrant>);
 
+export type TextStreamStatus = "streaming" | "completed" | "failed" | "cancelled";
+
+/** The `data` of a text-stream message (docs/protocol.md, "text streams"). */
+export type TextStreamData = { text_stream: string; seq: number; status?: Exclude<TextStreamStatus, "streaming">; error?: string } & (
+  | { delta: string }
+  | { text: string }
+);
+
+/** One text stream as the client keeps it, in `texts[sid]`. */
+export interface TextStreamState<Topic extends string = string> {
+  /** The running attempt's text so far. */
+  readonly text: string;
+  /** The seq of the last message folded in: 0 before the first delta. */
+  readonly seq: number;
+  /** "streaming" until the stream's last message says how it ended. */
+  readonly status: TextStreamStatus;
+  readonly topic: Topic;
+  /** The error's type, when the stream failed. */
+  readonly error?: string;
+}
+
 export type RealtimeChange<M extends TopicMap = AnyTopics> =
   | { type: "state" }
   | { type: "message"; message: MessageOf<M> }
   | { type: "reset"; reset: RealtimeReset }
-  | { type: "cleared" };
+  | { type: "cleared" }
+  /** Text stream `sid` changed: `delta` was appended, or (`replaced`) its text was replaced: read `texts[sid]`. */
+  | { type: "text"; sid: string; delta: string; replaced: false }
+  | { type: "text"; sid: string; delta: null; replaced: true };
 
 export type ChangeListener<M extends TopicMap = AnyTopics> = (change: RealtimeChange<M>, subscription: Subscription<M>) => void;
 
@@ -120,13 +144,15 @@ export interface RealtimeSnapshot<M extends TopicMap = AnyTopics> {
   readonly lastEventId: string | null;
   readonly latest: MessageOf<M> | null;
   readonly latestByTopic: { readonly [T in TopicOf<M>]?: RealtimeMessage<T, M[T]> };
-  /** The last `historyLimit` messages, oldest first. */
+  /** The last `historyLimit` messages, oldest first; text-stream messages are kept in `texts` only. */
   readonly messages: readonly MessageOf<M>[];
   /** data.status of the newest message on topic "run". */
   readonly runStatus: string | null;
   readonly lastReset: RealtimeReset | null;
   /** When the next reconnect attempt is due (ms since epoch). */
   readonly retryAt: number | null;
+  /** The text streams, by id. */
+  readonly texts: { readonly [sid: string]: TextStreamState<TopicOf<M>> };
 }
 
 /** A subscription has every field of its snapshot, live (declaration merging: not written twice). */
@@ -153,6 +179,12 @@ export declare function subscribe<M extends TopicMap = AnyTopics>(options: Subsc
 export declare const TERMINAL_RUN_STATUSES: readonly ["completed", "failed", "cancelled"];
 
 export declare function normalizeGrant(got: string | TokenGrant): { token: string; expiresAt: number | null };
+
+/**
+ * Show text stream `sid` in `element`: a text node appended per delta, the whole text written
+ * only when it is replaced or cleared. Returns a function that stops following.
+ */
+export declare function renderText<M extends TopicMap>(element: Element, subscription: Subscription<M>, sid: string): () => void;
 
 export type ParsedItem =
   | { kind: "event"; event: string; data: string; lastEventId: string }

@@ -30,10 +30,11 @@
  *   lastEventId    the cursor: the last `id:` received; every reconnect sends it back
  *   latest         the newest envelope {id, channel, topic, data, run_id, created_at}
  *   latestByTopic  {topic: newest envelope of that topic}
- *   messages       the last `historyLimit` envelopes, oldest first
+ *   messages       the last `historyLimit` envelopes, oldest first (text-stream messages excepted)
  *   runStatus      data.status of the newest message on topic "run", e.g. "running"
  *   lastReset      null, or the server's reset {reason, cursor} (history was cut; data restarted)
  *   retryAt        when the next reconnect attempt is due (ms since epoch), or null
+ *   texts          {sid: {text, seq, status, topic, error?}}: the text streams (see "Text streams" below)
  *
  * How it resumes, with its cursor, on any disconnect (the server replays what was missed):
  *   - the browser's own EventSource reconnect sends `Last-Event-ID` by itself;
@@ -45,6 +46,16 @@
  *   - with the "fetch" transport (which also hands the raw bytes to `onRaw`, for workshops)
  *     the status is read directly and a stream the server ends is resumed after its `retry:`.
  * Each reopen passes `last_event_id=<cursor>`. Messages are also de-duplicated by envelope id.
+ *
+ * Text streams (docs/protocol.md, "text streams"): a text a job writes piece by piece (an LLM's
+ * answer) comes as messages whose data is {text_stream: sid, seq, delta} (appended) or
+ * {text_stream: sid, seq, text} (the whole text so far: a replay, or a new attempt at seq 0);
+ * the end is one more delta carrying `status`. They move the cursor and reach `onMessage` like
+ * any message, but are kept only in `texts`, never in `messages`, `latest`, `latestByTopic` or
+ * `runStatus`: a 20,000-delta answer would push every other message out of `messages`, and one
+ * delta means nothing alone. Listeners get {type: "text", sid, delta: "<appended piece>",
+ * replaced: false}, or {type: "text", sid, delta: null, replaced: true} when the text was
+ * replaced, so a page appends only the new piece: `renderText(element, sub, sid)` does that.
  *
  * This file is an ES module. From a plain script, expose it once:
  *     <script type="module">import * as Realtime from "/static/realtime.js"; window.Realtime = Realtime;</script>
@@ -447,6 +458,10 @@ export class Subscription {
       if (envelope.id <= this._highestId) return;
       this._highestId = envelope.id;
     }
+    if (isTextStreamData(envelope.data)) {
+      this._receiveText(envelope);
+      return;
+    }
     const limit = this._options.historyLimit;
     const messages = this.messages.length >= limit ? this.messages.slice(this.messages.length - limit + 1) : this.messages.slice();
     if (limit > 0) messages.push(envelope);
@@ -459,8 +474,19 @@ export class Subscription {
     if (this._options.closeOnRunEnd && TERMINAL_RUN_STATUSES.includes(this.runStatus)) this.close();
   }
 
+  /** A text-stream message: fold it into `texts` (see nextTextState) and say what changed. */
+  _receiveText(envelope) {
+    const sid = envelope.data.text_stream;
+    const next = nextTextState(this.texts[sid], envelope.data, envelope.topic);
+    if (next !== null) this.texts = { ...this.texts, [sid]: next.state };
+    this._options.onMessage?.(envelope, this);
+    // null: a duplicate, or a gap (see nextTextState); nothing changed to show.
+    if (next !== null) this._notify({ type: "text", sid, delta: next.delta, replaced: next.delta === null });
+  }
+
   _clearData() {
     this.messages = [];
+    this.texts = {};
     this.latest = null;
     this.latestByTopic = {};
     this.runStatus = null;
@@ -485,6 +511,7 @@ export class Subscription {
       runStatus: this.runStatus,
       lastReset: this.lastReset,
       retryAt: this.retryAt,
+      texts: this.texts,
     });
   }
 
@@ -501,6 +528,60 @@ export class Subscription {
       }
     }
   }
+}
+
+// -- text streams ------------------------------------------------------------------------
+
+const isTextStreamData = (data) => typeof data?.text_stream === "string";
+
+/**
+ * The next state of one text stream after a message's `data`, with the appended piece, or
+ * `delta: null` when the text was replaced; null when the message changes nothing. The rule:
+ *   - `text`: replaces the text and its seq (a replay folds the stream into one message, and a
+ *     retried attempt starts again with {seq: 0, text: ""}, so only the running attempt shows);
+ *     the status is the message's, or "streaming";
+ *   - `delta` with seq = current + 1: appended; its `status`, if any, ends the stream;
+ *   - seq <= current: a duplicate, ignored;
+ *   - seq > current + 1: a gap. An exactly-once stream never has one (every message is
+ *     replayed after its cursor), so it means the pieces between were never seen here, e.g.
+ *     the client started from a `lastEventId` in the middle of the stream. Appending would
+ *     show a text with a silent hole; the stream keeps its state until a `text` message
+ *     (a reload's replay, or the next attempt) replaces it.
+ */
+function nextTextState(current = { text: "", seq: 0, status: "streaming" }, data, topic) {
+  if (!Number.isInteger(data.seq) || data.seq < 0) return null;
+  const ending = typeof data.status === "string" ? { status: data.status, ...errorOf(data) } : null;
+  if (typeof data.text === "string") {
+    const state = { text: data.text, seq: data.seq, topic, ...(ending ?? { status: "streaming" }) };
+    return { state: Object.freeze(state), delta: null };
+  }
+  if (typeof data.delta !== "string" || data.seq !== current.seq + 1) return null;
+  // Engines concatenate strings into ropes: no copy of the whole text per delta.
+  const state = { ...current, text: current.text + data.delta, seq: data.seq, topic, ...ending };
+  return { state: Object.freeze(state), delta: data.delta };
+}
+
+const errorOf = (data) => (typeof data.error === "string" ? { error: data.error } : {});
+
+/**
+ * Show text stream `sid` of `subscription` in `element`, appending a text node per delta
+ * instead of re-rendering the whole text (a 100,000-character answer at 50 deltas a second
+ * stays smooth); the text is rewritten only when it is replaced (a replay, a new attempt)
+ * or cleared (a reset). Returns a function that stops following.
+ */
+export function renderText(element, subscription, sid) {
+  const show = () => {
+    element.textContent = subscription.texts[sid]?.text ?? "";
+  };
+  show();
+  return subscription.onChange((change) => {
+    if (change.type === "text" && change.sid === sid) {
+      if (change.replaced) show();
+      else if (change.delta) element.appendChild(element.ownerDocument.createTextNode(change.delta));
+    } else if (change.type === "reset" || change.type === "cleared") {
+      show();
+    }
+  });
 }
 
 // -- helpers, exported for tests ---------------------------------------------------------

@@ -155,3 +155,26 @@ export function testEnv(overrides = {}) {
   };
   return { env, timers };
 }
+
+/** Just enough of a DOM element for renderText, counting whole-text writes and appended nodes. */
+export class FakeElement {
+  pieces = [];
+  writes = 0;
+  appends = 0;
+  ownerDocument = { createTextNode: (data) => ({ data }) };
+
+  set textContent(text) {
+    this.writes += 1;
+    this.pieces = text ? [text] : [];
+  }
+
+  get textContent() {
+    return this.pieces.join("");
+  }
+
+  appendChild(node) {
+    this.appends += 1;
+    this.pieces.push(node.data);
+    return node;
+  }
+}

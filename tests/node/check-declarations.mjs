@@ -1,6 +1,6 @@
-// What tsc cannot see: do the declarations name what the modules really export, and does
-// RealtimeSnapshot list the snapshot's real fields? Run by tests/test_react.py; prints the
-// differences as JSON and exits 1 when there are any.
+// What tsc cannot see: do the declarations name what the modules really export, and do
+// RealtimeSnapshot, TextStreamState and the "text" changes list the real objects' fields? Run by
+// tests/test_react.py; prints the differences as JSON and exits 1 when there are any.
 import { register } from 'node:module'
 import ts from 'typescript'
 
@@ -27,8 +27,37 @@ const { subscribe } = await import(new URL('realtime.js', STATIC).href)
 const idle = { EventSource: class { addEventListener() {} close() {} }, document: undefined, window: undefined }
 const subscription = subscribe({ channel: 'c', topics: ['t'], token: 't', env: idle })
 subscription.close()
-const snapshotType = declared('realtime.d.ts').find((symbol) => symbol.name === 'RealtimeSnapshot')
-compare('RealtimeSnapshot', checker.getDeclaredTypeOfSymbol(snapshotType).getProperties().map((p) => p.name), Object.keys(subscription.snapshot))
+const declaredType = (name) => checker.getDeclaredTypeOfSymbol(declared('realtime.d.ts').find((symbol) => symbol.name === name))
+const names = (type) => type.getProperties().map((p) => p.name)
+compare('RealtimeSnapshot', names(declaredType('RealtimeSnapshot')), Object.keys(subscription.snapshot))
+
+// A text stream's state and its changes, from one stream fed to a stand-in EventSource.
+class OneStream {
+  constructor() {
+    OneStream.last = this
+  }
+  addEventListener(type, listener) {
+    if (type === 't') this.deliver = listener
+  }
+  close() {}
+}
+const fed = subscribe({ channel: 'c', topics: ['t'], token: 't', env: { ...idle, EventSource: OneStream } })
+const textChanges = []
+fed.onChange((change) => change.type === 'text' && textChanges.push(change))
+const frames = [{ seq: 0, text: '' }, { seq: 1, delta: 'Hi' }, { seq: 2, delta: '', status: 'failed', error: 'TimeoutError' }]
+frames.forEach((data, id) => {
+  const envelope = { id: id + 1, channel: 'c', topic: 't', data: { text_stream: 's', ...data }, run_id: null, created_at: '' }
+  OneStream.last.deliver({ type: 't', data: JSON.stringify(envelope), lastEventId: `e-${id + 1}` })
+})
+fed.close()
+compare('TextStreamState', names(declaredType('TextStreamState')), Object.keys(fed.texts.s))
+const textVariants = declaredType('RealtimeChange').types.filter((variant) => {
+  const type = variant.getProperty('type')
+  return checker.typeToString(checker.getTypeOfSymbolAtLocation(type, type.valueDeclaration)) === '"text"'
+})
+for (const [i, change] of textChanges.entries()) {
+  compare(`RealtimeChange "text" (${change.replaced ? 'replaced' : 'appended'}, change ${i})`, [...new Set(textVariants.flatMap(names))], Object.keys(change))
+}
 
 process.stdout.write(JSON.stringify(differences) + '\n')
 process.exit(Object.keys(differences).length ? 1 : 0)

@@ -1,8 +1,8 @@
 // Compiled (never run) by tests/test_react.py with tsc in strict mode: how a TypeScript user
 // calls realtime.js and react.js, and misuses the declarations must refuse (@ts-expect-error
 // fails the check if the line compiles after all).
-import { subscribe, TERMINAL_RUN_STATUSES, createParser } from "../../static/realtime.js";
-import type { RealtimeSnapshot, RunData, Subscription } from "../../static/realtime.js";
+import { subscribe, TERMINAL_RUN_STATUSES, createParser, renderText } from "../../static/realtime.js";
+import type { RealtimeSnapshot, RunData, Subscription, TextStreamData, TextStreamState } from "../../static/realtime.js";
 import { useRealtime } from "../../static/react.js";
 
 interface Topics {
@@ -32,6 +32,22 @@ const stop: () => void = sub.onChange((change, current) => {
   return [percent, done, current.state === "paused", current.error?.code];
 });
 stop();
+
+// Text streams: the state by id, and changes that say whether to append or to re-render.
+const answer: TextStreamState<"status" | "log" | "run"> | undefined = sub.texts["answer-1"];
+const finished: boolean = answer?.status === "completed" || answer?.error !== undefined;
+const stopText: () => void = sub.onChange((change) => {
+  if (change.type !== "text") return;
+  if (change.replaced) {
+    const nothing: null = change.delta;
+    return [nothing, sub.texts[change.sid]?.text.length];
+  }
+  return change.delta.length; // a string when not replaced
+});
+stopText();
+renderText(document.createElement("pre"), sub, "answer-1")();
+const piece: TextStreamData = { text_stream: "answer-1", seq: 3, delta: "Hel" };
+
 sub.reset({ replay: true });
 sub.reconnect({ transport: "eventsource" });
 sub.close();
@@ -43,14 +59,15 @@ const plain = subscribe({ channel: "c", topics: ["a"], token: "t" });
 plain.latest?.data.anything;
 
 export function RunProgress({ runId }: { runId: string }) {
-  const { state, latest, latestByTopic, messages, runStatus, error } = useRealtime<Topics>({
+  const { state, latest, latestByTopic, messages, runStatus, error, texts } = useRealtime<Topics>({
     channel: `run.${runId}`,
     topics: ["status", "log", "run"],
     token: () => fetch("/api/realtime/token").then((response) => response.json() as Promise<{ token: string }>),
     closeOnRunEnd: true,
   });
   const lines: string[] = messages.flatMap((m) => (m.topic === "log" ? [m.data.message] : []));
-  return { state, latest, percent: latestByTopic.status?.data.percent ?? 0, lines, runStatus, error, snapshot };
+  const answerText: string = texts[`answer-${runId}`]?.text ?? "";
+  return { state, latest, percent: latestByTopic.status?.data.percent ?? 0, lines, runStatus, error, snapshot, answerText, finished, piece };
 }
 
 // @ts-expect-error: topics must be listed
@@ -65,3 +82,11 @@ sub.state === "reconnecting";
 sub.latestByTopic.status?.data.message;
 // @ts-expect-error: the snapshot is read-only
 snapshot.messages.push(snapshot.messages[0]!);
+// @ts-expect-error: not a text stream status
+answer?.status === "thinking";
+// @ts-expect-error: a text stream's state is read-only
+sub.texts["answer-1"]!.text = "changed";
+// @ts-expect-error: which text stream to render
+renderText(document.createElement("pre"), sub);
+// @ts-expect-error: a delta change's piece is a string, a replacement's null
+sub.onChange((change) => change.type === "text" && change.delta.length);
