@@ -62,8 +62,9 @@ DEFAULTS = {
     # (gunicorn.conf.py); 0: no limit. And the streams of one token in one process; 0: no limit.
     "REALTIME_MAX_STREAMS": None,
     "REALTIME_MAX_STREAMS_PER_TOKEN": 16,
-    # Text streams (text_streams.py): how often a process stores what its text streams wrote,
-    # and the most text one stream may hold.
+    # Text streams (text_streams.py): how often a process stores what its text streams wrote
+    # (None: only when the caller calls `text_flusher.flush()`, for tests), and the most text
+    # one stream may hold.
     "REALTIME_TEXT_FLUSH_MS": 50,
     "REALTIME_TEXT_MAX_BYTES": 1024 * 1024,
 }
@@ -100,7 +101,7 @@ class Realtime:
         self.text_max_bytes = int(config["REALTIME_TEXT_MAX_BYTES"])
         self.text_flusher = TextFlusher(
             lambda items: self.store.append_many(items, on_commit=self.dispatcher.notify_appended),
-            interval_s=float(config["REALTIME_TEXT_FLUSH_MS"]) / 1000,
+            interval_s=None if config["REALTIME_TEXT_FLUSH_MS"] is None else float(config["REALTIME_TEXT_FLUSH_MS"]) / 1000,
         )
         self.tokens = TokenIssuer(config["SECRET_KEY"], ttl_s=float(config["REALTIME_TOKEN_TTL_S"]))
         self._prune_interval_s = float(config["REALTIME_PRUNE_INTERVAL_S"])

@@ -23,9 +23,10 @@ from common.database import Database, prepared_statements
 
 from .errors import RealtimeError
 from .extension import DEFAULTS
-from .messages import check_batch, check_message
+from .messages import check_batch, check_message, check_text_stream
 from .names import check_idempotency_key
 from .store import Message, MessageStore
+from .text_streams import TextFlusher, TextStream
 
 DEFAULT_MAX_MESSAGE_BYTES = DEFAULTS["REALTIME_MAX_MESSAGE_BYTES"]  # the app's own default (docs/protocol.md §2)
 
@@ -39,9 +40,14 @@ class Publisher:
 
     def __init__(
         self, database_url: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        prepared_statements: bool = True,
+        prepared_statements: bool = True, text_flush_ms: float = DEFAULTS["REALTIME_TEXT_FLUSH_MS"],
+        text_max_bytes: int = DEFAULTS["REALTIME_TEXT_MAX_BYTES"],
     ) -> None:
         self.max_message_bytes = max_message_bytes
+        self.text_flush_s = text_flush_ms / 1000
+        self.text_max_bytes = text_max_bytes
+        self._text_flusher: TextFlusher | None = None  # made by the first text stream
+        self._flusher_lock = threading.Lock()
         self._db = Database(database_url, prepared_statements=prepared_statements)
         self.store = MessageStore(self._db)
         # On PostgreSQL one NOTIFY after commits, from a background thread; on SQLite others poll.
@@ -51,7 +57,8 @@ class Publisher:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Publisher:
         """Configured as the app is: `DATABASE_URL`, and `FLASK_REALTIME_MAX_MESSAGE_BYTES`,
-        `REALTIME_LISTEN_URL`, `FLASK_DATABASE_PREPARED_STATEMENTS` when the app has them."""
+        `FLASK_REALTIME_TEXT_FLUSH_MS`, `FLASK_REALTIME_TEXT_MAX_BYTES`, `REALTIME_LISTEN_URL`,
+        `FLASK_DATABASE_PREPARED_STATEMENTS` when the app has them."""
         url = environ.get("DATABASE_URL")
         if not url:
             raise PublisherConfigError(
@@ -64,7 +71,11 @@ class Publisher:
             "DATABASE_PREPARED_STATEMENTS": environ.get("FLASK_DATABASE_PREPARED_STATEMENTS", "auto"),
         }
         max_bytes = int(environ.get("FLASK_REALTIME_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES))
-        return cls(url, max_message_bytes=max_bytes, prepared_statements=prepared_statements(config))
+        return cls(
+            url, max_message_bytes=max_bytes, prepared_statements=prepared_statements(config),
+            text_flush_ms=float(environ.get("FLASK_REALTIME_TEXT_FLUSH_MS", DEFAULTS["REALTIME_TEXT_FLUSH_MS"])),
+            text_max_bytes=int(environ.get("FLASK_REALTIME_TEXT_MAX_BYTES", DEFAULTS["REALTIME_TEXT_MAX_BYTES"])),
+        )
 
     def publish(
         self, channel: str, topic: str, data: Any, *, run_id: str | None = None, idempotency_key: str | None = None,
@@ -83,8 +94,28 @@ class Publisher:
         checked = check_batch(messages, max_bytes=self.max_message_bytes)
         return self.store.append_many(checked, on_commit=self._committed)
 
+    def text_stream(self, channel: str, topic: str, id: str | None = None, *, run_id: str | None = None) -> TextStream:
+        """A text stream to write from a task (see `Realtime.text_stream`; docs/protocol.md §11):
+
+            with publisher.text_stream(f"run.{task_id}", "answer") as out:
+                for piece in llm_answer(prompt):
+                    out.write(piece)
+        """
+        with self._flusher_lock:
+            if self._text_flusher is None:
+                self._text_flusher = TextFlusher(
+                    lambda items: self.store.append_many(items, on_commit=self._committed),
+                    interval_s=self.text_flush_s,
+                )
+        return TextStream(
+            self._text_flusher, *check_text_stream(channel, topic, id, run_id), run_id=run_id,
+            max_bytes=self.text_max_bytes,
+        )
+
     def close(self) -> None:
-        """Send the last NOTIFY, then release the database connections."""
+        """Store what text streams wrote, send the last NOTIFY, then release the database connections."""
+        if self._text_flusher is not None:
+            self._text_flusher.close()
         if self._notifier is not None:
             self._notifier.close()
         self._db.dispose()

@@ -162,7 +162,8 @@ class TextStream:
         self._state = "ended"
         self._queue.append(_End(status, error))
         self._flusher.wake()
-        if not wait_native_lock(self._end_stored, self._flusher.end_timeout_s):
+        # A manual flusher (no thread) stored it in `wake` or failed to: nothing to wait for.
+        if not wait_native_lock(self._end_stored, 0 if self._flusher.interval_s is None else self._flusher.end_timeout_s):
             raise DatabaseUnavailable(
                 f"the end of text stream {self.id!r} was not stored within {self._flusher.end_timeout_s:g} s; "
                 "it will be once the database answers"
@@ -223,8 +224,10 @@ class TextFlusher:
     end_timeout_s = 10.0
 
     def __init__(
-        self, append_many: Callable[[Sequence[NewMessage]], list[Message]], *, interval_s: float = 0.05
+        self, append_many: Callable[[Sequence[NewMessage]], list[Message]], *, interval_s: float | None = 0.05
     ) -> None:
+        """`interval_s` None: no thread; `flush()` stores, called by the caller (and by each end),
+        as eager mode runs jobs inline: tests then see every flush."""
         self._append_many = append_many
         self.interval_s = interval_s
         self._streams: dict[int, TextStream] = {}  # open streams, by id(); only the flusher removes
@@ -239,16 +242,20 @@ class TextFlusher:
         self._streams[id(stream)] = stream  # a dict's item assignment is atomic
         metrics.TEXT_STREAMS_OPEN.inc()
         self.start()
-        self.wake()
+        if self.interval_s is not None:
+            self.wake()  # a tick from now on (an idle flusher waits for no time)
 
     def wake(self) -> None:
         """Flush now rather than at the next tick (an end is waiting). Safe from any thread."""
-        set_event(self._wake, self._hub)
+        if self.interval_s is None:
+            self.flush()
+        else:
+            set_event(self._wake, self._hub)
 
     def start(self) -> None:
         """Start the flusher thread once (idempotent). Under gevent, in the hub it was made with."""
         with self._start_lock:
-            if self._thread is not None or self._closed:
+            if self._thread is not None or self._closed or self.interval_s is None:
                 return
             self._thread = threading.Thread(target=self._run, name="realtime-text-flusher", daemon=True)
             if self._hub is not None and self._hub.thread_ident != native_thread_ident():
