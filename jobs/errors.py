@@ -33,6 +33,11 @@ class InvalidEventKey(JobError):
     code = "invalid_event_key"
 
 
+class InvalidCancelToken(JobError):
+    status = 401
+    code = "invalid_cancel_token"
+
+
 class RunNotFound(JobError):
     status = 404
     code = "run_not_found"

@@ -13,19 +13,22 @@ worker, which never look at Flask.
 """
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 from flask import Flask
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from common import jsontext
-from common.database import Database, database_for
+from common.database import Database, DatabaseUnavailable, database_for
 from common.config import flag
 from common.metrics import add_scrape_collector
 from realtime.errors import MessageTooLarge
 
 from . import metrics
+from .capabilities import CancelTokens
 from .errors import EventTooLarge, InvalidEvent, RunNotFound
 from .registry import EVENT_NAME_PATTERN, Handler, JobFunction, Registry, function
 from .runner import Runner
@@ -34,6 +37,8 @@ from .records import COMPLETED, FAILED, FINISHED, NewEvent, Run, is_id
 from .runs import PruneHook, RunStore
 from .tables import create_schema
 from .worker import PRUNE_BATCH, SILENT_AFTER_HEARTBEATS, Retention, Worker, last_heartbeat
+
+log = logging.getLogger(__name__)
 
 DEFAULTS = {
     "JOBS_EMBEDDED": True,
@@ -50,6 +55,7 @@ DEFAULTS = {
     "JOBS_POLL_S": 0.5,  # how often a worker looks for runs queued by other processes
     "JOBS_RETRY_BASE_S": 1.0,  # first retry after 1 s, then 2, 4, ...
     "JOBS_RETRY_MAX_S": 600,
+    "JOBS_CANCEL_TOKEN_TTL_S": 300,  # a run-scoped cancel capability (capabilities.py) is good this long
 }
 
 MAX_EVENTS_PER_REQUEST = 100
@@ -91,6 +97,7 @@ class Jobs:
             interval_s=float(config["JOBS_PRUNE_INTERVAL_S"]),
         )
         self.realtime = realtime or app.extensions["realtime"]
+        self.cancel_tokens = CancelTokens(config["SECRET_KEY"], ttl_s=float(config["JOBS_CANCEL_TOKEN_TTL_S"]))
 
         db = db or database_for(app)
         db.add_schema(create_schema)  # made at the first call, not here: see common/database.py
@@ -105,6 +112,7 @@ class Jobs:
             retry_base_s=float(config["JOBS_RETRY_BASE_S"]),
             retry_max_s=float(config["JOBS_RETRY_MAX_S"]),
             context=app.app_context,  # job code may use current_app, like a request
+            texts=self.realtime,
         )
         self.worker = self.new_worker(int(config["JOBS_THREADS"]))
 
@@ -188,6 +196,11 @@ class Jobs:
             raise RunNotFound(f"there is no run {run_id!r}; run ids come from POST /api/events")
         self.runs.cancel(run_id)
 
+    def cancel_token(self, run_id: str) -> str:
+        """A capability to cancel `run_id`, and nothing else, for JOBS_CANCEL_TOKEN_TTL_S: for the
+        page that started the run (`POST /api/runs/<id>/cancel` with `Authorization: Bearer <it>`)."""
+        return self.cancel_tokens.issue(run_id)
+
     # -- retention ------------------------------------------------------------------
 
     def on_prune(self, hook: PruneHook) -> PruneHook:
@@ -240,11 +253,20 @@ class Jobs:
 
     # -- lifecycle messages ---------------------------------------------------------
 
+    def _end_text_streams(self, run_id: str) -> None:
+        try:
+            self.realtime.end_interrupted_text_streams(run_id)
+        except DatabaseUnavailable as exc:
+            log.warning("run %s: its interrupted text streams could not be ended: %s", run_id, exc.message)
+
     def _announce(self, session: Session, run: Run) -> None:
         """Publish the run's new status on `run.<id>`, topic `run`, in the transaction that set it;
         count an end in the metrics once that transaction commits."""
         if run.status in FINISHED:
             metrics.count_when_committed(session, run)
+        if run.status == FAILED and (run.error or "").startswith("WorkerCrashed"):
+            # Its last worker died mid-run: so may have its text streams (runner.py ends them on a resume).
+            event.listen(session, "after_commit", lambda _session: self._end_text_streams(run.id), once=True)
         data: dict[str, Any] = {"status": run.status}
         if run.status == COMPLETED:
             data["output"] = run.output

@@ -79,6 +79,7 @@ class Claim:
     run: Run
     token: str
     lease_s: float
+    after_crash: bool = False  # its last worker died (or stalled) mid-run: the lease lapsed
 
 
 class LeaseLost(BaseException):

@@ -6,7 +6,7 @@ The runner turns the way a function ended into the run's next state:
     NonRetriableError    -> failed at once
     another exception    -> retried after exponential backoff, or failed when
                             the function's retries are used up
-    CancelRequested      -> cancelled (at a step boundary)
+    Cancelled            -> cancelled (at a step boundary, or a text stream's write)
     Suspended (a sleep)  -> nothing more: the journal already handed the run back
     WorkerStopping       -> released, so another worker resumes it now
     DatabaseUnavailable  -> handed back, due again in `retry_base_s`, counting
@@ -41,7 +41,8 @@ from common.errors import describe
 
 from .errors import NonRetriableError
 from .registry import JobFunction, Registry
-from .steps import CancelRequested, Context, PublishFunction, Steps, Suspended, WorkerStopping, to_json
+from .cancels import CancelWatch
+from .steps import Cancelled, Context, PublishFunction, Steps, Suspended, TextStreams, WorkerStopping, to_json
 from .journal import StepJournal
 from .records import CANCELLED, COMPLETED, FAILED, Claim, LeaseLost
 from .runs import RunStore
@@ -70,11 +71,14 @@ class Runner:
         retry_max_s: float = 600.0,
         context: Callable[[], AbstractContextManager] = nullcontext,
         wait: Callable[[float], None] = time.sleep,
+        texts: TextStreams | None = None,
     ) -> None:
         self.runs = runs
         self.journal = journal
         self.registry = registry
         self.publisher = publisher
+        self.texts = texts  # `ctx.text_stream`'s maker: the realtime extension
+        self.cancels = CancelWatch()  # what the worker loop learns of cancels, for text streams' writes
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self._context = context  # e.g. the Flask app context job code may rely on
@@ -100,14 +104,20 @@ class Runner:
             self._write(change, run.id, stopping)
 
         write(lambda: runs.mark_started(claim))
+        if claim.after_crash and self.texts is not None:
+            # The dead worker's text streams never got their end: no page may show them streaming forever.
+            write(lambda: self.texts.end_interrupted_text_streams(run.id))
         steps = None
         try:
             if run.cancel_requested:
-                raise CancelRequested()
+                raise Cancelled()
             steps = Steps(self.journal, claim, self.journal.steps_of(run.id), stopping)
-            ctx = Context(claim, runs.event(run.event_id), self.publisher, steps)
-            output_json = to_json(function(ctx), f"the return value of {function.id!r}")
-        except CancelRequested:
+            ctx = Context(claim, runs.event(run.event_id), self.publisher, steps, self.texts, self.cancels)
+            try:
+                output_json = to_json(function(ctx), f"the return value of {function.id!r}")
+            finally:
+                self.cancels.forget(run.id)
+        except Cancelled:
             write(lambda: runs.finish(claim, CANCELLED))
             return CANCELLED
         except Suspended:

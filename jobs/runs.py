@@ -208,7 +208,7 @@ class RunStore:
                             available_at=now + timedelta(seconds=lease_s))
                     .returning(*runs.c)
                 ).one()
-                return Claim(run_from_row(row), token, lease_s)
+                return Claim(run_from_row(row), token, lease_s, after_crash=crashed)
         return None
 
     def _fail_crashed(self, session: Session, run_id: str, crashes: int) -> None:
@@ -297,6 +297,14 @@ class RunStore:
         session.execute(
             update(runs).where(runs.c.id == claim.run.id).values(lease_owner=None, available_at=at or self.now())
         )
+
+    @database_call
+    def cancel_requested(self, run_ids: Sequence[str]) -> set[str]:
+        """Those of `run_ids` whose cancel was requested."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(
+                select(runs.c.id).where(runs.c.id.in_(run_ids), runs.c.cancel_requested.is_(True))
+            ).scalars())
 
     @database_call
     def cancel(self, run_id: str) -> None:

@@ -37,7 +37,7 @@ import json
 import re
 from collections import Counter
 from datetime import datetime, timedelta
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -50,6 +50,9 @@ from .journal import StepJournal
 from .records import COMPLETED, Claim, Event, Step
 from .types import JSON
 
+if TYPE_CHECKING:
+    from .cancels import CancelWatch
+
 STEP_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
@@ -59,6 +62,17 @@ class PublishFunction(Protocol):
     def __call__(self, channel: str, topic: str, data: Any, *, run_id: str | None = ..., session: Session | None = ...) -> Any: ...
 
 
+class TextStreams(Protocol):
+    """`Realtime`'s text streams (realtime/text_streams.py), as jobs use them."""
+
+    def text_stream(
+        self, channel: str, topic: str, id: str | None = ..., *, run_id: str | None = ...,
+        interrupt: Callable[[], None] | None = ..., cancel_errors: tuple[type[BaseException], ...] = ...,
+    ) -> Any: ...
+
+    def end_interrupted_text_streams(self, run_id: str) -> int: ...
+
+
 class Interrupt(BaseException):
     """A step boundary telling the runner to stop executing the function.
 
@@ -66,8 +80,10 @@ class Interrupt(BaseException):
     """
 
 
-class CancelRequested(Interrupt):
-    pass
+class Cancelled(Interrupt):
+    """The run was cancelled (`POST /api/runs/<id>/cancel`): raised at its next step boundary,
+    or by the next write of one of its text streams (`ctx.text_stream`). Let it propagate:
+    the run ends `cancelled`."""
 
 
 class Suspended(Interrupt):
@@ -120,7 +136,7 @@ class Steps:
         self._boundary()
         self.in_progress[step_id] = done
         if not self._journal.start(self._claim, step_id):
-            raise CancelRequested()
+            raise Cancelled()
         self._running.append(step_id)
         try:
             output_json = to_json(fn(*args, **kwargs), f"the result of step {step_id!r}")
@@ -148,7 +164,7 @@ class Steps:
             self._boundary()
             until = now + timedelta(seconds=seconds)
             if not self._journal.sleep(self._claim, step_id, until):
-                raise CancelRequested()
+                raise Cancelled()
             raise Suspended(until)
         until = datetime.fromisoformat(done.output["until"])
         if now < until:  # claimed early, e.g. by a worker whose clock runs ahead
@@ -162,16 +178,22 @@ class Steps:
         Its step id counts the effects of `kind` made so far by the same code:
         `kind:N` in the function's own code, `S/kind:N` inside step S's code.
         """
+        step_id = self.next_id(kind)
+        if step_id in self._done:
+            return
+        self._boundary()
+        if not self._journal.record_effect(self._claim, step_id, effect):
+            raise Cancelled()
+
+    def next_id(self, kind: str) -> str:
+        """The id of the next effect of `kind` here: `kind:N` in the function's own code, `S/kind:N`
+        inside step S's code, N counting from 1 in each. The same on every execution of the run."""
         scope = self._running[-1] if self._running else None
         self._effects[scope, kind] += 1
         step_id = f"{kind}:{self._effects[scope, kind]}"
         if scope is not None:
             step_id = f"{scope}/{step_id}"  # no step id chosen by job code has a '/' or ':'
-        if step_id in self._done:
-            return
-        self._boundary()
-        if not self._journal.record_effect(self._claim, step_id, effect):
-            raise CancelRequested()
+        return step_id
 
     def _use(self, step_id: str) -> None:
         if not isinstance(step_id, str) or not STEP_ID_PATTERN.fullmatch(step_id):
@@ -188,13 +210,18 @@ class Steps:
 class Context:
     """The argument of every job function."""
 
-    def __init__(self, claim: Claim, event: Event, publisher: PublishFunction, step: Steps) -> None:
+    def __init__(
+        self, claim: Claim, event: Event, publisher: PublishFunction, step: Steps,
+        texts: TextStreams | None = None, cancels: CancelWatch | None = None,
+    ) -> None:
         self.run_id = claim.run.id
         self.channel = claim.run.channel  # `run.<run_id>`, where the run's lifecycle is published too
         self.attempt = claim.run.attempt
         self.event = event
         self.step = step
         self._publisher = publisher
+        self._texts = texts
+        self._cancels = cancels
 
     def publish(self, channel: str, topic: str, data: JSON) -> None:
         """Publish a realtime message once per run, however often the function is resumed."""
@@ -204,3 +231,26 @@ class Context:
             return {"message_id": message.id}
 
         self.step.effect("publish", publish_now)
+
+    def text_stream(self, channel: str, topic: str) -> Any:
+        """A text stream of this run (realtime/text_streams.py), to use as a context manager:
+
+            with ctx.text_stream(ctx.channel, "answer") as out:
+                for piece in llm_answer(prompt):
+                    out.write(piece)
+
+        Its id is the same on every execution of the run (`<run_id>:S/text:N`
+        inside step S, as `next_id` counts), so a step that streams, fails and
+        is retried restarts the same stream: its new attempt starts from
+        `{"seq": 0, "text": ""}` and the browser shows only that attempt. Text
+        streamed outside a step is streamed again by every execution. Once the
+        run is cancelled the next `write` raises `Cancelled` (within a second,
+        cancels.py) and the stream ends `cancelled`, keeping its text.
+        """
+        if self._texts is None:
+            raise NonRetriableError("text streams need the realtime extension (Jobs(app, realtime=...))")
+        interrupt = self._cancels.watch(self.run_id) if self._cancels is not None else None
+        return self._texts.text_stream(
+            channel, topic, f"{self.run_id}:{self.step.next_id('text')}", run_id=self.run_id,
+            interrupt=interrupt, cancel_errors=(Cancelled,),
+        )

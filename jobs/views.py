@@ -10,9 +10,9 @@ from typing import Any
 
 from flask import Blueprint, current_app
 
-from common.request_input import bearer_matches, check_content_type, json_body
+from common.request_input import bearer_matches, bearer_token, check_content_type, json_body
 
-from .errors import EventTooLarge, InvalidEvent, InvalidEventKey, RunNotFound
+from .errors import EventTooLarge, InvalidCancelToken, InvalidEvent, InvalidEventKey, RunNotFound
 from .extension import Jobs
 from .records import Run
 
@@ -72,7 +72,16 @@ def get_run(run_id: str) -> dict[str, Any]:
 @blueprint.post("/runs/<run_id>/cancel")
 def cancel_run(run_id: str) -> tuple[dict[str, Any], int]:
     jobs = _jobs()
-    require_event_key(jobs, "cancelling a run")
+    # The operator's key, or the run's own cancel capability (capabilities.py). Where no key is
+    # needed, a bearer that is no current capability of this run is still refused: its page
+    # learns that it must ask for a new one.
+    token = bearer_token()
+    if token is None or not jobs.cancel_tokens.allows(token, run_id):
+        require_event_key(jobs, "cancelling a run without its cancel token")
+        if token is not None and not jobs.event_key:
+            raise InvalidCancelToken(
+                "the bearer token is not a current cancel token of this run; ask the app for a new one"
+            )
     check_content_type()  # no body is read, but a cross-site form must not get this far
     jobs.cancel(run_id)
     return run_json(jobs.run(run_id)), 202

@@ -156,6 +156,7 @@ class Worker:
                         self._renew()
                         next_renewal = time.monotonic() + renew_every
                     self._fill(executor)
+                    self._look_for_cancels()
                     # Alive and able to claim: a stopping worker, or one whose
                     # database is away, says nothing.
                     if not self._stopping and time.monotonic() >= next_heartbeat:
@@ -175,6 +176,8 @@ class Worker:
                 timeout = max(backoff, min(self.poll_s, max(0.0, next_renewal - time.monotonic())))
                 if pruning and not backoff:
                     timeout = 0.0  # the next batch at once, after looking for runs to claim
+                elif self.runner.cancels.watching and not backoff:
+                    timeout = min(timeout, self.runner.cancels.interval_s)
                 self._wake.wait(timeout)
                 self._wake.clear()
         finally:
@@ -220,6 +223,12 @@ class Worker:
             log.info("pruned %d runs that ended more than %s ago", self._pruned, self.retention.max_age)
             self._pruned = 0
         return more
+
+    def _look_for_cancels(self) -> None:
+        """Tell the text streams of this process's runs which runs were cancelled (cancels.py)."""
+        cancels = self.runner.cancels
+        if watched := cancels.due():
+            cancels.cancelled(self.runs.cancel_requested(watched))
 
     def _renew(self) -> None:
         with self._lock:

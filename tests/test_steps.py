@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from jobs import NonRetriableError
-from jobs.steps import CancelRequested, Context, Steps
+from jobs.steps import Cancelled, Context, Steps
 from conftest import app_on
 
 
@@ -174,7 +174,7 @@ def test_a_cancel_requested_before_a_step_stops_the_run_there(app, jobs, claim, 
         "sleep": lambda: ctx.step.sleep("nap", 60),
         "publish": lambda: ctx.publish(ctx.channel, "log", {"n": 1}),
     }[boundary]
-    with pytest.raises(CancelRequested):
+    with pytest.raises(Cancelled):
         next_step()
     assert not calls
     assert stored_steps(jobs, claim.run.id) == []
