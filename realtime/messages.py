@@ -61,7 +61,5 @@ def check_text_stream(channel: Any, topic: Any, sid: Any, run_id: Any) -> tuple[
     if run_id is not None:
         check_run_id(run_id)
     if sid is not None and not (isinstance(sid, str) and 1 <= len(sid) <= MAX_TEXT_STREAM_ID):
-        raise InvalidRequest(
-            f"a text stream's id must be a string of 1 to {MAX_TEXT_STREAM_ID} characters", code="invalid_text_stream"
-        )
+        raise ValueError(f"a text stream's id must be a string of 1 to {MAX_TEXT_STREAM_ID} characters")
     return channel, topic, sid

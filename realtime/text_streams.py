@@ -40,7 +40,6 @@ from common.database import DatabaseUnavailable
 from common.greenlets import gevent_hub, native_lock, native_thread_ident, set_event, wait_native_lock
 
 from . import metrics
-from .errors import InvalidRequest, RealtimeError
 from .reads import Message, NewMessage
 
 log = logging.getLogger(__name__)
@@ -53,18 +52,15 @@ DELTA_CHARS = 16 * 1024
 FLUSH_ROWS = 1000
 
 
-class TextTooLong(RealtimeError):
-    """A write would take the stream past its size limit (REALTIME_TEXT_MAX_BYTES); the stream ends failed."""
+class TextTooLong(ValueError):
+    """A write would take the stream past its size limit (REALTIME_TEXT_MAX_BYTES); the stream ends failed.
 
-    status = 413
-    code = "text_too_long"
+    The writer's errors are Python's own: a text stream is written by code, never by an HTTP request.
+    """
 
 
-class TextStreamClosed(RealtimeError):
-    """A write to a text stream that has ended."""
-
-    status = 409
-    code = "text_stream_closed"
+class TextStreamClosed(RuntimeError):
+    """A write to a text stream that is not open (not entered yet, or ended)."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +118,11 @@ class TextStream:
         if self._interrupt is not None:
             self._interrupt()
         if not isinstance(piece, str):
-            raise InvalidRequest(f"a text stream takes str pieces, not {type(piece).__name__}", code="invalid_text")
+            raise TypeError(f"a text stream takes str pieces, not {type(piece).__name__}")
         try:
             size = len(piece.encode())
         except UnicodeEncodeError:
-            raise InvalidRequest("the text is not valid Unicode (a lone surrogate?)", code="invalid_text") from None
+            raise ValueError("the text is not valid Unicode (a lone surrogate?)") from None
         if self._size + size > self.max_bytes:
             raise TextTooLong(
                 f"text stream {self.id!r} would pass its limit of {self.max_bytes} bytes (REALTIME_TEXT_MAX_BYTES)"

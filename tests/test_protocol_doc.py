@@ -292,12 +292,42 @@ def test_every_python_name_of_the_integrations_exists():
         assert name in defined, f"docs/protocol.md section 10 names {module}.{name}, which does not exist"
 
 
-# -- sections 11 and 12: planned, and still not built --------------------------------------------
+# -- section 11: text streams; section 12: planned, and still not built ------------------------
 
 
-def test_text_streams_are_still_unbuilt_as_section_11_says():
-    assert "**Not available yet.**" in section(11)
-    assert not hasattr(Realtime, "text_stream"), "text streams exist now: rewrite docs/protocol.md section 11"
+def _documented_text_messages() -> dict[str, set[str]]:
+    """Section 11's table: what each kind of message is -> the keys its `data` has (`?` marks optional)."""
+    kinds = {}
+    for line in section(11).splitlines():
+        cells = [cell.strip() for cell in line.replace("\\|", "/").strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 2 and cells[1].startswith("`{"):
+            kinds[cells[0]] = set(re.findall(r'"(\w+)"\??:', cells[1])) | (
+                {"status", "error"} if "with `status` and `error`" in cells[1] else set()
+            )
+    return kinds
+
+
+def test_text_stream_messages_have_the_keys_section_11_gives_them(tmp_path):
+    from conftest import app_on
+
+    documented = _documented_text_messages()
+    assert list(documented) == ["an attempt's start", "a delta (live)", "the text so far (replay)", "the end (the next seq)"]
+    for app in app_on(f"sqlite:///{tmp_path / 'texts.sqlite3'}", REALTIME_TEXT_FLUSH_MS=None):
+        realtime = app.extensions["realtime"]
+        try:
+            with realtime.text_stream("run.doc", "answer") as out:
+                out.write("Hello")
+                realtime.text_flusher.flush()
+                raise KeyError("secret")
+        except KeyError:
+            pass
+        start, delta, end = [m.data for m in realtime.store.read_new(0, 100)]
+        [folded] = realtime.store.read_after("run.doc", None, 0, 100)
+        assert set(start) == documented["an attempt's start"] and start["seq"] == 0 and start["text"] == ""
+        assert set(delta) == documented["a delta (live)"]
+        assert set(end) == documented["the end (the next seq)"] and end["delta"] == "" and end["error"] == "KeyError"
+        assert set(folded.data) == documented["the text so far (replay)"]
+        assert folded.data["text"] == "Hello" and folded.data["seq"] == end["seq"]
 
 
 def test_several_channels_per_token_are_still_unbuilt_as_section_12_says(client):

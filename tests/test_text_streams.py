@@ -178,10 +178,10 @@ def test_what_write_refuses(realtime):
         stream.write("not opened yet")
     with stream as out:
         for bad in (b"bytes", None, 42, "\ud800"):
-            with pytest.raises(InvalidRequest):
+            with pytest.raises((TypeError, ValueError)):
                 out.write(bad)
     for channel, topic, sid in [("bad channel", "t", None), (CHANNEL, "", None), (CHANNEL, "t", ""), (CHANNEL, "t", "x" * 201)]:
-        with pytest.raises(InvalidRequest):
+        with pytest.raises((InvalidRequest, ValueError)):
             realtime.text_stream(channel, topic, sid)
 
 
