@@ -13,8 +13,9 @@ $(VENV)/.runtime: requirements.txt | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt requirements-celery.txt requirements-rq.txt requirements-dramatiq.txt | $(BIN)/python
-	$(BIN)/pip install -q -r requirements-dev.txt
+# requirements-openai.txt too, so the demo's OpenAI path is tested against a local fake server.
+$(VENV)/.dev: requirements.txt requirements-dev.txt requirements-celery.txt requirements-rq.txt requirements-dramatiq.txt requirements-openai.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.txt -r requirements-openai.txt
 	touch $@ $(VENV)/.runtime
 
 tests/node/node_modules: tests/node/package.json tests/node/package-lock.json

@@ -1,7 +1,8 @@
-"""The demo's routes: the page, starting a report, its tokens and its PDF.
+"""The demo's routes: the page, starting a report or a question, their tokens and the PDF.
 
     GET  /                 the page (templates/index.html); `/?run=<id>` picks runs up again
     POST /demo/reports     send `report.requested`, answer the run and a subscription token
+    POST /demo/ask         send `ask.requested` {"prompt"}, answer the same for the answer's run
     POST /demo/token       a fresh token for a run's channel (the client's token refresh)
     GET  /reports/<run_id> the report's PDF, once its run has saved it
 
@@ -9,9 +10,14 @@ The browser gets tokens, never the SECRET_KEY that signs them. Like the app's
 authorization policy (app.py), the demo lets anyone watch any run; a real app
 would check here that the run belongs to the signed-in user.
 
-Starting a report starts a run, so it needs JOBS_EVENT_KEY when that key is
-set, like `POST /api/events`. The page cannot send it (keys never go to a
-browser): a server with that key runs with DEMO_ENABLED off (app.py).
+Each grant also holds a `cancel_token` (jobs/capabilities.py): the page's
+Stop sends it to `POST /api/runs/<id>/cancel`, as only a key that never goes
+to a browser could otherwise. It is handed out for the demo's own runs, to
+anyone, as watching them is; a real app would check the run is the user's.
+
+Starting a run needs JOBS_EVENT_KEY when that key is set, like
+`POST /api/events`. The page cannot send it (keys never go to a browser): a
+server with that key runs with DEMO_ENABLED off (app.py).
 """
 from __future__ import annotations
 
@@ -22,24 +28,36 @@ from flask.typing import ResponseReturnValue
 
 from common.errors import AppError, error_response
 from common.request_input import bearer_matches, check_content_type, json_object
+from jobs import Jobs
 from jobs.errors import InvalidEventKey
 from jobs.records import is_id
-from realtime import Grant
 
-from .report import REPORT_FILE
+from .ask import InvalidAskRequest, answer_question, check_prompt
+from .report import REPORT_FILE, generate_report
 
 blueprint = Blueprint("demo", __name__)
 
-# A report run publishes on channel `run.<run_id>`: progress, log lines and its status.
-REPORT_TOPICS = ("status", "log", "run")
+# What the page shows of a run, by its kind, and the topics of channel `run.<run_id>` it
+# subscribes to for it: a report's progress, log lines and status; an answer's text stream
+# and status.
+TOPICS = {"report": ("status", "log", "run"), "ask": ("answer", "run")}
+KINDS = {generate_report.id: "report", answer_question.id: "ask"}
 
 
-def _grant_json(run_id: str, grant: Grant) -> dict[str, Any]:
-    return {"run_id": run_id, **grant.to_json()}
+def _grant_json(run_id: str, kind: str, *, cancel: bool) -> dict[str, Any]:
+    grant = current_app.extensions["realtime"].create_token(f"run.{run_id}", TOPICS[kind])
+    body = {"run_id": run_id, "kind": kind, **grant.to_json()}
+    jobs = current_app.extensions.get("jobs")
+    if cancel and jobs is not None:
+        body["cancel_token"] = jobs.cancel_token(run_id)
+    return body
 
 
-def _token_for(run_id: str) -> Grant:
-    return current_app.extensions["realtime"].create_token(f"run.{run_id}", REPORT_TOPICS)
+def _kind_of(run_id: str) -> str | None:
+    """The kind of a run of the demo's own functions; None for another run, or none."""
+    jobs = current_app.extensions.get("jobs")
+    run = jobs.run(run_id) if jobs is not None else None
+    return None if run is None else KINDS.get(run.function_id)
 
 
 @blueprint.get("/")
@@ -47,14 +65,39 @@ def index() -> str:
     return render_template("index.html", jobs_available="jobs" in current_app.extensions)
 
 
+class JobsUnavailable(AppError):
+    status = 503
+    code = "jobs_unavailable"
+
+
+class NoFunction(AppError):
+    status = 503
+
+
 @blueprint.post("/demo/reports")
 def start_report() -> ResponseReturnValue:
+    jobs = _jobs_to_start_runs()
+    check_content_type()  # the page sends `{}`, which is not read; a cross-site form must not get here
+    return _started(jobs, "report.requested", {"title": "Sales report"}, "report")
+
+
+@blueprint.post("/demo/ask")
+def ask() -> ResponseReturnValue:
+    jobs = _jobs_to_start_runs()
+    prompt = json_object().get("prompt")
+    try:
+        check_prompt(prompt)  # here too, so a bad prompt is a 400 rather than a failed run
+    except InvalidAskRequest as exc:
+        raise AppError(str(exc), code="invalid_prompt") from None
+    return _started(jobs, "ask.requested", {"prompt": prompt}, "ask")
+
+
+def _jobs_to_start_runs() -> Jobs:
     jobs = current_app.extensions.get("jobs")
     if jobs is None:
-        return error_response(
-            503, "jobs_unavailable",
-            "the job runner is not installed in this app, so no report can start; "
-            "runs already started can still be watched with /?run=<id>",
+        raise JobsUnavailable(
+            "the job runner is not installed in this app, so no run can start; "
+            "runs already started can still be watched with /?run=<id>"
         )
     if jobs.event_key and not bearer_matches(jobs.event_key):
         raise InvalidEventKey(
@@ -62,15 +105,15 @@ def start_report() -> ResponseReturnValue:
             "The demo needs JOBS_EVENT_KEY unset, or DEMO_ENABLED off on a server that keeps the key; "
             "a script may send 'Authorization: Bearer <JOBS_EVENT_KEY>'"
         )
-    check_content_type()  # the page sends `{}`, which is not read; a cross-site form must not get here
-    sent = jobs.send("report.requested", {"title": "Sales report"})
-    runs = sent.get("runs") or []
+    return jobs
+
+
+def _started(jobs: Jobs, event: str, data: dict[str, Any], kind: str) -> ResponseReturnValue:
+    """Send `event`; answer the grant of the run it started."""
+    runs = jobs.send(event, data).get("runs") or []
     if not runs:
-        return error_response(
-            503, "no_report_function", "no job function is registered for the event 'report.requested'"
-        )
-    run_id = runs[0]["id"]
-    return _grant_json(run_id, _token_for(run_id)), 201
+        raise NoFunction(f"no job function is registered for the event {event!r}", code=f"no_{kind}_function")
+    return _grant_json(runs[0]["id"], kind, cancel=True), 201
 
 
 @blueprint.post("/demo/token")
@@ -78,8 +121,10 @@ def refresh_token() -> ResponseReturnValue:
     run_id = json_object().get("run_id")
     if not isinstance(run_id, str) or not run_id:
         return error_response(400, "invalid_run_id", "the body must be {\"run_id\": \"<id of a report run>\"}")
-    # create_token checks the channel name: an id with other characters is a 400.
-    return _grant_json(run_id, _token_for(run_id))
+    # create_token checks the channel name: an id with other characters is a 400. A run that is
+    # not the demo's (or is gone) is watched as a report, as before runs had kinds.
+    kind = _kind_of(run_id)
+    return _grant_json(run_id, kind or "report", cancel=kind is not None)
 
 
 class ReportNotFound(AppError):
