@@ -165,7 +165,8 @@ _CLOSINGS = (
 _STOPWORDS = frozenset(
     "about after again also because before being could does doing from have into just more most much only "
     "other over same should some such than that their them then there these they this those what when where "
-    "which while will with would your works work happens happen explain tell please".split()
+    "which while will with would your works work happens happen explain tell please every keep keeps "
+    "always never still really thing things anything something".split()
 )
 
 

@@ -44,20 +44,14 @@ TOPICS = {"report": ("status", "log", "run"), "ask": ("answer", "run")}
 KINDS = {generate_report.id: "report", answer_question.id: "ask"}
 
 
-def _grant_json(run_id: str, kind: str, *, cancel: bool) -> dict[str, Any]:
+def _grant_json(run_id: str, kind: str, *, cancel: bool, **extra: Any) -> dict[str, Any]:
+    """What the page gets for a run: its kind, a subscription grant, a cancel token if `cancel`, `extra`."""
     grant = current_app.extensions["realtime"].create_token(f"run.{run_id}", TOPICS[kind])
-    body = {"run_id": run_id, "kind": kind, **grant.to_json()}
+    body = {"run_id": run_id, "kind": kind, **grant.to_json(), **extra}
     jobs = current_app.extensions.get("jobs")
     if cancel and jobs is not None:
         body["cancel_token"] = jobs.cancel_token(run_id)
     return body
-
-
-def _kind_of(run_id: str) -> str | None:
-    """The kind of a run of the demo's own functions; None for another run, or none."""
-    jobs = current_app.extensions.get("jobs")
-    run = jobs.run(run_id) if jobs is not None else None
-    return None if run is None else KINDS.get(run.function_id)
 
 
 @blueprint.get("/")
@@ -89,7 +83,7 @@ def ask() -> ResponseReturnValue:
         check_prompt(prompt)  # here too, so a bad prompt is a 400 rather than a failed run
     except InvalidAskRequest as exc:
         raise AppError(str(exc), code="invalid_prompt") from None
-    return _started(jobs, "ask.requested", {"prompt": prompt}, "ask")
+    return _started(jobs, "ask.requested", {"prompt": prompt}, "ask", prompt=prompt)
 
 
 def _jobs_to_start_runs() -> Jobs:
@@ -108,12 +102,12 @@ def _jobs_to_start_runs() -> Jobs:
     return jobs
 
 
-def _started(jobs: Jobs, event: str, data: dict[str, Any], kind: str) -> ResponseReturnValue:
+def _started(jobs: Jobs, event: str, data: dict[str, Any], kind: str, **extra: Any) -> ResponseReturnValue:
     """Send `event`; answer the grant of the run it started."""
     runs = jobs.send(event, data).get("runs") or []
     if not runs:
         raise NoFunction(f"no job function is registered for the event {event!r}", code=f"no_{kind}_function")
-    return _grant_json(runs[0]["id"], kind, cancel=True), 201
+    return _grant_json(runs[0]["id"], kind, cancel=True, **extra), 201
 
 
 @blueprint.post("/demo/token")
@@ -123,7 +117,12 @@ def refresh_token() -> ResponseReturnValue:
         return error_response(400, "invalid_run_id", "the body must be {\"run_id\": \"<id of a report run>\"}")
     # create_token checks the channel name: an id with other characters is a 400. A run that is
     # not the demo's (or is gone) is watched as a report, as before runs had kinds.
-    kind = _kind_of(run_id)
+    jobs = current_app.extensions.get("jobs")
+    run = jobs.run(run_id) if jobs is not None else None
+    kind = KINDS.get(run.function_id) if run is not None else None
+    if kind == "ask":  # the page shows the question beside its answer
+        prompt = jobs.runs.event(run.event_id).data.get("prompt")
+        return _grant_json(run_id, kind, cancel=True, prompt=prompt)
     return _grant_json(run_id, kind or "report", cancel=kind is not None)
 
 

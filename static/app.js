@@ -1,7 +1,8 @@
-// The demo page: start reports, watch each run's channel with realtime.js, and (in the
-// Workshop panel) show the raw bytes of the streams. The URL keeps `?run=<id>` for every
-// report on the page, so a reload picks them all up again with their whole history.
-import { subscribe, TERMINAL_RUN_STATUSES } from "./realtime.js";
+// The demo page: start reports, ask a question and watch the answer stream in, watch each
+// run's channel with realtime.js, and (in the Workshop panel) show the raw bytes of the streams.
+// The URL keeps `?run=<id>` for every run on the page, so a reload picks them all up again with
+// their whole history (an answer comes back as its text so far, then grows).
+import { renderText, subscribe, TERMINAL_RUN_STATUSES } from "./realtime.js";
 
 const STAGES = {
   fetching: "Fetching data",
@@ -16,6 +17,18 @@ const RUN_STATUSES = {
   failed: "Failed",
   cancelled: "Cancelled",
 };
+// The Ask card's status line, by the state of its answer (data-answer on the card).
+const ANSWER_STATES = {
+  idle: "",
+  asking: "Asking…",
+  thinking: "Thinking…",
+  streaming: "Streaming…",
+  stopping: "Stopping…",
+  retrying: "That attempt failed; trying again…",
+  completed: "Completed",
+  stopped: "Stopped",
+  failed: "Failed",
+};
 const MAX_FRAME_BLOCKS = 400;
 // How long a run may stay queued before the page asks whether any job worker polls, and how
 // often it asks again while the run waits.
@@ -23,6 +36,7 @@ const WORKER_CHECK_MS = 3000;
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const reports = new Map(); // run_id -> {sub, card}
+let answer = null; // the Ask card's run: {runId, sub, cancelToken, sid, stopRender, stopping}
 const params = new URLSearchParams(location.search);
 let workshopOn = params.get("workshop") === "1";
 
@@ -57,12 +71,25 @@ async function startReport() {
 }
 
 async function resume(runId) {
-  if (reports.has(runId)) return;
+  if (reports.has(runId) || answer?.runId === runId) return;
   try {
-    watch(await postJSON("/demo/token", { run_id: runId }));
+    const grant = await postJSON("/demo/token", { run_id: runId });
+    if (grant.kind === "ask") followAnswer(grant);
+    else watch(grant);
   } catch (err) {
-    say(`Could not resume report ${runId}: ${err.message}`, true);
+    say(`Could not resume run ${runId}: ${err.message}`, true);
   }
+}
+
+/** A subscription token function: the grant that came with the run first, then fresh ones. */
+function tokens(grant, onGrant = () => {}) {
+  let first = grant;
+  return async () => {
+    const ready = first ?? (await postJSON("/demo/token", { run_id: grant.run_id }));
+    first = null;
+    onGrant(ready);
+    return ready;
+  };
 }
 
 // -- one report ---------------------------------------------------------------------------------
@@ -71,15 +98,10 @@ function watch(grant) {
   const runId = grant.run_id;
   if (reports.has(runId)) return;
   const card = createCard(runId);
-  let first = grant; // the grant that came with the report; later ones are fetched
   const sub = subscribe({
     channel: grant.channel,
     topics: grant.topics,
-    token: async () => {
-      const ready = first;
-      first = null;
-      return ready ?? postJSON("/demo/token", { run_id: runId });
-    },
+    token: tokens(grant),
     historyLimit: 1000,
     closeOnRunEnd: true,
     transport: workshopOn ? "fetch" : "eventsource",
@@ -234,6 +256,169 @@ function connectionLabel(sub) {
   }
 }
 
+// -- the Ask card ---------------------------------------------------------------------------------
+//
+// One answer at a time: asking again follows the new run (the old one goes on on the server).
+// The answer is a text stream on topic "answer" (sub.texts); renderText appends each piece as a
+// text node, so a long answer never re-renders whole, and a reload gets the text so far in one
+// message, shown at once.
+
+async function ask(event) {
+  event.preventDefault();
+  const button = $("#ask-button");
+  button.disabled = true;
+  showAnswerState("asking");
+  try {
+    followAnswer(await postJSON("/demo/ask", { prompt: $("#ask-prompt").value }));
+  } catch (err) {
+    showAnswerState(answer ? answerState(answer) : "idle");
+    showAnswerError(`Could not ask: ${err.message}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function followAnswer(grant) {
+  forgetAnswer();
+  const runId = grant.run_id;
+  const card = $("#ask-card");
+  const state = { runId, cancelToken: grant.cancel_token ?? null, sid: null, stopRender: null, stopping: false };
+  answer = state;
+  $("#answer").replaceChildren();
+  $("#answer-question").textContent = grant.prompt ?? "";
+  $(".answer-question", card).hidden = !grant.prompt;
+  $("#ask-run-id").textContent = shortId(runId);
+  $("#ask-run-id").title = runId;
+  $("#answer-block").hidden = false;
+  $(".connection", card).hidden = false;
+  card.dataset.runStatus = "queued";
+  state.sub = subscribe({
+    channel: grant.channel,
+    topics: grant.topics,
+    token: tokens(grant, (fresh) => {
+      if (fresh.cancel_token) state.cancelToken = fresh.cancel_token;
+    }),
+    closeOnRunEnd: true,
+    transport: workshopOn ? "fetch" : "eventsource",
+    onRaw: (text) => showRaw(runId, text),
+    onChange: (change, sub) => renderAnswer(state, change, sub),
+  });
+  showAnswerState(answerState(state));
+  syncURL();
+  renderStreams();
+  setTimeout(() => checkWorkers(card), WORKER_CHECK_MS);
+}
+
+function forgetAnswer() {
+  if (!answer) return;
+  answer.stopRender?.();
+  answer.sub.close();
+  answer = null;
+}
+
+function renderAnswer(state, change, sub) {
+  if (state !== answer) return;
+  state.sub = sub; // subscribe() reports its first change before it returns
+  const card = $("#ask-card");
+  if (change.type === "text" && change.sid !== state.sid && sub.texts[change.sid]?.topic === "answer") {
+    // The answer's stream, first seen: show its text so far, then follow it piece by piece.
+    state.stopRender?.();
+    state.sid = change.sid;
+    state.stopRender = renderText($("#answer"), sub, change.sid);
+  }
+  if (change.type === "text") keepAnswerInView();
+  if (change.type === "message" && change.message.topic === "run" && RUN_STATUSES[change.message.data.status]) {
+    card.dataset.runStatus = change.message.data.status;
+    if (change.message.data.status !== "queued") $(".no-worker", card).hidden = true;
+  }
+  if (change.type === "state") {
+    renderConnection(card, sub);
+    if (workshopOn) noteConnection(state.runId, sub);
+  }
+  $(".cursor-value", card).textContent = sub.lastEventId ?? "none yet";
+  showAnswerState(answerState(state));
+  if (workshopOn) renderStreams();
+}
+
+/** What the status line says, from the answer's text stream and the run's status. */
+function answerState({ sub, sid, stopping }) {
+  const text = sid ? sub.texts[sid] : null;
+  const run = sub.runStatus;
+  const ended = TERMINAL_RUN_STATUSES.includes(run);
+  if (text?.status === "completed") return "completed";
+  if (text?.status === "cancelled" || run === "cancelled") return "stopped";
+  if (text?.status === "failed" || run === "failed") return ended || run === null ? "failed" : "retrying";
+  if (stopping) return "stopping";
+  if (run === "completed") return "completed";
+  return text?.text ? "streaming" : "thinking";
+}
+
+function showAnswerState(name) {
+  const card = $("#ask-card");
+  card.dataset.answer = name;
+  let label = ANSWER_STATES[name];
+  if (name === "failed" && answer) {
+    const data = answer.sub.latestByTopic.run?.data;
+    const reason = typeof data?.error === "string" ? data.error : answer.sid && answer.sub.texts[answer.sid]?.error;
+    if (reason) label = `Failed: ${reason}`;
+  }
+  $("#ask-status").textContent = label;
+  $("#ask-status").classList.remove("ask-status-error");
+  $("#answer").setAttribute("aria-busy", String(["thinking", "streaming", "stopping", "retrying"].includes(name)));
+  $("#stop").disabled = !answer || !["thinking", "streaming", "retrying"].includes(name);
+}
+
+/** A request of the card failed: say so on its status line until the answer's state changes. */
+function showAnswerError(text) {
+  $("#ask-status").textContent = text;
+  $("#ask-status").classList.add("ask-status-error");
+}
+
+/** Follow the answer's end as it grows, unless the reader scrolled up to read. */
+function keepAnswerInView() {
+  const box = $("#answer");
+  if (box.scrollHeight - box.scrollTop - box.clientHeight > 48) return;
+  requestAnimationFrame(() => {
+    box.scrollTop = box.scrollHeight;
+  });
+}
+
+/**
+ * Stop: cancel the run with its cancel token (a capability for this run only, which came with
+ * the grant). The job's next write then ends the answer `cancelled`, keeping its text. A token
+ * that expired (401) is replaced by a fresh grant's, once.
+ */
+async function stopAnswer() {
+  const state = answer;
+  if (!state) return;
+  state.stopping = true;
+  showAnswerState(answerState(state));
+  try {
+    let response = await cancelRun(state);
+    if (response.status === 401) {
+      state.cancelToken = (await postJSON("/demo/token", { run_id: state.runId })).cancel_token ?? null;
+      response = await cancelRun(state);
+    }
+    // 409: it ended meanwhile; its end is on its way.
+    if (!response.ok && response.status !== 409) {
+      const json = await response.json().catch(() => null);
+      throw new Error(json?.error?.message ?? `the server answered ${response.status}`);
+    }
+  } catch (err) {
+    state.stopping = false;
+    showAnswerState(answerState(state));
+    showAnswerError(`Could not stop: ${err.message}`);
+  }
+}
+
+function cancelRun({ runId, cancelToken }) {
+  return fetch(`/api/runs/${encodeURIComponent(runId)}/cancel`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", ...(cancelToken ? { Authorization: `Bearer ${cancelToken}` } : {}) },
+    body: "{}",
+  });
+}
+
 // -- workshop ---------------------------------------------------------------------------------
 
 function setWorkshop(on) {
@@ -242,7 +427,7 @@ function setWorkshop(on) {
   $("#workshop-toggle").setAttribute("aria-pressed", String(on));
   document.body.classList.toggle("workshop-on", on);
   // Switch every live stream to the transport that can show raw bytes (or back), from its cursor.
-  for (const { sub } of reports.values()) sub.reconnect({ transport: on ? "fetch" : "eventsource" });
+  for (const [, sub] of streams()) sub.reconnect({ transport: on ? "fetch" : "eventsource" });
   syncURL();
   renderStreams();
 }
@@ -301,7 +486,7 @@ function appendFrames(block) {
 
 function renderStreams() {
   const rows = [];
-  for (const [runId, { sub }] of reports) {
+  for (const [runId, sub] of streams()) {
     const row = document.createElement("tr");
     row.dataset.runId = runId;
     for (const value of [shortId(runId), connectionLabel(sub), sub.lastEventId ?? "none yet"]) {
@@ -319,12 +504,19 @@ function renderStreams() {
     rows.push(row);
   }
   $("#streams").replaceChildren(...rows);
-  const live = [...reports.values()].some(({ sub }) => sub.state === "open" || sub.state === "connecting");
+  const live = streams().some(([, sub]) => sub.state === "open" || sub.state === "connecting");
   $("#drop").disabled = !live;
 }
 
 function dropConnections() {
-  for (const { sub } of reports.values()) sub.drop();
+  for (const [, sub] of streams()) sub.drop();
+}
+
+/** Every stream the page holds: [runId, sub] of each report, then the answer's. */
+function streams() {
+  const all = [...reports].map(([runId, { sub }]) => [runId, sub]);
+  if (answer) all.push([answer.runId, answer.sub]);
+  return all;
 }
 
 // -- page ---------------------------------------------------------------------------------
@@ -338,6 +530,7 @@ function say(text, isError = false) {
 function syncURL() {
   const query = new URLSearchParams();
   for (const runId of reports.keys()) query.append("run", runId); // oldest first
+  if (answer) query.append("run", answer.runId);
   if (workshopOn) query.set("workshop", "1");
   const search = query.toString();
   history.replaceState(null, "", search ? `?${search}` : location.pathname);
@@ -356,6 +549,8 @@ function clock() {
 }
 
 $("#generate").addEventListener("click", startReport);
+$("#ask-form").addEventListener("submit", ask);
+$("#stop").addEventListener("click", stopAnswer);
 $("#workshop-toggle").addEventListener("click", () => setWorkshop(!workshopOn));
 $("#drop").addEventListener("click", dropConnections);
 $("#clear-frames").addEventListener("click", () => $("#frames").replaceChildren());

@@ -352,7 +352,7 @@ def test_a_refused_token_string_ends_in_the_error_state(server, page, console):
 
 def test_the_page_explains_a_run_it_cannot_watch(server, page, console):
     page.goto(server.url + "/?run=" + "x" * 300)  # too long for a channel name
-    expect(page.locator("#notice")).to_contain_text("Could not resume report")
+    expect(page.locator("#notice")).to_contain_text("Could not resume run")
     expect(page.locator(".report")).to_have_count(0)
     console.assert_clean(allowed=re.compile(r"status of 400 \(BAD REQUEST\)"))
 

@@ -110,6 +110,7 @@ def test_asking_streams_the_local_answer_and_grants_a_cancel_token(app, client):
     run_id = grant["run_id"]
     assert grant["kind"] == "ask" and grant["channel"] == f"run.{run_id}"
     assert grant["topics"] == ["answer", "run"] and grant["token"] and grant["expires_at"]
+    assert grant["prompt"] == PROMPT  # the page shows it above the answer
     assert app.extensions["jobs"].cancel_tokens.allows(grant["cancel_token"], run_id)
 
     expected = local_answer(PROMPT)
@@ -126,6 +127,7 @@ def test_the_token_refresh_knows_an_ask_run_from_a_report(client):
     run_id = ask(client)["run_id"]
     grant = client.post("/demo/token", json={"run_id": run_id}).get_json()
     assert (grant["kind"], grant["topics"]) == ("ask", ["answer", "run"]) and grant["cancel_token"]
+    assert grant["prompt"] == PROMPT  # a reload shows the question again
     # A run the demo does not know (or no longer keeps) is watched as a report, and gets no cancel token.
     grant = client.post("/demo/token", json={"run_id": "0123456789abcdef"}).get_json()
     assert (grant["kind"], grant["topics"]) == ("report", ["status", "log", "run"]) and "cancel_token" not in grant
