@@ -2,7 +2,7 @@
 
     POST /api/events {"name": "ask.requested", "data": {"prompt": "How does resuming work?"}}
 
-The answer is a text stream (docs/protocol.md, "Text streams") on channel
+The answer is a text stream (docs/protocol.md §11) on channel
 `run.<run_id>`, topic `answer`; the run's lifecycle on topic `run` comes from
 the runner, as for every run. The page shows it growing, a reload shows the
 text so far at once, and cancelling the run (the page's Stop) ends it

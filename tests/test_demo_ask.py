@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -142,6 +143,12 @@ def test_a_bad_prompt_is_400_and_starts_nothing(app, client, body):
         assert conn.execute(select(func.count()).select_from(runs)).scalar() == 0
 
 
+def test_with_the_demo_off_there_is_no_ask_route_nor_job(tmp_path):
+    for app in make_app(tmp_path, DEMO_ENABLED=False):
+        assert_json_error(app.test_client().post("/demo/ask", json={"prompt": PROMPT}), 404, "not_found")
+        assert "answer-question" not in app.extensions["jobs"].registry.ids
+
+
 # -- Stop ---------------------------------------------------------------------------------------
 
 
@@ -249,3 +256,22 @@ def test_without_the_openai_package_the_run_says_what_to_install(tmp_path, monke
         assert run.status == "failed"
         assert run.error == ("ModelUnavailable: OPENAI_BASE_URL is set, but the openai package is not installed: "
                              "pip install -r requirements-openai.txt")
+
+
+@pytest.mark.integration
+def test_under_gunicorn_the_answer_streams_from_the_openai_server_too(start_server, tmp_path, fake_openai):
+    """gevent workers, the job on a native thread of the embedded pool: the client's sockets work there."""
+    pieces = ["A", " cursor", " and", " a", " log", "."]
+    with fake_openai(pieces) as server:
+        live = start_server(f"sqlite:///{tmp_path / 'live.sqlite3'}", workers=1, DEMO_ENABLED=True,
+                            OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY=SECRET_API_KEY)
+        started = httpx.post(live.url + "/demo/ask", json={"prompt": PROMPT}, timeout=10)
+        assert started.status_code == 201, started.text
+        run_id = started.json()["run_id"]
+        wait_until(lambda: httpx.get(f"{live.url}/api/runs/{run_id}", timeout=10).json()["status"] == "completed",
+                   timeout=30, what="the run to complete")
+        token = httpx.post(live.url + "/api/realtime/token", json={"channel": f"run.{run_id}", "topics": ["answer"]},
+                           timeout=10).json()["token"]
+        [message] = httpx.get(live.url + "/api/realtime/messages", params={"token": token}, timeout=10).json()["messages"]
+        assert (message["data"]["text"], message["data"]["status"]) == ("".join(pieces), "completed")
+    assert SECRET_API_KEY not in live.log_path.read_text()
