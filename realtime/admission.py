@@ -32,16 +32,16 @@ slots for the request, from its arrival until the server closes its
 response, waiting for a turn included: a process that already holds
 REALTIME_MAX_STREAMS refuses the next at once, `503 server_full`, so the
 worker's last connections stay free for health checks, publishes and token
-requests (stream_limits.py, issue 18).
+requests (stream_limits.py, issue 18). The slot is given back by the close() that WSGI servers
+call on the response (`ClosingBody`), which adds nothing to the frames' way out: each of them
+is handed to the server by the stream's own generator, as if the gate were not there.
 """
 from __future__ import annotations
 
 import json
 import threading
 import time
-from typing import Any, Callable, Iterable
-
-from werkzeug.wsgi import ClosingIterator
+from typing import Any, Callable, Iterable, Iterator
 
 from . import metrics
 from .stream_limits import StreamLimits
@@ -91,7 +91,7 @@ class StreamAdmission:
         if leave is None:
             return _refuse(start_response, FULL_BODY, FULL_RETRY_AFTER_S)
         try:
-            return ClosingIterator(self._set_up(environ, start_response), leave)
+            return ClosingBody(self._set_up(environ, start_response), leave)
         except BaseException:
             leave()
             raise
@@ -126,6 +126,34 @@ class StreamAdmission:
                 return True
             if left() <= 0:
                 return False
+
+
+class ClosingBody:
+    """A response body, with one more thing to do when the server closes it, at no cost per chunk.
+
+    werkzeug's `ClosingIterator` is the iterator itself: every chunk goes through its `__next__`,
+    a Python call per frame per stream, for the whole life of the stream (bench/README.md, issue
+    17's fan-out). A WSGI server iterates over `iter(body)` and calls `close()` on the body the
+    app returned (PEP 3333), so this one hands out the wrapped body's own iterator and only adds
+    `close()`: the body's, then `callback`, even when the body's raises.
+    """
+
+    __slots__ = ("_body", "_callback")  # one per open stream: kept small
+
+    def __init__(self, body: Iterable[bytes], callback: Callable[[], None]) -> None:
+        self._body = body
+        self._callback = callback
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._callback()
 
 
 def _refuse(start_response: Callable[..., Any], body: bytes, retry_after_s: int) -> list[bytes]:

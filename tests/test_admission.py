@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 
 from conftest import wait_until
 from realtime.admission import STREAM_PATH, StreamAdmission
+from realtime.stream_limits import StreamLimits
 
 
 class Turns:
@@ -244,3 +245,48 @@ def test_a_waiter_keeps_its_place_while_turns_come_free_and_is_refused_once_they
     for call in (first, second):
         call.join(30)
         assert call.body == b"ok"
+
+
+# -- the process's stream slots (stream_limits.py) ------------------------------------------------
+
+
+def test_a_stream_holds_its_slot_until_the_server_closes_it_and_its_frames_pass_no_wrapper():
+    """The server iterates the stream's own generator: no Python call per frame in between (issue
+    17's fan-out, bench/README.md); closing the response closes the generator, then frees the slot."""
+    frames_closed = []
+
+    def frames():
+        try:
+            yield b"retry: 2000\n\n"
+            yield b": keep-alive\n\n"
+        finally:
+            frames_closed.append(True)
+
+    body = frames()
+    limits = StreamLimits(max_streams=1)
+    gate = StreamAdmission(lambda environ, start_response: body, 0, limits=limits)
+    response = gate({"PATH_INFO": STREAM_PATH}, None)
+    assert iter(response) is body
+    assert next(iter(response)) == b"retry: 2000\n\n"
+    assert limits.enter() is None, "the one slot is held while the stream is open"
+    response.close()
+    assert frames_closed == [True]
+    response.close()  # closed twice (by the server and a wrapper): the slot is given back once
+    assert limits.open == 0
+    assert limits.enter() is not None
+
+
+def test_a_body_whose_close_fails_still_frees_its_slot():
+    class Failing:
+        def __iter__(self):
+            return iter([b"x"])
+
+        def close(self):
+            raise OSError("the body's close failed")
+
+    limits = StreamLimits(max_streams=1)
+    gate = StreamAdmission(lambda environ, start_response: Failing(), 0, limits=limits)
+    response = gate({"PATH_INFO": STREAM_PATH}, None)
+    with pytest.raises(OSError):
+        response.close()
+    assert limits.open == 0
