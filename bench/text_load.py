@@ -1,0 +1,304 @@
+"""The text-stream load client: many SSE subscribers in one epoll loop that rebuild each stream's text.
+
+bench/texts.py starts a few of these and drives them over stdin as bench/run.py drives load.py
+(one JSON command per line, one JSON answer per line; `TextClientPool` below). The loop, the
+connecting and the commands are load.py's; what differs is the parsing. load.py reads only the
+`id:` line of each frame. Here each message's `data:` line is decoded and applied by the client
+rule of docs/protocol.md §11:
+
+- a text stream message with `text` (a folded replay) replaces the text and sets the seq;
+- a `delta` with seq = current + 1 is appended, seq <= current is ignored; anything else is a
+  gap, counted (it must stay 0);
+- `status` ends the stream (`completed`, `failed`, `cancelled`);
+- the naive way (one message per token, `{"k": n, "t": "<token>"}`) appends the token when n is
+  the next one, and counts a gap otherwise.
+
+For each message applied it records the receive time (CLOCK_MONOTONIC, system-wide, so it compares
+with the writers' write times) and the text's length in code points after it: the token that ends
+at offset o reached the client with the first message whose length is >= o.
+
+Commands, beside load.py's (`open`, `close`, `exit`):
+  {"cmd": "wait_ended", "timeout"}   answer once every stream got its `status` (or ended)
+  {"cmd": "dump_texts", "path"}      pickle per stream (texts, lengths, times, counters) to path
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from pathlib import Path
+
+from load import LoadClient, Opening, Stream, monotonic
+
+HERE = Path(__file__).resolve().parent
+_loads = json.loads
+
+
+class TextStream(Stream):
+    """One subscriber that rebuilds the text of the text stream (or the naive tokens) of its channel."""
+
+    __slots__ = ("pieces", "length", "seq", "status", "lengths", "stamps", "gaps", "frames", "bytes", "counted")
+
+    def __init__(self, opening: Opening | None = None) -> None:
+        super().__init__(opening)
+        self.pieces: list[str] = []
+        self.length = 0  # code points of the text so far
+        self.seq = -1  # the text stream's seq, or the naive way's last token index
+        self.status: str | None = None
+        self.lengths = array("q")  # the text's length after each message applied
+        self.stamps = array("d")  # when that message was received
+        self.gaps = 0  # a seq or token index that skipped one: must stay 0
+        self.frames = 0  # message frames received
+        self.bytes = 0  # bytes received, headers and chunk framing included
+        self.counted = False  # `headers` counted the bytes it hands to `feed`
+
+    def headers(self, data: bytes, now: float) -> bool:
+        self.bytes += len(data)
+        self.counted = True
+        try:
+            return super().headers(data, now)
+        finally:
+            self.counted = False
+
+    def feed(self, data: bytes, now: float) -> bool:
+        """Body bytes received at `now`: decode the chunks, apply each whole frame; True if it ended."""
+        if not self.counted:
+            self.bytes += len(data)
+        raw = self.raw + data if self.raw else data
+        text = self.text
+        ended = False
+        pos, received = 0, len(raw)
+        while pos < received:  # chunked transfer coding, as load.py
+            nl = raw.find(b"\r\n", pos)
+            if nl < 0:
+                break
+            size = int(raw[pos:nl].split(b";", 1)[0], 16)
+            if size == 0:
+                ended = True
+                break
+            end = nl + 2 + size
+            if received < end + 2:
+                break
+            text += raw[nl + 2:end]
+            pos = end + 2
+        self.raw = raw[pos:]
+        start, decoded = 0, len(text)
+        while start < decoded:
+            end = text.find(b"\n\n", start)
+            if end < 0:
+                break
+            if text.startswith(b"id:", start):
+                at = text.find(b"\ndata: ", start, end)
+                if at >= 0 and text.find(b"\nevent: reset", start, end) < 0:
+                    self.frames += 1
+                    self.apply(_loads(text[at + 7:end])["data"], now)
+                else:
+                    self.others += 1
+            elif text.startswith(b":", start):
+                self.heartbeats += 1
+            elif text.startswith(b"retry:", start):
+                self.ready = True
+                self.settle()
+            else:
+                self.others += 1
+            start = end + 2
+        self.text = text[start:]
+        return ended
+
+    def apply(self, data: dict, now: float) -> None:
+        """The client rule (docs/protocol.md §11), or the naive way's tokens in order."""
+        seq = data.get("seq")
+        if seq is None:  # the naive way: {"k": n, "t": token}
+            if data["k"] != self.seq + 1:
+                self.gaps += 1
+                return
+            self.seq = data["k"]
+            self.pieces.append(data["t"])
+            self.length += len(data["t"])
+        elif "text" in data:
+            self.seq = seq
+            self.pieces = [data["text"]]
+            self.length = len(data["text"])
+        elif seq <= self.seq:
+            return
+        elif seq == self.seq + 1:
+            self.seq = seq
+            delta = data["delta"]
+            if delta:
+                self.pieces.append(delta)
+                self.length += len(delta)
+        else:
+            self.gaps += 1
+            return
+        if "status" in data:
+            self.status = data["status"]
+        self.lengths.append(self.length)
+        self.stamps.append(now)
+
+    def whole_text(self) -> str:
+        return "".join(self.pieces)
+
+
+class TextOpening(Opening):
+    def add(self, count: int) -> list[Stream]:
+        streams = [TextStream(self) for _ in range(count)]
+        self.queue.extend(streams)
+        self.unsettled += count
+        return streams
+
+
+class TextLoadClient(LoadClient):
+    def open(self, host: str, port: int, paths: list[str], concurrency: int, timeout: float) -> None:
+        """Open one stream per path (each its own channel's token), `concurrency` connecting at once."""
+        import socket
+
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        new: list[Stream] = []
+        for path in paths:
+            request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+            opening = TextOpening(family, address, request, concurrency)
+            new.extend(opening.add(1))
+            self.openings.append(opening)
+        self.concurrency = concurrency  # load.py caps it per Opening; here one per path: over all of them
+        self.streams.extend(new)
+
+        def answer() -> dict:
+            return {
+                "ready": sum(s.ready and not s.closed for s in new),
+                "failed": sum(s.closed for s in new),
+                "pending": sum(not s.ready and not s.closed for s in new),
+                "errors": sorted({s.error for s in new if s.error})[:5],
+            }
+
+        self.pending = (lambda: all(s.ready or s.closed for s in new), answer, monotonic() + timeout)
+
+    def start_streams(self) -> None:
+        """Connect queued streams while fewer than the concurrency are connecting, over all openings."""
+        connecting = sum(1 for s in self.streams if s.opening is not None and s.sock is not None)
+        limit = getattr(self, "concurrency", 100)
+        for opening in self.openings:
+            while opening.queue and connecting < limit:
+                self.connect(opening.queue.popleft(), opening)
+                connecting += 1
+        self.openings = [o for o in self.openings if o.queue]
+
+    def wait_ended(self, timeout: float) -> None:
+        streams = self.streams
+
+        def answer() -> dict:
+            return {"ended": sum(s.status is not None for s in streams), "closed": sum(s.closed for s in streams)}
+
+        self.pending = (lambda: all(s.closed or s.status is not None for s in streams), answer,
+                        monotonic() + timeout)
+
+    def dump_texts(self, path: str) -> dict:
+        records = [
+            {"text": s.whole_text(), "status": s.status, "lengths": s.lengths.tobytes(), "stamps": s.stamps.tobytes(),
+             "gaps": s.gaps, "frames": s.frames, "bytes": s.bytes, "closed": s.closed, "error": s.error}
+            for s in self.streams
+        ]
+        with open(path, "wb") as f:
+            pickle.dump(records, f, protocol=pickle.HIGHEST_PROTOCOL)
+        return {"streams": len(records)}
+
+
+class TextClientPool:
+    """`count` text_load.py processes; stream i of an `open` goes to process i % count."""
+
+    def __init__(self, count: int) -> None:
+        self.procs = [
+            subprocess.Popen([sys.executable, str(HERE / "text_load.py")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, cwd=HERE.parent)
+            for _ in range(count)
+        ]
+        self._buffers = [b""] * count
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def call(self, commands: list[dict | None], timeout: float) -> list[dict]:
+        for proc, command in zip(self.procs, commands):
+            if command is not None:
+                proc.stdin.write((json.dumps(command) + "\n").encode())
+                proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        replies = []
+        for i, (proc, command) in enumerate(zip(self.procs, commands)):
+            if command is None:
+                replies.append({})
+                continue
+            while b"\n" not in self._buffers[i]:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+                    raise TimeoutError(f"text client {proc.pid} did not answer {command['cmd']!r} in {timeout:.0f}s")
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    raise RuntimeError(f"text client {proc.pid} exited")
+                self._buffers[i] += chunk
+            line, _, self._buffers[i] = self._buffers[i].partition(b"\n")
+            replies.append(json.loads(line))
+        return replies
+
+    def open(self, host: str, port: int, paths: list[str], timeout: float, concurrency: int = 100) -> dict:
+        """Stream i on paths[i]; the streams in the order of `records()` are those of `paths`,
+        process by process: see `order`."""
+        count = len(self.procs)
+        commands = [{"cmd": "open", "host": host, "port": port, "paths": paths[i::count],
+                     "concurrency": concurrency, "timeout": timeout} if paths[i::count] else None
+                    for i in range(count)]
+        replies = [r for r in self.call(commands, timeout + 15) if r]
+        total = {key: sum(r[key] for r in replies) for key in ("ready", "failed", "pending")}
+        total["errors"] = sorted({e for r in replies for e in r["errors"]})[:5]
+        return total
+
+    def order(self, n: int) -> list[int]:
+        """The index in `paths` of each stream of `records()`, for an `open` of n paths."""
+        count = len(self.procs)
+        return [i for p in range(count) for i in range(p, n, count)]
+
+    def wait_ended(self, timeout: float) -> list[dict]:
+        return self.call([{"cmd": "wait_ended", "timeout": timeout}] * len(self.procs), timeout + 15)
+
+    def records(self) -> list[dict]:
+        records = []
+        with tempfile.TemporaryDirectory(prefix="rt_bench_") as tmp:
+            paths = [f"{tmp}/{i}.pickle" for i in range(len(self.procs))]
+            self.call([{"cmd": "dump_texts", "path": p} for p in paths], timeout=120)
+            for path in paths:
+                with open(path, "rb") as f:
+                    records.extend(pickle.load(f))
+        return records
+
+    def close_streams(self) -> None:
+        self.call([{"cmd": "close"}] * len(self.procs), timeout=60)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write(b'{"cmd": "exit"}\n')
+                    proc.stdin.flush()
+                except OSError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def main() -> None:
+    TextLoadClient().run()
+
+
+if __name__ == "__main__":
+    main()
