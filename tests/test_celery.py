@@ -31,6 +31,14 @@ def out_of_paper(self):
 
 
 @app.task(base=RealtimeTask, bind=True)
+def answer(self, words):
+    with self.text_stream("answer") as out:
+        for word in words:
+            out.write(word + " ")
+    return len(words)
+
+
+@app.task(base=RealtimeTask, bind=True)
 def endless(self):
     import time
 
@@ -79,6 +87,24 @@ def test_progress_and_lifecycle_reach_the_stream_in_order_once(server, tasks):
         ("run", {"status": "completed", "output": {"pages": 3}}),
     ]
     assert {m.run_id for m in received} == {namespace["task_id"]}
+
+
+def test_a_task_streams_text_that_a_client_reads_as_the_whole_answer(server, tasks):
+    words = [f"word{n}" for n in range(500)]
+    task_id = tasks.module.answer.delay(words).id
+    received = read_run(server, task_id, ["answer", "run"], tasks.worker)
+    text, seq, status = "", None, None
+    for message in received:
+        data = message.data
+        if message.topic != "answer":
+            continue
+        assert data["text_stream"] == f"{task_id}:text:1"
+        if "text" in data:
+            text, seq, status = data["text"], data["seq"], data.get("status")
+        elif data["seq"] == seq + 1:
+            text, seq, status = text + data["delta"], data["seq"], data.get("status")
+    assert (text, status) == (" ".join(words) + " ", "completed")
+    assert received[-1].data == {"status": "completed", "output": 500}
 
 
 def test_a_failing_task_ends_failed_with_its_error_type_only(server, tasks):

@@ -3,6 +3,8 @@
     @app.task(base=RealtimeTask, bind=True)
     def generate_report(self, pages):
         self.publish("status", {"percent": 50})     # on run.<task id>
+        with self.text_stream("answer") as out:      # an LLM's answer, growing in the page
+            out.write("Here is the report")
         return {"pages": pages}                      # -> {"status": "completed", "output": ...} on topic run
 
 The lifecycle comes from Celery's signals, in the worker: `task_prerun` (running),
@@ -16,6 +18,7 @@ from typing import Any
 
 from celery import Task, signals
 
+from ..text_streams import TextStream
 from . import lifecycle
 
 
@@ -23,6 +26,11 @@ class RealtimeTask(Task):
     def publish(self, topic: str, data: Any) -> None:
         """Publish `data` on `run.<this task's id>`, topic `topic` (from inside the running task)."""
         lifecycle.publish_progress(self.request.id, topic, data)
+
+    def text_stream(self, topic: str, number: int = 1) -> TextStream:
+        """A text stream on `run.<this task's id>` (docs/protocol.md §11); `number` tells a task's
+        several streams apart, and keeps each one's id across the task's retries."""
+        return lifecycle.text_stream(self.request.id, topic, number)
 
 
 def _ours(task: Any) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 from dramatiq import Middleware
 from dramatiq.broker import Broker, MessageProxy
 
+from ..text_streams import TextStream
 from . import lifecycle
 
 # The message each worker thread is processing, for `publish` (Dramatiq runs one per thread).
@@ -32,6 +33,12 @@ def publish(topic: str, data: Any) -> None:
     """Publish `data` on `run.<the current message's id>`, topic `topic` (from inside an actor)."""
     message = getattr(_current, "message", None)
     lifecycle.publish_progress(message.message_id if message is not None else None, topic, data)
+
+
+def text_stream(topic: str, number: int = 1) -> TextStream:
+    """A text stream on the current task's channel (docs/protocol.md §11), the same id on its retries."""
+    message = getattr(_current, "message", None)
+    return lifecycle.text_stream(message.message_id if message is not None else None, topic, number)
 
 
 class RealtimeMiddleware(Middleware):

@@ -11,6 +11,7 @@ from common.errors import AppError, describe
 
 from ..errors import InvalidRequest, MessageTooLarge
 from ..publisher import shared_publisher
+from ..text_streams import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,14 @@ def publish_progress(task_id: str | None, topic: str, data: Any) -> None:
     if not task_id:
         raise RuntimeError("publish() needs a running task: it publishes on run.<task id>")
     shared_publisher().publish(channel_for(task_id), topic, data, run_id=task_id)
+
+
+def text_stream(task_id: str | None, topic: str, number: int) -> TextStream:
+    """The task's `number`th text stream on its channel (docs/protocol.md §11): its id is the
+    same on every retry of the task, so a retry restarts it (`seq` 0) instead of adding to it."""
+    if not task_id:
+        raise RuntimeError("text_stream() needs a running task: it streams on run.<task id>")
+    return shared_publisher().text_stream(channel_for(task_id), topic, f"{task_id}:text:{number}", run_id=task_id)
 
 
 def running(task_id: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, TypeVar
 from rq import Queue, get_current_job
 from rq.job import Callback, Job
 
+from ..text_streams import TextStream
 from . import lifecycle
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +33,12 @@ def publish(topic: str, data: Any) -> None:
     """Publish `data` on `run.<the current job's id>`, topic `topic` (from inside a running job)."""
     job = get_current_job()
     lifecycle.publish_progress(job.id if job is not None else None, topic, data)
+
+
+def text_stream(topic: str, number: int = 1) -> TextStream:
+    """A text stream on the current task's channel (docs/protocol.md §11), the same id on its retries."""
+    job = get_current_job()
+    return lifecycle.text_stream(job.id if job is not None else None, topic, number)
 
 
 def realtime_job(func: F) -> F:
