@@ -37,7 +37,9 @@ RUN_BY = {
     ("sh", "# 1. A token"): "test_readme.py",
     ("python", "realtime.create_token("): "test_readme.py",
     ("python", "session=session)"): "test_readme.py",
-    ("python", "@jobs.function("): "test_readme.py",
+    ("python", "@jobs.function(id=\"count-rows\""): "test_readme.py",
+    ("python", "ctx.text_stream(ctx.channel"): "test_readme.py",
+    ("python", "from openai import OpenAI"): "test_readme.py",
     ("sh", "api/events"): "test_readme.py",
     ("sh", "jobs worker"): "test_readme.py",
     ("python", "token_from(BASE"): "test_client.py",
@@ -124,7 +126,7 @@ def jobs_app(database_url):
 def test_the_jobs_block_as_create_app_registers_it(jobs_app):
     jobs = jobs_app.extensions["jobs"]
     clock = jobs.runs.now = FakeClock()
-    exec(code_block("@jobs.function("), {"jobs": jobs})  # in create_app(), where `jobs` is the extension
+    exec(code_block('@jobs.function(id="count-rows"'), {"jobs": jobs})  # in create_app(), where `jobs` is the extension
     [run] = jobs.send("rows.requested", {"days": 30})["runs"]
     assert run["function"] == "count-rows"
     assert jobs.run(run["id"]).status == "running", "asleep: the cool-down handed the run back"
@@ -134,6 +136,30 @@ def test_the_jobs_block_as_create_app_registers_it(jobs_app):
     assert (finished.status, finished.output, finished.attempt) == ("completed", {"rows": 30}, 1)
     published = jobs_app.extensions["realtime"].store.read_after(f"run.{run['id']}", ["status"], 0, 100)
     assert [m.data for m in published] == [{"stage": "fetching", "percent": 10}], "once, though the run resumed"
+
+
+def test_the_llm_block_streams_an_answer_that_a_reload_gets_whole(jobs_app):
+    jobs, realtime = jobs_app.extensions["jobs"], jobs_app.extensions["realtime"]
+    exec(code_block("ctx.text_stream(ctx.channel"), {"jobs": jobs})
+    [run] = jobs.send("question.asked", {"prompt": "why is the sky blue?"})["runs"]
+    assert jobs.run(run["id"]).status == "completed"
+    [answer] = realtime.store.read_after(f"run.{run['id']}", ["answer"], 0, 100)  # a reload's replay
+    assert answer.data == {
+        "text_stream": f"{run['id']}:generate/text:1", "seq": answer.data["seq"], "status": "completed",
+        "text": "You asked: why is the sky blue?. Here is a long answer, word by word. ",
+    }
+
+
+def test_the_openai_block_yields_the_servers_pieces(monkeypatch):
+    pytest.importorskip("openai", reason="requirements-openai.txt is not installed (make test installs it)")
+    from openai_server import FakeOpenAI
+
+    with FakeOpenAI(["Blue ", "light ", "scatters."]) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        namespace: dict = {}
+        exec(code_block("from openai import OpenAI"), namespace)
+        assert "".join(namespace["llm_answer"]("why?")) == "Blue light scatters."
 
 
 # -- the `sh` blocks, against `make run`'s server ----------------------------------------------------
@@ -287,7 +313,7 @@ def test_the_jobs_worker_command_starts_and_stops_on_sigterm(tmp_path):
     [worker] = commands(code_block("jobs worker", "sh"))
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'worker.sqlite3'}", "SECRET_KEY": "worker-secret"}
     # "A worker runs the demo's report only with the demo on": the banner lists its functions.
-    for demo_enabled, functions in (("false", ""), ("true", "generate-report")):
+    for demo_enabled, functions in (("false", ""), ("true", "generate-report, answer-question")):
         process = subprocess.Popen(shlex.split(flask(worker)), cwd=ROOT, env={**env, "FLASK_DEMO_ENABLED": demo_enabled},
                                    stderr=subprocess.PIPE, text=True)
         with process.stderr:
