@@ -14,7 +14,7 @@ import os
 import time
 
 from app import create_app as create_real_app
-from jobs.steps import Cancelled  # not exported as jobs.Cancelled (yet)
+from jobs import Cancelled
 
 
 def create_app():  # noqa: ANN201
