@@ -36,7 +36,8 @@ export interface RunData {
   error?: string;
 }
 
-export type RealtimeState = "connecting" | "open" | "paused" | "closed" | "error";
+/** "idle": a several-channel subscription with no channel to watch, so no connection (until add()). */
+export type RealtimeState = "connecting" | "open" | "paused" | "closed" | "error" | "idle";
 
 export interface RealtimeError {
   /** The HTTP status, or 0 when the server could not be reached. */
@@ -60,9 +61,14 @@ export interface TokenGrant {
   expiresAt?: string | number | null;
 }
 
-export type TokenSource<M extends TopicMap = AnyTopics> =
+/** What the token function is asked for: one channel's topics ... */
+export type TokenRequest<M extends TopicMap = AnyTopics> = { channel: string; topics: readonly TopicOf<M>[] };
+/** ... or, for subscribe({channels}), every channel's: the set the stream should carry now. */
+export type ChannelsTokenRequest<M extends TopicMap = AnyTopics> = { channels: { readonly [channel: string]: readonly TopicOf<M>[] } };
+
+export type TokenSource<M extends TopicMap = AnyTopics, Request = TokenRequest<M>> =
   | string
-  | ((request: { channel: string; topics: readonly TopicOf<M>[] }) => string | TokenGrant | Promise<string | TokenGrant>);
+  | ((request: Request) => string | TokenGrant | Promise<string | TokenGrant>);
 
 export type TextStreamStatus = "streaming" | "completed" | "failed" | "cancelled";
 
@@ -90,11 +96,13 @@ export type RealtimeChange<M extends TopicMap = AnyTopics> =
   | { type: "message"; message: MessageOf<M> }
   | { type: "reset"; reset: RealtimeReset }
   | { type: "cleared" }
-  /** Text stream `sid` changed: `delta` was appended, or (`replaced`) its text was replaced: read `texts[sid]`. */
-  | { type: "text"; sid: string; delta: string; replaced: false }
-  | { type: "text"; sid: string; delta: null; replaced: true };
+  /** Text stream `sid` of `channel` changed: `delta` was appended, or (`replaced`) its text was replaced: read `texts[sid]`. */
+  | { type: "text"; channel: string; sid: string; delta: string; replaced: false }
+  | { type: "text"; channel: string; sid: string; delta: null; replaced: true }
+  /** Several channels: one was added, ended (closeOnRunEnd) or removed. */
+  | { type: "channel"; channel: string; status: "added" | "ended" | "removed" };
 
-export type ChangeListener<M extends TopicMap = AnyTopics> = (change: RealtimeChange<M>, subscription: Subscription<M>) => void;
+export type ChangeListener<M extends TopicMap = AnyTopics, S = Subscription<M>> = (change: RealtimeChange<M>, subscription: S) => void;
 
 /** The host objects realtime.js uses; tests pass fakes. */
 export interface HostEnvironment {
@@ -108,18 +116,34 @@ export interface HostEnvironment {
   random: () => number;
 }
 
-export interface SubscribeOptions<M extends TopicMap = AnyTopics> {
+/** What subscribe() takes: one channel and its topics, or several channels (`ChannelsOptions`). */
+export type SubscribeOptions<M extends TopicMap = AnyTopics> = ChannelOptions<M> | ChannelsOptions<M>;
+
+export interface ChannelOptions<M extends TopicMap = AnyTopics> extends CommonOptions<M> {
   channel: string;
   /** EventSource delivers named events only to listeners registered by name: list them. */
   topics: readonly TopicOf<M>[];
+  channels?: undefined;
   token: TokenSource<M>;
+}
+
+export interface ChannelsOptions<M extends TopicMap = AnyTopics> extends CommonOptions<M> {
+  /** `{channel: topics}`, each channel with its own topics (may be empty: add() later). */
+  channels: { readonly [channel: string]: readonly TopicOf<M>[] };
+  channel?: undefined;
+  topics?: undefined;
+  /** A string (add() needs a function), or a function asked for the whole set of channels. */
+  token: TokenSource<M, ChannelsTokenRequest<M>>;
+}
+
+export interface CommonOptions<M extends TopicMap = AnyTopics> {
   /** Default "/api/realtime/subscribe". */
   url?: string;
   /** Start after this cursor instead of replaying all retained history. */
   lastEventId?: string | null;
   /** How many messages `messages` keeps; default 100. */
   historyLimit?: number;
-  /** Close once topic "run" reports completed, failed or cancelled; default false. */
+  /** Close once topic "run" reports completed, failed or cancelled; default false. Among several channels, end that channel only. */
   closeOnRunEnd?: boolean;
   /** Close while the tab is hidden, resume when visible; default true. */
   pauseWhenHidden?: boolean;
@@ -136,23 +160,41 @@ export interface SubscribeOptions<M extends TopicMap = AnyTopics> {
   env?: Partial<HostEnvironment>;
 }
 
-/** Everything a UI shows, in one frozen object replaced (never mutated) on every change. */
-export interface RealtimeSnapshot<M extends TopicMap = AnyTopics> {
-  readonly state: RealtimeState;
-  readonly error: RealtimeError | null;
-  /** The cursor: the last `id:` received. */
-  readonly lastEventId: string | null;
+/** One channel's data: what a one-channel subscription also shows at its top level. */
+export interface ChannelData<M extends TopicMap = AnyTopics> {
   readonly latest: MessageOf<M> | null;
   readonly latestByTopic: { readonly [T in TopicOf<M>]?: RealtimeMessage<T, M[T]> };
   /** The last `historyLimit` messages, oldest first; text-stream messages are kept in `texts` only. */
   readonly messages: readonly MessageOf<M>[];
   /** data.status of the newest message on topic "run". */
   readonly runStatus: string | null;
+  /** The text streams, by id. */
+  readonly texts: { readonly [sid: string]: TextStreamState<TopicOf<M>> };
+}
+
+/** A channel in `channels`: its data, frozen, replaced only when that channel changes. */
+export interface ChannelView<M extends TopicMap = AnyTopics> extends ChannelData<M> {
+  readonly channel: string;
+  readonly topics: readonly TopicOf<M>[];
+  /** closeOnRunEnd among several channels: its run ended; it gets nothing more, its data stays. */
+  readonly ended: boolean;
+}
+
+/**
+ * Everything a UI shows, in one frozen object replaced (never mutated) on every change. The
+ * channel data at the top level is the channel's for one channel; among several channels it
+ * stays empty: read `channels[name]`.
+ */
+export interface RealtimeSnapshot<M extends TopicMap = AnyTopics> extends ChannelData<M> {
+  readonly state: RealtimeState;
+  readonly error: RealtimeError | null;
+  /** The cursor: the last `id:` received; one for every channel of the stream. */
+  readonly lastEventId: string | null;
   readonly lastReset: RealtimeReset | null;
   /** When the next reconnect attempt is due (ms since epoch). */
   readonly retryAt: number | null;
-  /** The text streams, by id. */
-  readonly texts: { readonly [sid: string]: TextStreamState<TopicOf<M>> };
+  /** Every channel watched, by name. */
+  readonly channels: { readonly [channel: string]: ChannelView<M> };
 }
 
 /** A subscription has every field of its snapshot, live (declaration merging: not written twice). */
@@ -160,8 +202,9 @@ export interface Subscription<M extends TopicMap = AnyTopics> extends RealtimeSn
 
 export declare class Subscription<M extends TopicMap = AnyTopics> {
   constructor(options: SubscribeOptions<M>);
-  readonly channel: string;
-  readonly topics: readonly TopicOf<M>[];
+  /** The channel and topics of a one-channel subscription; null for several. */
+  readonly channel: string | null;
+  readonly topics: readonly TopicOf<M>[] | null;
   readonly transport: "eventsource" | "fetch";
   readonly snapshot: RealtimeSnapshot<M>;
   /** Call `listener` after every change; returns a function that stops it. */
@@ -172,6 +215,31 @@ export declare class Subscription<M extends TopicMap = AnyTopics> {
   reconnect(options?: { transport?: "eventsource" | "fetch" }): void;
   /** Drop the connection as a network failure would (workshops, tests). */
   drop(): void;
+  /**
+   * Several channels: watch one more, from its start (default) or from a cursor of it. Adds
+   * of one tick reopen the stream once, from the cursor, with a token for the new set.
+   */
+  add(channel: string, topics: readonly TopicOf<M>[], options?: { from?: "start" | string }): ChannelSubscription<M>;
+  /** Several channels: stop watching one; its messages are ignored, the next connection leaves it out. */
+  remove(channel: string): void;
+  /** A channel's handle, or null when it is not watched. */
+  forChannel(channel: string): ChannelSubscription<M> | null;
+}
+
+/** One channel of a subscription, read like a one-channel subscription; close() removes the channel. */
+export interface ChannelSubscription<M extends TopicMap = AnyTopics> extends ChannelData<M> {}
+
+export declare class ChannelSubscription<M extends TopicMap = AnyTopics> {
+  readonly subscription: Subscription<M>;
+  readonly channel: string;
+  readonly topics: readonly TopicOf<M>[];
+  /** The stream's state, or "closed" once the channel ended or was removed. */
+  readonly state: RealtimeState;
+  readonly error: RealtimeError | null;
+  readonly lastEventId: string | null;
+  /** Hear the changes of this channel and of the stream; returns a function that stops it. */
+  onChange(listener: ChangeListener<M, ChannelSubscription<M>>): () => void;
+  close(): void;
 }
 
 export declare function subscribe<M extends TopicMap = AnyTopics>(options: SubscribeOptions<M>): Subscription<M>;
@@ -184,7 +252,11 @@ export declare function normalizeGrant(got: string | TokenGrant): { token: strin
  * Show text stream `sid` in `element`: a text node appended per delta, the whole text written
  * only when it is replaced or cleared. Returns a function that stops following.
  */
-export declare function renderText<M extends TopicMap>(element: Element, subscription: Subscription<M>, sid: string): () => void;
+export declare function renderText<M extends TopicMap>(
+  element: Element,
+  subscription: Subscription<M> | ChannelSubscription<M>,
+  sid: string,
+): () => void;
 
 export type ParsedItem =
   | { kind: "event"; event: string; data: string; lastEventId: string }

@@ -26,6 +26,7 @@
  * works with React's useSyncExternalStore(sub.onChange, () => sub.snapshot):
  *
  *   state          "connecting" | "open" | "paused" (tab hidden) | "closed" | "error" (gave up)
+ *                  | "idle" (several channels, none left to watch: no connection)
  *   error          null, or {status, code, message} of the last failure
  *   lastEventId    the cursor: the last `id:` received; every reconnect sends it back
  *   latest         the newest envelope {id, channel, topic, data, run_id, created_at}
@@ -35,6 +36,7 @@
  *   lastReset      null, or the server's reset {reason, cursor} (history was cut; data restarted)
  *   retryAt        when the next reconnect attempt is due (ms since epoch), or null
  *   texts          {sid: {text, seq, status, topic, error?}}: the text streams (see "Text streams" below)
+ *   channels       {channel: {channel, topics, latest, latestByTopic, messages, runStatus, texts, ended}}
  *
  * How it resumes, with its cursor, on any disconnect (the server replays what was missed):
  *   - the browser's own EventSource reconnect sends `Last-Event-ID` by itself;
@@ -56,6 +58,23 @@
  * delta means nothing alone. Listeners get {type: "text", sid, delta: "<appended piece>",
  * replaced: false}, or {type: "text", sid, delta: null, replaced: true} when the text was
  * replaced, so a page appends only the new piece: `renderText(element, sub, sid)` does that.
+ *
+ * Several channels on one stream (docs/protocol.md §12): one connection for a whole page, one
+ * cursor for all its channels, instead of one EventSource each (a browser keeps six HTTP/1.1
+ * connections per host: the seventh card would wait).
+ *
+ *     const hub = subscribe({ channels: { "run.1": ["status", "run"] }, token: fetchGrant, closeOnRunEnd: true });
+ *     // fetchGrant({channels}) asks POST /api/realtime/token with {channels} for the whole set.
+ *     const card = hub.add("run.2", ["status", "run"]);  // from its start; adds of one tick reopen once
+ *     card.onChange((change, card) => render(card.runStatus, card.latestByTopic.status?.data));
+ *     hub.channels["run.1"].runStatus;                    // each channel's data; none at the top level
+ *     card.close();                                        // = hub.remove("run.2")
+ *
+ * Adding reopens the stream from the cursor with a token for the new set, saying where the new
+ * channel starts (its start, or a cursor of it): its earlier messages arrive, the others go on
+ * exactly. Removing only filters: the channel's messages are ignored at once and the next
+ * connection leaves it out; no reconnect for it. With closeOnRunEnd, a channel whose run ended
+ * stops (`ended`), not the stream; with no channel left the connection closes ("idle").
  *
  * This file is an ES module. From a plain script, expose it once:
  *     <script type="module">import * as Realtime from "/static/realtime.js"; window.Realtime = Realtime;</script>
@@ -88,10 +107,17 @@ export function subscribe(options) {
 export class Subscription {
   constructor(options) {
     const o = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...options?.backoff } };
-    if (!o.channel || typeof o.channel !== "string") throw new TypeError("subscribe: 'channel' is required");
-    if (!Array.isArray(o.topics) || o.topics.length === 0) {
-      // EventSource only delivers named events to listeners registered by name.
-      throw new TypeError("subscribe: 'topics' must be a non-empty array");
+    const several = o.channels !== undefined;
+    if (several) {
+      if (o.channel !== undefined || o.topics !== undefined) {
+        throw new TypeError("subscribe: give 'channel' and 'topics', or 'channels', not both");
+      }
+      if (!o.channels || typeof o.channels !== "object" || Array.isArray(o.channels)) {
+        throw new TypeError("subscribe: 'channels' must be an object {channel: [topics]}");
+      }
+      for (const [channel, topics] of Object.entries(o.channels)) checkChannel(channel, topics);
+    } else {
+      checkChannel(o.channel, o.topics);
     }
     if (typeof o.token !== "string" && typeof o.token !== "function") {
       throw new TypeError("subscribe: 'token' must be a string or a function returning one");
@@ -99,9 +125,11 @@ export class Subscription {
     if (o.transport !== "eventsource" && o.transport !== "fetch") {
       throw new TypeError("subscribe: 'transport' must be \"eventsource\" or \"fetch\"");
     }
-    this.channel = o.channel;
-    this.topics = Object.freeze([...o.topics]);
+    // One channel: `channel` and `topics`, and the channel's data at the top level as well.
+    this.channel = several ? null : o.channel;
+    this.topics = several ? null : Object.freeze([...o.topics]);
     this.transport = o.transport;
+    this._several = several;
     this._options = o;
     this._env = hostEnvironment(o.env);
     this._listeners = new Set();
@@ -112,6 +140,15 @@ export class Subscription {
     this.lastEventId = o.lastEventId || null;
     this.retryAt = null;
     this.lastReset = null;
+    // channel -> {topics, highestId, ended, handle}: what the stream carries and what was seen of it.
+    this._channels = new Map();
+    this.channels = Object.freeze({});
+    for (const [channel, topics] of Object.entries(several ? o.channels : { [o.channel]: o.topics })) {
+      this._channels.set(channel, { topics: Object.freeze([...topics]), highestId: 0, ended: false, handle: null });
+    }
+    // Channels added since the stream last opened: channel -> where it starts (see add()).
+    this._starts = new Map();
+    this._reconnectQueued = false;
     this._clearData();
 
     this._conn = null; // the current connection attempt: {close()}; identity marks stale callbacks
@@ -119,7 +156,7 @@ export class Subscription {
     this._attempt = 0;
     this._authFailures = 0;
     this._serverRetryMs = null;
-    this._grant = null; // from the token function: {token, expiresAt}
+    this._grant = null; // from the token function: {token, expiresAt, channels}
     this._needFreshToken = false;
 
     this.onChange = this.onChange.bind(this);
@@ -174,10 +211,92 @@ export class Subscription {
     this._retryLater({ status: 0, code: "dropped", message: "the connection was dropped on purpose" });
   }
 
+  // -- several channels ----------------------------------------------------------------
+
+  /**
+   * Watch one more channel on this subscription's stream (several-channel subscriptions only).
+   * `from` says where the channel starts: "start" (every retained message of it, the default)
+   * or a cursor of that channel (e.g. one saved earlier). The stream reopens from its cursor
+   * with a token for the new set of channels; the channels it already carried go on exactly,
+   * and the new one's earlier messages arrive first. Adds made in the same tick reopen once.
+   * Returns the channel's handle (see channel()).
+   */
+  add(channel, topics, { from = "start" } = {}) {
+    if (!this._several) throw new TypeError("add: this subscription watches one channel; subscribe({channels}) for several");
+    if (typeof this._options.token !== "function") throw new TypeError("add: needs a token function, to get a token for the new channels");
+    checkChannel(channel, topics);
+    if (from !== "start" && (typeof from !== "string" || !from)) throw new TypeError("add: 'from' must be \"start\" or a cursor");
+    const known = this._channels.get(channel);
+    if (known && !known.ended && sameTopics(known.topics, topics)) return this.forChannel(channel);
+    if (known) this.remove(channel);
+    this._channels.set(channel, { topics: Object.freeze([...topics]), highestId: 0, ended: false, handle: null });
+    this._setView(channel, emptyView(channel, this._channels.get(channel).topics));
+    // Without a cursor the stream replays every channel from its start anyway.
+    if (this.lastEventId) this._starts.set(channel, from);
+    this._notify({ type: "channel", channel, status: "added" });
+    this._reopenSoon();
+    return this.forChannel(channel);
+  }
+
+  /**
+   * Stop watching a channel: its data goes, its messages are ignored from now on, and the next
+   * connection (the next add, a token refresh, any reconnect) leaves it out. No reconnect just
+   * for this: a channel removed is most often a run that ended, which publishes nothing more.
+   */
+  remove(channel) {
+    const known = this._channels.get(channel);
+    if (!known || !this._several) return;
+    this._channels.delete(channel);
+    this._starts.delete(channel);
+    if (known.handle) known.handle._last = this.channels[channel];
+    const { [channel]: _gone, ...rest } = this.channels;
+    this.channels = Object.freeze(rest);
+    this._notify({ type: "channel", channel, status: "removed" });
+    this._idleIfEmpty();
+  }
+
+  /** A channel's handle: reads and listens like a one-channel subscription; close() removes the channel. */
+  forChannel(channel) {
+    const known = this._channels.get(channel);
+    if (!known) return null;
+    known.handle ??= new ChannelSubscription(this, channel);
+    return known.handle;
+  }
+
+  /** Reopen once after the adds of this tick (a microtask: they are all made by then). */
+  _reopenSoon() {
+    if (this._reconnectQueued) return;
+    this._reconnectQueued = true;
+    Promise.resolve().then(() => {
+      this._reconnectQueued = false;
+      if (this.state === "paused" || !this._isActive()) return; // opened with the new set when visible
+      this._disconnect();
+      this._open();
+    });
+  }
+
+  /** The channels the stream should carry now: {channel: topics}. */
+  _wanted() {
+    const wanted = {};
+    for (const [channel, { topics, ended }] of this._channels) if (!ended) wanted[channel] = topics;
+    return wanted;
+  }
+
+  /** A several-channel subscription with nothing left to watch closes its connection until add(). */
+  _idleIfEmpty() {
+    if (!this._several || !this._isActive() || Object.keys(this._wanted()).length > 0) return;
+    this._disconnect();
+    this._set({ state: "idle", retryAt: null, error: null }, { type: "state" });
+  }
+
   // -- connecting -----------------------------------------------------------------------
 
   _open() {
     if (!this._isActive()) return; // closed or failed while a timer was pending
+    if (this._several && Object.keys(this._wanted()).length === 0) {
+      this._set({ state: "idle", retryAt: null }, { type: "state" });
+      return;
+    }
     const conn = { close() {} };
     this._conn = conn;
     this._set({ state: "connecting", retryAt: null }, { type: "state" });
@@ -207,13 +326,17 @@ export class Subscription {
   _currentToken() {
     const source = this._options.token;
     if (typeof source === "string") return source;
-    if (this._grant && !this._needFreshToken && this._msUntilTokenRefresh() > 0) return this._grant.token;
+    const fresh = this._grant && !this._needFreshToken && this._msUntilTokenRefresh() > 0;
+    // A grant for other channels than those wanted now (one was added or removed) is not reused.
+    if (fresh && this._grant.channels === JSON.stringify(this._wanted())) return this._grant.token;
     return null;
   }
 
   async _fetchToken() {
-    const got = await this._options.token({ channel: this.channel, topics: this.topics });
-    this._grant = normalizeGrant(got);
+    const wanted = this._wanted();
+    const request = this._several ? { channels: wanted } : { channel: this.channel, topics: this.topics };
+    const got = await this._options.token(request);
+    this._grant = { ...normalizeGrant(got), channels: JSON.stringify(wanted) };
     this._needFreshToken = false;
     return this._grant.token;
   }
@@ -228,6 +351,7 @@ export class Subscription {
   _url(token) {
     const params = new URLSearchParams({ token });
     if (this.lastEventId) params.set("last_event_id", this.lastEventId);
+    for (const [channel, from] of this._starts) params.append("from", `${channel}:${from}`);
     const base = this._options.url;
     return base + (base.includes("?") ? "&" : "?") + params;
   }
@@ -247,7 +371,8 @@ export class Subscription {
     const onFrame = (event) => {
       if (live() && typeof event.data === "string") this._receive(event.type, event.data, event.lastEventId);
     };
-    for (const name of new Set([...this.topics, "reset"])) es.addEventListener(name, onFrame);
+    const topics = Object.values(this._wanted()).flat();
+    for (const name of new Set([...topics, "reset"])) es.addEventListener(name, onFrame);
     es.addEventListener("error", (event) => {
       if (!live() || typeof event.data === "string") return;
       if (es.readyState !== EVENTSOURCE_CLOSED) {
@@ -352,6 +477,7 @@ export class Subscription {
   }
 
   _opened() {
+    this._starts.clear(); // the server took them: from now on the one cursor covers every channel
     this._attempt = 0;
     this._authFailures = 0;
     this._set({ state: "open", error: null, retryAt: null }, { type: "state" });
@@ -451,46 +577,78 @@ export class Subscription {
       return;
     }
     const envelope = parseJSON(data);
-    if (!envelope || typeof envelope !== "object" || envelope.channel !== this.channel) return;
-    if (!this.topics.includes(envelope.topic)) return; // the token may cover more topics
-    // Defensive: the server promises each message once, in id order.
+    const known = envelope && typeof envelope === "object" ? this._channels.get(envelope.channel) : undefined;
+    if (!known || known.ended) return; // a channel removed, ended, or never asked for
+    if (!known.topics.includes(envelope.topic)) return; // the token may cover more topics
+    // Defensive: the server promises each message once, in id order. Per channel, because a
+    // channel just added replays its earlier messages, with smaller ids than the others' latest.
     if (typeof envelope.id === "number") {
-      if (envelope.id <= this._highestId) return;
-      this._highestId = envelope.id;
+      if (envelope.id <= known.highestId) return;
+      known.highestId = envelope.id;
     }
     if (isTextStreamData(envelope.data)) {
       this._receiveText(envelope);
       return;
     }
+    const view = this.channels[envelope.channel];
     const limit = this._options.historyLimit;
-    const messages = this.messages.length >= limit ? this.messages.slice(this.messages.length - limit + 1) : this.messages.slice();
+    const messages = view.messages.length >= limit ? view.messages.slice(view.messages.length - limit + 1) : view.messages.slice();
     if (limit > 0) messages.push(envelope);
-    this.messages = messages;
-    this.latest = envelope;
-    this.latestByTopic = { ...this.latestByTopic, [envelope.topic]: envelope };
-    if (envelope.topic === "run" && typeof envelope.data?.status === "string") this.runStatus = envelope.data.status;
+    const runStatus = envelope.topic === "run" && typeof envelope.data?.status === "string" ? envelope.data.status : view.runStatus;
+    this._setView(envelope.channel, {
+      ...view,
+      messages,
+      latest: envelope,
+      latestByTopic: { ...view.latestByTopic, [envelope.topic]: envelope },
+      runStatus,
+    });
     this._options.onMessage?.(envelope, this);
     this._notify({ type: "message", message: envelope });
-    if (this._options.closeOnRunEnd && TERMINAL_RUN_STATUSES.includes(this.runStatus)) this.close();
+    if (this._options.closeOnRunEnd && TERMINAL_RUN_STATUSES.includes(runStatus)) this._runEnded(envelope.channel);
   }
 
-  /** A text-stream message: fold it into `texts` (see nextTextState) and say what changed. */
+  /** A text-stream message: fold it into its channel's `texts` (see nextTextState) and say what changed. */
   _receiveText(envelope) {
+    const { channel } = envelope;
     const sid = envelope.data.text_stream;
-    const next = nextTextState(this.texts[sid], envelope.data, envelope.topic);
-    if (next !== null) this.texts = { ...this.texts, [sid]: next.state };
+    const view = this.channels[channel];
+    const next = nextTextState(view.texts[sid], envelope.data, envelope.topic);
+    if (next !== null) this._setView(channel, { ...view, texts: { ...view.texts, [sid]: next.state } });
     this._options.onMessage?.(envelope, this);
     // null: a duplicate, or a gap (see nextTextState); nothing changed to show.
-    if (next !== null) this._notify({ type: "text", sid, delta: next.delta, replaced: next.delta === null });
+    if (next !== null) this._notify({ type: "text", channel, sid, delta: next.delta, replaced: next.delta === null });
+  }
+
+  /** closeOnRunEnd: one channel's run ended. Alone, the subscription closes; among several, that channel ends. */
+  _runEnded(channel) {
+    if (!this._several) {
+      this.close();
+      return;
+    }
+    this._channels.get(channel).ended = true;
+    this._starts.delete(channel);
+    this._setView(channel, { ...this.channels[channel], ended: true });
+    this._notify({ type: "channel", channel, status: "ended" });
+    this._idleIfEmpty();
+  }
+
+  /** Replace one channel's view; a one-channel subscription shows its data at the top level too. */
+  _setView(channel, view) {
+    const frozen = Object.freeze(view);
+    this.channels = Object.freeze({ ...this.channels, [channel]: frozen });
+    if (this._several) return;
+    const { latest, latestByTopic, messages, runStatus, texts } = frozen;
+    Object.assign(this, { latest, latestByTopic, messages, runStatus, texts });
   }
 
   _clearData() {
-    this.messages = [];
-    this.texts = {};
-    this.latest = null;
-    this.latestByTopic = {};
-    this.runStatus = null;
-    this._highestId = 0;
+    // Among several channels the data is per channel only: a run status, a text id or "the
+    // latest message" of a whole page means nothing (read `channels[name]`, or channel(name)).
+    Object.assign(this, { messages: [], texts: {}, latest: null, latestByTopic: {}, runStatus: null });
+    for (const [channel, known] of this._channels) {
+      known.highestId = 0;
+      this._setView(channel, { ...emptyView(channel, known.topics), ended: known.ended });
+    }
   }
 
   // -- notifying ------------------------------------------------------------------------
@@ -512,6 +670,7 @@ export class Subscription {
       lastReset: this.lastReset,
       retryAt: this.retryAt,
       texts: this.texts,
+      channels: this.channels,
     });
   }
 
@@ -529,6 +688,94 @@ export class Subscription {
     }
   }
 }
+
+/**
+ * One channel of a subscription, read like a one-channel subscription: `latest`,
+ * `latestByTopic`, `messages`, `runStatus` and `texts` are the channel's; `state`, `error` and
+ * `lastEventId` the stream's ("closed" once the channel ended or was removed); `onChange`
+ * hears the changes about this channel and the stream's; `close()` removes the channel. So a
+ * card of a page takes its handle where it took a subscription, and renderText works on it.
+ */
+export class ChannelSubscription {
+  constructor(subscription, channel) {
+    this.subscription = subscription;
+    this.channel = channel;
+    this._last = null; // the channel's data when it was removed
+  }
+
+  get _view() {
+    return this.subscription.channels[this.channel] ?? this._last;
+  }
+
+  get topics() {
+    return this._view.topics;
+  }
+
+  get state() {
+    return this._view.ended || this._last ? "closed" : this.subscription.state;
+  }
+
+  get error() {
+    return this.subscription.error;
+  }
+
+  get lastEventId() {
+    return this.subscription.lastEventId;
+  }
+
+  get latest() {
+    return this._view.latest;
+  }
+
+  get latestByTopic() {
+    return this._view.latestByTopic;
+  }
+
+  get messages() {
+    return this._view.messages;
+  }
+
+  get runStatus() {
+    return this._view.runStatus;
+  }
+
+  get texts() {
+    return this._view.texts;
+  }
+
+  /** Call `listener(change, handle)` after each change of this channel or of the stream. */
+  onChange(listener) {
+    return this.subscription.onChange((change) => {
+      const about = change.message?.channel ?? change.channel;
+      if (about === undefined || about === this.channel) listener(change, this);
+    });
+  }
+
+  close() {
+    this.subscription.remove(this.channel);
+  }
+}
+
+function checkChannel(channel, topics) {
+  if (!channel || typeof channel !== "string") throw new TypeError("subscribe: 'channel' is required");
+  if (!Array.isArray(topics) || topics.length === 0) {
+    // EventSource only delivers named events to listeners registered by name.
+    throw new TypeError(`subscribe: the topics of '${channel}' must be a non-empty array`);
+  }
+}
+
+const sameTopics = (a, b) => a.length === b.length && a.every((topic, i) => topic === b[i]);
+
+const emptyView = (channel, topics) => ({
+  channel,
+  topics,
+  latest: null,
+  latestByTopic: {},
+  messages: [],
+  runStatus: null,
+  texts: {},
+  ended: false,
+});
 
 // -- text streams ------------------------------------------------------------------------
 

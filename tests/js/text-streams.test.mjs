@@ -110,8 +110,8 @@ describe("text streams", () => {
     send({ text_stream: "a2", seq: 7, text: "Another", status: "completed" });
     assert.deepEqual(sub.texts.a2, { text: "Another", seq: 7, status: "completed", topic: "answer" });
     assert.deepEqual(changes, [
-      { type: "text", sid: "a1", delta: null, replaced: true },
-      { type: "text", sid: "a2", delta: null, replaced: true },
+      { type: "text", channel: "run.42", sid: "a1", delta: null, replaced: true },
+      { type: "text", channel: "run.42", sid: "a2", delta: null, replaced: true },
     ]);
   });
 
@@ -136,11 +136,11 @@ describe("text streams", () => {
     send(text(2, "Hello")); // e.g. replayed after a reset
     send(delta(3, "", { status: "completed" }));
     assert.deepEqual(changes, [
-      { type: "text", sid: "a1", delta: null, replaced: true },
-      { type: "text", sid: "a1", delta: "Hel", replaced: false },
-      { type: "text", sid: "a1", delta: "lo", replaced: false },
-      { type: "text", sid: "a1", delta: null, replaced: true },
-      { type: "text", sid: "a1", delta: "", replaced: false },
+      { type: "text", channel: "run.42", sid: "a1", delta: null, replaced: true },
+      { type: "text", channel: "run.42", sid: "a1", delta: "Hel", replaced: false },
+      { type: "text", channel: "run.42", sid: "a1", delta: "lo", replaced: false },
+      { type: "text", channel: "run.42", sid: "a1", delta: null, replaced: true },
+      { type: "text", channel: "run.42", sid: "a1", delta: "", replaced: false },
     ]);
   });
 

@@ -59,5 +59,18 @@ for (const [i, change] of textChanges.entries()) {
   compare(`RealtimeChange "text" (${change.replaced ? 'replaced' : 'appended'}, change ${i})`, [...new Set(textVariants.flatMap(names))], Object.keys(change))
 }
 
+// Several channels: a channel's view, and the "channel" change.
+const hub = subscribe({ channels: {}, token: () => 't', env: idle })
+const hubChanges = []
+hub.onChange((change) => change.type === 'channel' && hubChanges.push(change))
+hub.add('c', ['t'])
+hub.close()
+compare('ChannelView', names(declaredType('ChannelView')), Object.keys(hub.channels.c))
+const channelVariant = declaredType('RealtimeChange').types.find((variant) => {
+  const type = variant.getProperty('type')
+  return checker.typeToString(checker.getTypeOfSymbolAtLocation(type, type.valueDeclaration)) === '"channel"'
+})
+compare('RealtimeChange "channel"', names(channelVariant), Object.keys(hubChanges[0]))
+
 process.stdout.write(JSON.stringify(differences) + '\n')
 process.exit(Object.keys(differences).length ? 1 : 0)

@@ -2,7 +2,15 @@
 // calls realtime.js and react.js, and misuses the declarations must refuse (@ts-expect-error
 // fails the check if the line compiles after all).
 import { subscribe, TERMINAL_RUN_STATUSES, createParser, renderText } from "../../static/realtime.js";
-import type { RealtimeSnapshot, RunData, Subscription, TextStreamData, TextStreamState } from "../../static/realtime.js";
+import type {
+  ChannelSubscription,
+  ChannelView,
+  RealtimeSnapshot,
+  RunData,
+  Subscription,
+  TextStreamData,
+  TextStreamState,
+} from "../../static/realtime.js";
 import { useRealtime } from "../../static/react.js";
 
 interface Topics {
@@ -70,6 +78,39 @@ export function RunProgress({ runId }: { runId: string }) {
   return { state, latest, percent: latestByTopic.status?.data.percent ?? 0, lines, runStatus, error, snapshot, answerText, finished, piece };
 }
 
+// Several channels on one stream: per-channel data, handles, add() and remove().
+const hub = subscribe<Topics>({
+  channels: { "run.1": ["status", "run"], "run.2": ["log"] },
+  token: async ({ channels }) => ({ token: Object.keys(channels).join(","), expires_at: 1_800_000_000 }),
+  closeOnRunEnd: true,
+});
+const first: ChannelView<Topics> | undefined = hub.channels["run.1"];
+const firstDone: boolean = first?.ended === true || first?.runStatus === "completed";
+const card: ChannelSubscription<Topics> = hub.add("run.3", ["status", "log", "run"], { from: "start" });
+const cardPercent: number | undefined = card.latestByTopic.status?.data.percent;
+card.onChange((change, handle) => {
+  if (change.type === "channel") return [change.status === "ended", handle.state === "idle"];
+  if (change.type === "text") return change.channel;
+});
+renderText(document.createElement("pre"), card, "answer-1");
+hub.forChannel("run.2")?.close();
+hub.remove("run.1");
+const hubState: boolean = hub.state === "idle";
+
+export function RunsProgress({ runIds }: { runIds: string[] }) {
+  const { channels, state } = useRealtime<Topics>({
+    channels: Object.fromEntries(runIds.map((id) => [`run.${id}`, ["status", "run"] as const])),
+    token: "t",
+  });
+  return runIds.map((id) => [state, channels[`run.${id}`]?.latestByTopic.status?.data.percent, firstDone, cardPercent, hubState]);
+}
+
+// @ts-expect-error: one channel, or several, not both
+subscribe({ channel: "c", topics: ["a"], channels: { d: ["a"] }, token: "t" });
+// @ts-expect-error: a channel's topics come from the map
+hub.add("run.4", ["metrics"]);
+// @ts-expect-error: a channel's view is read-only
+hub.channels["run.1"]!.ended = true;
 // @ts-expect-error: topics must be listed
 subscribe({ channel: "c", token: "t" });
 // @ts-expect-error: no such transport
