@@ -146,8 +146,10 @@ export class Subscription {
     for (const [channel, topics] of Object.entries(several ? o.channels : { [o.channel]: o.topics })) {
       this._channels.set(channel, { topics: Object.freeze([...topics]), highestId: 0, ended: false, handle: null });
     }
-    // Channels added since the stream last opened: channel -> where it starts (see add()).
+    // Channels added with a start before the cursor: channel -> {from, sent}, until the stream
+    // passes the cursor (see _advance). `from` moves along as the channel's earlier messages arrive.
     this._starts = new Map();
+    this._cursorId = null; // the envelope id at lastEventId: what "before the cursor" means
     this._reconnectQueued = false;
     this._clearData();
 
@@ -191,7 +193,11 @@ export class Subscription {
    */
   reset({ replay = false } = {}) {
     this._clearData();
-    if (replay) this.lastEventId = null;
+    if (replay) {
+      this.lastEventId = null;
+      this._cursorId = null;
+      this._starts.clear();
+    }
     this._notify({ type: "cleared" });
     if (replay && this._isActive()) this.reconnect();
   }
@@ -232,7 +238,7 @@ export class Subscription {
     this._channels.set(channel, { topics: Object.freeze([...topics]), highestId: 0, ended: false, handle: null });
     this._setView(channel, emptyView(channel, this._channels.get(channel).topics));
     // Without a cursor the stream replays every channel from its start anyway.
-    if (this.lastEventId) this._starts.set(channel, from);
+    if (this.lastEventId) this._starts.set(channel, { from, sent: false });
     this._notify({ type: "channel", channel, status: "added" });
     this._reopenSoon();
     return this.forChannel(channel);
@@ -351,7 +357,10 @@ export class Subscription {
   _url(token) {
     const params = new URLSearchParams({ token });
     if (this.lastEventId) params.set("last_event_id", this.lastEventId);
-    for (const [channel, from] of this._starts) params.append("from", `${channel}:${from}`);
+    for (const [channel, start] of this._starts) {
+      params.append("from", `${channel}:${start.from}`);
+      start.sent = true;
+    }
     const base = this._options.url;
     return base + (base.includes("?") ? "&" : "?") + params;
   }
@@ -375,6 +384,13 @@ export class Subscription {
     for (const name of new Set([...topics, "reset"])) es.addEventListener(name, onFrame);
     es.addEventListener("error", (event) => {
       if (!live() || typeof event.data === "string") return;
+      if (es.readyState !== EVENTSOURCE_CLOSED && this._catchingUp()) {
+        // The browser would reconnect with the URL's starts and the last id it saw, which
+        // is below the cursor: every other channel would come again from there. Reopen here.
+        es.close();
+        this._open();
+        return;
+      }
       if (es.readyState !== EVENTSOURCE_CLOSED) {
         // The browser reconnects by itself and sends Last-Event-ID. But an attempt made
         // after our token expires would be refused (a 401 in the console, then the probe):
@@ -477,7 +493,6 @@ export class Subscription {
   }
 
   _opened() {
-    this._starts.clear(); // the server took them: from now on the one cursor covers every channel
     this._attempt = 0;
     this._authFailures = 0;
     this._set({ state: "open", error: null, retryAt: null }, { type: "state" });
@@ -566,8 +581,10 @@ export class Subscription {
   // -- receiving ------------------------------------------------------------------------
 
   _receive(topic, data, id) {
-    if (id) this.lastEventId = id;
     if (topic === "reset") {
+      if (id) this.lastEventId = id;
+      this._cursorId = null;
+      this._starts.clear(); // every channel starts again from the oldest retained message
       const reset = parseJSON(data) ?? { reason: "unknown", cursor: id };
       // The server could not resume exactly (history pruned, or another database): it
       // starts again from the oldest message it has, so drop what we had (docs/protocol.md §6).
@@ -577,6 +594,7 @@ export class Subscription {
       return;
     }
     const envelope = parseJSON(data);
+    this._advance(id, envelope);
     const known = envelope && typeof envelope === "object" ? this._channels.get(envelope.channel) : undefined;
     if (!known || known.ended) return; // a channel removed, ended, or never asked for
     if (!known.topics.includes(envelope.topic)) return; // the token may cover more topics
@@ -605,6 +623,32 @@ export class Subscription {
     this._options.onMessage?.(envelope, this);
     this._notify({ type: "message", message: envelope });
     if (this._options.closeOnRunEnd && TERMINAL_RUN_STATUSES.includes(runStatus)) this._runEnded(envelope.channel);
+  }
+
+  /**
+   * Move the cursor to a frame's id, unless the frame is an added channel's earlier message
+   * (its envelope id below the cursor's): then the cursor stays, for the other channels, and
+   * that channel's own start moves to the frame, so a reconnect now resumes both exactly. The
+   * first frame past the cursor means the stream passed every start it was opened with.
+   */
+  _advance(id, envelope) {
+    if (!id) return;
+    const messageId = typeof envelope?.id === "number" ? envelope.id : null;
+    if (messageId !== null && this._cursorId !== null && messageId < this._cursorId) {
+      const start = this._starts.get(envelope.channel);
+      if (start?.sent) start.from = id;
+      return;
+    }
+    this.lastEventId = id;
+    if (messageId === null) return;
+    this._cursorId = messageId;
+    for (const [channel, start] of this._starts) if (start.sent) this._starts.delete(channel);
+  }
+
+  /** Whether the stream is still sending an added channel's messages from before the cursor. */
+  _catchingUp() {
+    for (const start of this._starts.values()) if (start.sent) return true;
+    return false;
   }
 
   /** A text-stream message: fold it into its channel's `texts` (see nextTextState) and say what changed. */

@@ -130,6 +130,37 @@ describe("add()", () => {
     assert.deepEqual(params(FakeEventSource.last.url).from, []);
   });
 
+  test("a drop while the new channel's earlier messages arrive: the cursor stayed, the channel goes on from its own", async () => {
+    const { sub } = hub({ "run.1": REPORT });
+    await settle();
+    FakeEventSource.last.open();
+    const cursor = on("run.1", "log", {}, 50);
+    deliver(FakeEventSource.last, cursor);
+    sub.add("run.2", REPORT);
+    await settle();
+    const catching = FakeEventSource.last;
+    catching.open();
+    const early = on("run.2", "log", { message: "earlier" }, 20);
+    deliver(catching, early);
+    assert.equal(sub.lastEventId, cursorOf(cursor), "an earlier message of the new channel does not move the cursor back");
+
+    // The browser would reconnect by itself from the id it saw last (20): the client reopens instead.
+    catching.fail(FakeEventSource.CONNECTING);
+    await settle();
+    assert.equal(catching.readyState, FakeEventSource.CLOSED);
+    const resumed = FakeEventSource.last;
+    assert.notEqual(resumed, catching);
+    assert.deepEqual(params(resumed.url), { token: "t2", last_event_id: cursorOf(cursor), from: [`run.2:${cursorOf(early)}`] });
+
+    resumed.open();
+    deliver(resumed, on("run.2", "log", { message: "earlier too" }, 30));
+    deliver(resumed, on("run.1", "log", {}, 51)); // past the cursor: every start is passed
+    assert.deepEqual(sub.channels["run.2"].messages.map((m) => m.id), [20, 30]);
+    sub.reconnect();
+    await settle();
+    assert.deepEqual(params(FakeEventSource.last.url), { token: "t2", last_event_id: "abcdef12-51", from: [] });
+  });
+
   test("a reconnect before the new set's stream opened still says where the new channel starts", async () => {
     const { sub, timers } = hub({ "run.1": REPORT }, {}, { fetch: async () => jsonResponse(503, {}) });
     await settle();
