@@ -7,7 +7,7 @@ from array import array
 
 from typing import Any, Callable
 
-from server import BenchServer, cpu_seconds, machine_cpu, wait_for
+from server import BenchServer, cpu_seconds, machine_cpu, wait_for, worker_counters
 
 
 class CpuWindow:
@@ -17,12 +17,14 @@ class CpuWindow:
         self.server_pid, self.client_pids = server_pid, client_pids
         self.wall = time.monotonic()
         self.server = cpu_seconds(server_pid)
+        self.counters = worker_counters(server_pid)
         self.clients = [cpu_seconds(pid) for pid in client_pids]
         self.own = time.process_time()
         self.machine = machine_cpu()
 
     def close(self) -> dict:
         wall = time.monotonic() - self.wall
+        counters = worker_counters(self.server_pid)
         busy0, total0 = self.machine
         busy1, total1 = machine_cpu()
 
@@ -36,6 +38,8 @@ class CpuWindow:
             "publisher_pct": share(time.process_time() - self.own),
             # Share of ALL cores (os.cpu_count()) busy, whoever used them.
             "machine_busy_pct": round(100 * (busy1 - busy0) / max(1.0, total1 - total0), 1),
+            # The worker's own counts over the window: per delivery below (measure_window).
+            "server_counts": {key: round(counters[key] - self.counters[key], 3) for key in counters},
         }
 
 
@@ -197,6 +201,10 @@ def measure_window(name: str, worker_pid: int, clients: Any, streams: int, publi
     wall = cpu["wall_s"]
     cpu["server_us_per_delivery"] = round(1e4 * cpu["server_worker_pct"] * wall / deliveries, 1)
     cpu["clients_us_per_delivery"] = round(1e4 * sum(cpu["client_procs_pct"]) * wall / deliveries, 1)
+    # The worker's CPU per delivery, split: user time (Python) and system time (mostly socket writes).
+    counts = cpu["server_counts"]
+    cpu["server_user_us_per_delivery"] = round(1e6 * counts["user_s"] / deliveries, 1)
+    cpu["server_system_us_per_delivery"] = round(1e6 * counts["system_s"] / deliveries, 1)
     for key in extra:
         cpu[f"{key}_us_per_delivery"] = round(1e4 * cpu[f"{key}_pct"] * wall / deliveries, 1)
     return result
