@@ -357,10 +357,10 @@ export class Subscription {
   _url(token) {
     const params = new URLSearchParams({ token });
     if (this.lastEventId) params.set("last_event_id", this.lastEventId);
-    for (const [channel, start] of this._starts) {
-      params.append("from", `${channel}:${start.from}`);
-      start.sent = true;
-    }
+    // `since=run.3:0,run.4:<cursor>`: where each added channel starts, 0 for its oldest message (docs/protocol.md §12).
+    const since = [...this._starts].map(([channel, start]) => `${channel}:${start.from === "start" ? "0" : start.from}`);
+    if (since.length > 0) params.set("since", since.join(","));
+    for (const start of this._starts.values()) start.sent = true;
     const base = this._options.url;
     return base + (base.includes("?") ? "&" : "?") + params;
   }
@@ -384,13 +384,6 @@ export class Subscription {
     for (const name of new Set([...topics, "reset"])) es.addEventListener(name, onFrame);
     es.addEventListener("error", (event) => {
       if (!live() || typeof event.data === "string") return;
-      if (es.readyState !== EVENTSOURCE_CLOSED && this._catchingUp()) {
-        // The browser would reconnect with the URL's starts and the last id it saw, which
-        // is below the cursor: every other channel would come again from there. Reopen here.
-        es.close();
-        this._open();
-        return;
-      }
       if (es.readyState !== EVENTSOURCE_CLOSED) {
         // The browser reconnects by itself and sends Last-Event-ID. But an attempt made
         // after our token expires would be refused (a 401 in the console, then the probe):
@@ -629,7 +622,9 @@ export class Subscription {
    * Move the cursor to a frame's id, unless the frame is an added channel's earlier message
    * (its envelope id below the cursor's): then the cursor stays, for the other channels, and
    * that channel's own start moves to the frame, so a reconnect now resumes both exactly. The
-   * first frame past the cursor means the stream passed every start it was opened with.
+   * first frame past the cursor means the stream passed every start it was opened with. (The
+   * browser's own reconnect keeps the URL, with its `since`, and sends the last id it saw as
+   * Last-Event-ID: the server moves each channel on to that id when later, as exact.)
    */
   _advance(id, envelope) {
     if (!id) return;
@@ -643,12 +638,6 @@ export class Subscription {
     if (messageId === null) return;
     this._cursorId = messageId;
     for (const [channel, start] of this._starts) if (start.sent) this._starts.delete(channel);
-  }
-
-  /** Whether the stream is still sending an added channel's messages from before the cursor. */
-  _catchingUp() {
-    for (const start of this._starts.values()) if (start.sent) return true;
-    return false;
   }
 
   /** A text-stream message: fold it into its channel's `texts` (see nextTextState) and say what changed. */
