@@ -1,7 +1,10 @@
-// The demo page: start reports, ask a question and watch the answer stream in, watch each
-// run's channel with realtime.js, and (in the Workshop panel) show the raw bytes of the streams.
-// The URL keeps `?run=<id>` for every run on the page, so a reload picks them all up again with
-// their whole history (an answer comes back as its text so far, then grows).
+// The demo page: start reports, ask a question and watch the answer stream in, each run's
+// channel on ONE stream for the whole page (realtime.js's several-channel subscription: a
+// browser keeps six HTTP/1.1 connections per host, so a stream per card made the seventh card
+// wait), and (in the Workshop panel) show the raw bytes of that stream, each frame's channel
+// beside it. The URL keeps `?run=<id>` for every run on the page, so a reload picks them all up
+// again, over one connection, with their whole history (an answer comes back as its text so
+// far, then grows).
 import { renderText, subscribe, TERMINAL_RUN_STATUSES } from "./realtime.js";
 
 const STAGES = {
@@ -35,10 +38,26 @@ const MAX_FRAME_BLOCKS = 400;
 const WORKER_CHECK_MS = 3000;
 
 const $ = (selector, root = document) => root.querySelector(selector);
-const reports = new Map(); // run_id -> {sub, card}
+const reports = new Map(); // run_id -> {sub, card}: sub is the run's channel on the hub
 let answer = null; // the Ask card's run: {runId, sub, cancelToken, sid, stopRender, stopping}
 const params = new URLSearchParams(location.search);
 let workshopOn = params.get("workshop") === "1";
+
+// The page's one stream. Each card adds its run's channel (from the channel's start) and
+// removes it when dismissed; a run that ends stops its channel (closeOnRunEnd), not the stream.
+const hub = subscribe({
+  channels: {},
+  // Asked for the whole set each time it changes: the demo's policy lets anyone watch any run.
+  token: ({ channels }) => postJSON("/api/realtime/token", { channels }),
+  historyLimit: 1000,
+  closeOnRunEnd: true,
+  transport: workshopOn ? "fetch" : "eventsource",
+  onRaw: (text) => showRaw(text),
+});
+hub.onChange((change) => {
+  if (change.type === "state" && workshopOn) noteConnection(hub);
+  if (workshopOn || change.type === "state" || change.type === "channel") renderStreams();
+});
 
 // -- talking to the server -----------------------------------------------------------------
 
@@ -70,26 +89,18 @@ async function startReport() {
   }
 }
 
-async function resume(runId) {
-  if (reports.has(runId) || answer?.runId === runId) return;
-  try {
-    const grant = await postJSON("/demo/token", { run_id: runId });
-    if (grant.kind === "ask") followAnswer(grant);
-    else watch(grant);
-  } catch (err) {
-    say(`Could not resume run ${runId}: ${err.message}`, true);
+/**
+ * A reload: what each run is (report or answer, its cancel token) from /demo/token, all at
+ * once; then every card is added in the same tick, so the hub opens one stream for them all.
+ */
+async function resume(runIds) {
+  const grants = await Promise.allSettled(runIds.map((runId) => postJSON("/demo/token", { run_id: runId })));
+  // Oldest first, so the newest ends up on top as when they were started.
+  for (const [i, got] of grants.entries()) {
+    if (got.status === "rejected") say(`Could not resume run ${runIds[i]}: ${got.reason.message}`, true);
+    else if (got.value.kind === "ask") followAnswer(got.value);
+    else watch(got.value);
   }
-}
-
-/** A subscription token function: the grant that came with the run first, then fresh ones. */
-function tokens(grant, onGrant = () => {}) {
-  let first = grant;
-  return async () => {
-    const ready = first ?? (await postJSON("/demo/token", { run_id: grant.run_id }));
-    first = null;
-    onGrant(ready);
-    return ready;
-  };
 }
 
 // -- one report ---------------------------------------------------------------------------------
@@ -98,16 +109,9 @@ function watch(grant) {
   const runId = grant.run_id;
   if (reports.has(runId)) return;
   const card = createCard(runId);
-  const sub = subscribe({
-    channel: grant.channel,
-    topics: grant.topics,
-    token: tokens(grant),
-    historyLimit: 1000,
-    closeOnRunEnd: true,
-    transport: workshopOn ? "fetch" : "eventsource",
-    onRaw: (text) => showRaw(runId, text),
-    onChange: (change, sub) => render(runId, card, change, sub),
-  });
+  const sub = hub.add(grant.channel, grant.topics);
+  sub.onChange((change, sub) => render(card, change, sub));
+  renderConnection(card, sub);
   reports.set(runId, { card, sub });
   syncURL();
   renderStreams();
@@ -167,15 +171,11 @@ function forget(runId) {
   $("#generate").focus();
 }
 
-function render(runId, card, change, sub) {
+function render(card, change, sub) {
   if (change.type === "message") renderMessage(card, change.message);
   if (change.type === "reset" || change.type === "cleared") clearCard(card, change.reset);
-  if (change.type === "state") {
-    renderConnection(card, sub);
-    if (workshopOn) noteConnection(runId, sub);
-  }
+  if (change.type === "state" || change.type === "channel") renderConnection(card, sub);
   $(".cursor-value", card).textContent = sub.lastEventId ?? "none yet";
-  if (workshopOn) renderStreams();
 }
 
 function renderMessage(card, { id, topic, data, created_at: createdAt }) {
@@ -251,6 +251,8 @@ function connectionLabel(sub) {
       return "Paused";
     case "closed":
       return TERMINAL_RUN_STATUSES.includes(sub.runStatus) ? "Finished" : "Closed";
+    case "idle":
+      return "Idle";
     default:
       return `Error: ${sub.error?.message ?? "disconnected"}`;
   }
@@ -292,17 +294,9 @@ function followAnswer(grant) {
   $("#answer-block").hidden = false;
   $(".connection", card).hidden = false;
   card.dataset.runStatus = "queued";
-  state.sub = subscribe({
-    channel: grant.channel,
-    topics: grant.topics,
-    token: tokens(grant, (fresh) => {
-      if (fresh.cancel_token) state.cancelToken = fresh.cancel_token;
-    }),
-    closeOnRunEnd: true,
-    transport: workshopOn ? "fetch" : "eventsource",
-    onRaw: (text) => showRaw(runId, text),
-    onChange: (change, sub) => renderAnswer(state, change, sub),
-  });
+  state.sub = hub.add(grant.channel, grant.topics);
+  state.sub.onChange((change, sub) => renderAnswer(state, change, sub));
+  renderConnection(card, state.sub);
   showAnswerState(answerState(state));
   syncURL();
   renderStreams();
@@ -318,7 +312,6 @@ function forgetAnswer() {
 
 function renderAnswer(state, change, sub) {
   if (state !== answer) return;
-  state.sub = sub; // subscribe() reports its first change before it returns
   const card = $("#ask-card");
   if (change.type === "text" && change.sid !== state.sid && sub.texts[change.sid]?.topic === "answer") {
     // The answer's stream, first seen: show its text so far, then follow it piece by piece.
@@ -331,13 +324,9 @@ function renderAnswer(state, change, sub) {
     card.dataset.runStatus = change.message.data.status;
     if (change.message.data.status !== "queued") $(".no-worker", card).hidden = true;
   }
-  if (change.type === "state") {
-    renderConnection(card, sub);
-    if (workshopOn) noteConnection(state.runId, sub);
-  }
+  if (change.type === "state" || change.type === "channel") renderConnection(card, sub);
   $(".cursor-value", card).textContent = sub.lastEventId ?? "none yet";
   showAnswerState(answerState(state));
-  if (workshopOn) renderStreams();
 }
 
 /** What the status line says, from the answer's text stream and the run's status. */
@@ -426,19 +415,19 @@ function setWorkshop(on) {
   $("#workshop").hidden = !on;
   $("#workshop-toggle").setAttribute("aria-pressed", String(on));
   document.body.classList.toggle("workshop-on", on);
-  // Switch every live stream to the transport that can show raw bytes (or back), from its cursor.
-  for (const [, sub] of streams()) sub.reconnect({ transport: on ? "fetch" : "eventsource" });
+  // Switch the stream to the transport that can show raw bytes (or back), from its cursor.
+  hub.reconnect({ transport: on ? "fetch" : "eventsource" });
   syncURL();
   renderStreams();
 }
 
-function showRaw(runId, text) {
+function showRaw(text) {
   if (!workshopOn) return;
   const block = document.createElement("div");
   block.className = "chunk";
   const label = document.createElement("span");
   label.className = "chunk-label";
-  label.textContent = `${shortId(runId)} · ${clock()} · ${new TextEncoder().encode(text).length} bytes`;
+  label.textContent = `${clock()} · ${new TextEncoder().encode(text).length} bytes`;
   block.append(label);
   const lines = text.split(/\r\n|\r|\n/);
   if (lines.at(-1) === "") lines.pop(); // the end of the last line, not a line of its own
@@ -446,9 +435,21 @@ function showRaw(runId, text) {
     const el = document.createElement("span");
     el.className = `line ${lineKind(line)}`;
     el.textContent = line;
+    // Which card's channel a frame is for, beside its data line (CSS shows it; the text stays the bytes).
+    const channel = lineKind(line) === "line-data" ? channelOf(line) : null;
+    if (channel) el.dataset.channel = shortId(channel.replace(/^run\./, ""));
     block.append(el);
   }
   appendFrames(block);
+}
+
+/** The envelope's channel in a `data:` line, if the chunk holds the whole line. */
+function channelOf(line) {
+  try {
+    return JSON.parse(line.slice(line.indexOf(":") + 1)).channel ?? null;
+  } catch {
+    return null;
+  }
 }
 
 function lineKind(line) {
@@ -458,7 +459,7 @@ function lineKind(line) {
   return ["id", "event", "data", "retry"].includes(field) ? `line-${field}` : "line-other";
 }
 
-function noteConnection(runId, sub) {
+function noteConnection(sub) {
   let text;
   if (sub.state === "open") {
     text = sub.lastEventId ? `connected, resuming after ${sub.lastEventId}` : "connected, replaying from the start";
@@ -472,7 +473,7 @@ function noteConnection(runId, sub) {
   }
   const block = document.createElement("div");
   block.className = "chunk chunk-note";
-  block.textContent = `${shortId(runId)} · ${clock()} · ${text}`;
+  block.textContent = `${clock()} · ${text}`;
   appendFrames(block);
 }
 
@@ -484,39 +485,29 @@ function appendFrames(block) {
   if (atBottom) frames.scrollTop = frames.scrollHeight;
 }
 
+/** The one stream: the channels it carries (the runs still live), its state and its cursor. */
 function renderStreams() {
-  const rows = [];
-  for (const [runId, sub] of streams()) {
-    const row = document.createElement("tr");
-    row.dataset.runId = runId;
-    for (const value of [shortId(runId), connectionLabel(sub), sub.lastEventId ?? "none yet"]) {
+  const live = Object.values(hub.channels).filter((view) => !view.ended);
+  const row = document.createElement("tr");
+  if (live.length === 0 && hub.state === "idle") {
+    row.className = "streams-empty";
+    row.innerHTML = '<td colspan="3">No streams open.</td>';
+  } else {
+    const names = live.map((view) => shortId(view.channel.replace(/^run\./, "")));
+    for (const value of [names.join(", ") || "none", connectionLabel(hub), hub.lastEventId ?? "none yet"]) {
       const cell = document.createElement("td");
       cell.textContent = value;
       row.append(cell);
     }
+    row.firstElementChild.className = "stream-channels";
     row.lastElementChild.className = "last-event-id";
-    rows.push(row);
   }
-  if (rows.length === 0) {
-    const row = document.createElement("tr");
-    row.className = "streams-empty";
-    row.innerHTML = '<td colspan="3">No streams open.</td>';
-    rows.push(row);
-  }
-  $("#streams").replaceChildren(...rows);
-  const live = streams().some(([, sub]) => sub.state === "open" || sub.state === "connecting");
-  $("#drop").disabled = !live;
+  $("#streams").replaceChildren(row);
+  $("#drop").disabled = !(hub.state === "open" || hub.state === "connecting");
 }
 
 function dropConnections() {
-  for (const [, sub] of streams()) sub.drop();
-}
-
-/** Every stream the page holds: [runId, sub] of each report, then the answer's. */
-function streams() {
-  const all = [...reports].map(([runId, { sub }]) => [runId, sub]);
-  if (answer) all.push([answer.runId, answer.sub]);
-  return all;
+  hub.drop();
 }
 
 // -- page ---------------------------------------------------------------------------------
@@ -555,5 +546,5 @@ $("#workshop-toggle").addEventListener("click", () => setWorkshop(!workshopOn));
 $("#drop").addEventListener("click", dropConnections);
 $("#clear-frames").addEventListener("click", () => $("#frames").replaceChildren());
 if (workshopOn) setWorkshop(true);
-// Oldest first, so the newest ends up on top as when they were started.
-for (const runId of new Set(params.getAll("run"))) await resume(runId);
+renderStreams();
+await resume([...new Set(params.getAll("run"))]);

@@ -153,6 +153,8 @@ def test_dropping_the_connection_in_the_workshop_loses_no_log_line(server, page,
     expect(card).to_have_attribute("data-connection", "open")
     frames = page.locator("#frames")
     expect(frames.locator(".line-retry")).to_have_count(1)
+    # The page's one stream carries every card's channel: each data line is labelled with its run.
+    expect(frames.locator(f'.line-data[data-channel="{report.run_id[:8]}"]')).to_have_count(5 + 2)
     cursor = card.locator(".cursor-value").inner_text()
 
     held = HeldReconnects(page)
@@ -263,7 +265,8 @@ def test_the_page_refreshes_an_expired_token_transparently(start_server, tmp_pat
     report.run("running")
     report.log("line 1")
     token_requests: list[str] = []
-    page.on("request", lambda r: "/demo/token" in r.url and token_requests.append(r.url))
+    # The page's one stream asks for its tokens here (`/demo/token` only says what each run is).
+    page.on("request", lambda r: "/api/realtime/token" in r.url and token_requests.append(r.url))
 
     page.goto(f"{server.url}/?run={report.run_id}")
     card = card_of(page, report.run_id)
