@@ -20,13 +20,21 @@ delivers and moves `position` and its holds. Its history then ends where live
 delivery of its channel stands (`history_through`): the position, or just
 before the first message of the channel still held. Overlap is possible and
 removed by id in stream.py.
+
+A stream of several channels (docs/protocol.md §12) is one subscription
+registered with each of its channels (`SeveralChannels`). Its frames must
+leave in id order across channels, so they wait in it while one of its
+channels is held, and go to its queue, sorted, once none is held below them
+(`_release_deferred`). Its history ends at the position: when one of its
+channels is held as it subscribes, its replay first waits for the
+transactions that may write them (stream.py), then reads up to the position.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from common.database import DatabaseUnavailable
 
@@ -36,10 +44,10 @@ from .holds import Holds
 from .replay import ReplayReads
 from .schema import intent_key
 from .store import Message, MessageStore, Page
-from .subscription import Channel, Frame, Subscription
+from .subscription import Channel, Frame, SeveralChannels, Subscription
 from .visibility import backoff
 
-__all__ = ["Channel", "Clock", "Dispatcher", "Frame", "Subscription"]
+__all__ = ["Channel", "Clock", "Dispatcher", "Frame", "SeveralChannels", "Subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,7 @@ class Dispatcher:
         self._clock = clock
         self._lock = threading.Lock()
         self._channels: dict[str, Channel] = {}
+        self._deferring: set[SeveralChannels] = set()  # streams of several channels with frames waiting
         self._position: int | None = None  # set by prime()
         self._holds = Holds()
         self._priming = threading.Lock()
@@ -113,7 +122,11 @@ class Dispatcher:
     @property
     def stream_count(self) -> int:
         with self._lock:
-            return sum(len(channel.subscriptions) for channel in self._channels.values())
+            return len(self._subscriptions())
+
+    def _subscriptions(self) -> set[Subscription]:
+        """Every subscription once (one of several channels is in each of its channels' sets)."""
+        return {s for channel in self._channels.values() for s in channel.subscriptions}
 
     def start(self) -> None:
         """Start the reader and the ticker once (lazily: never at import, always after a fork).
@@ -177,6 +190,31 @@ class Dispatcher:
             subscription.history_settled = not self._holds.from_prime(key)
         return subscription
 
+    def subscribe_many(self, scope: Mapping[str, Iterable[str] | None]) -> SeveralChannels:
+        """One subscription for several channels, each with its topics (None: all): docs/protocol.md §12."""
+        self.prime()
+        keys = {channel: intent_key(channel) for channel in scope}
+        with self._lock:
+            subscription = SeveralChannels(scope, keys.values(), self.buffer_size, self._clock(), self._deferring)
+            if self._stopping:
+                subscription.close("shutdown")
+                return subscription
+            position = self.position
+            held = False
+            for name, key in keys.items():
+                held_after = self._holds.after(key)
+                held = held or held_after is not None
+                if name not in self._channels:
+                    self._channels[name] = Channel(name, position=position if held_after is None else min(held_after, position))
+                channel = self._channels[name]
+                channel.subscriptions.add(subscription)
+                subscription.channels.append(channel)
+            # Its history ends at the position; while a channel is held, what it holds below the
+            # position may still commit, so the replay waits for those transactions (stream.py).
+            subscription.history_through = position
+            subscription.history_settled = not held
+        return subscription
+
     def quiet_after(self, channel: str, after_id: int) -> bool:
         """True when no message of `channel` up to `position` is newer than `after_id`.
 
@@ -190,10 +228,15 @@ class Dispatcher:
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
-            channel = subscription.channel
-            channel.subscriptions.discard(subscription)
-            if not channel.subscriptions and self._channels.get(channel.name) is channel:
-                del self._channels[channel.name]
+            if isinstance(subscription, SeveralChannels):
+                channels = subscription.channels
+                self._deferring.discard(subscription)
+            else:
+                channels = [subscription.channel]
+            for channel in channels:
+                channel.subscriptions.discard(subscription)
+                if not channel.subscriptions and self._channels.get(channel.name) is channel:
+                    del self._channels[channel.name]
 
     def notify_appended(self) -> None:
         """This process committed a message: look now rather than at the next poll."""
@@ -207,7 +250,7 @@ class Dispatcher:
         """
         with self._lock:
             self._stopping = True
-            subscriptions = [s for channel in self._channels.values() for s in channel.subscriptions]
+            subscriptions = self._subscriptions()
             self._channels.clear()
             threads = list(self._threads)
         self._stopped.set()
@@ -283,14 +326,21 @@ class Dispatcher:
             rows = self.store.read_new(after_id, self.batch_size, self.batch_bytes, through=self._position, keys=keys)
             if not rows:
                 break
-            total += self._deliver([m for m in rows if before.held(m) and not after.held(m)])
+            total += self._deliver([m for m in rows if before.held(m) and not after.held(m)], release=False)
             after_id = rows[-1].id
             if not rows.more:
                 break
+        with self._lock:
+            # Only now, with every released message among them: a stream of several channels
+            # gets the released ones and those of its other channels in id order.
+            self._release_deferred()
         return total
 
-    def _deliver(self, rows: list[Message], *, position: int | None = None, holds: Holds | None = None) -> int:
-        """Offer each message's frame to the streams of its channel; then move `position` and the holds."""
+    def _deliver(
+        self, rows: list[Message], *, position: int | None = None, holds: Holds | None = None, release: bool = True
+    ) -> int:
+        """Offer each message's frame to the streams of its channel; then move `position` and the holds
+        (and, with `release`, queue what streams of several channels may now send)."""
         epoch = self.store.epoch
         now = self._clock()
         woken: dict[str, Channel] = {}
@@ -310,9 +360,26 @@ class Dispatcher:
                 self._position = position
             if holds is not None:
                 self._holds = holds
+            if release and self._deferring:
+                self._release_deferred()
             for channel in woken.values():
                 channel.wake()
         return len(rows)
+
+    def _release_deferred(self) -> None:
+        """Queue the frames of streams of several channels up to where none of their channels is held
+        (under the lock, after the holds moved)."""
+        now = self._clock()
+        holds = self._holds
+        for subscription in list(self._deferring):
+            through = None
+            if holds:
+                held = [after for after in map(holds.after, subscription.keys) if after is not None]
+                through = min(held) if held else None
+            if subscription.release(through, now):
+                subscription.channel.wake()
+            if not subscription.deferred:
+                self._deferring.discard(subscription)
 
     def send_keep_alives(self) -> None:
         """Queue `: keep-alive` for every stream that was quiet for about heartbeat_s."""
@@ -333,10 +400,10 @@ class Dispatcher:
         """
         stalled_since = self._clock() - self.send_timeout_s
         with self._lock:
-            stalled = [
+            stalled = {  # a set: one of several channels is in each of its channels' sets
                 s for channel in self._channels.values() for s in channel.subscriptions
                 if s.writing_since is not None and s.writing_since <= stalled_since
-            ]
+            }
         for subscription in stalled:
             subscription.cut("send_timeout")
         return len(stalled)

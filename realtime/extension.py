@@ -30,8 +30,8 @@ from .dispatch import Dispatcher
 from .errors import Forbidden
 from .messages import check_batch, check_message, check_text_stream
 from .names import check_channel, check_idempotency_key, check_topic
-from .store import Message, MessageStore
-from .stream import Reset, open_stream, pruned_after, resolve_cursor
+from .store import Message, MessageStore, Ranges
+from .stream import Reset, Scope, open_scope_stream, open_stream, pruned_after, resolve_cursor, resolve_starts
 from .stream_limits import StreamLimits
 from .text_streams import TextFlusher, TextStream, interrupted_ends
 from .tokens import Grant, TokenIssuer
@@ -211,11 +211,24 @@ class Realtime:
     def create_token(self, channel: str, topics: Sequence[str], ttl: float | None = None) -> Grant:
         return self.tokens.issue(channel, topics, ttl)
 
+    def create_token_for(self, channels: Mapping[str, Sequence[str]], ttl: float | None = None) -> Grant:
+        """A token for several channels, each with its topics: one stream carries them all (docs/protocol.md §12)."""
+        return self.tokens.issue_for(channels, ttl)
+
     def grant_for_request(self, channel: str, topics: Sequence[str]) -> Grant:
         """A token for a client's request, if the app's policy allows it."""
+        self._allow(channel, topics)
+        return self.create_token(channel, topics)
+
+    def grant_for_request_of(self, channels: Mapping[str, Sequence[str]]) -> Grant:
+        """A token for several channels, if the app's policy allows each of them."""
+        for channel, topics in channels.items():
+            self._allow(channel, topics)
+        return self.create_token_for(channels)
+
+    def _allow(self, channel: str, topics: Sequence[str]) -> None:
         if self._policy is None or not self._policy(channel, topics):
             raise Forbidden(f"this client may not subscribe to channel {channel!r} with these topics")
-        return self.create_token(channel, topics)
 
     def stream(
         self, channel: str, topics: Sequence[str] | None, cursor: str | None, *, request_id: str | None = None
@@ -230,6 +243,50 @@ class Realtime:
         parsed = Cursor.parse(cursor) if cursor else None
         self.dispatcher.start()  # `flask realtime tail` streams without the rest of start()
         return open_stream(self.dispatcher, channel, topics, parsed, retry_ms=self.retry_ms, request_id=request_id)
+
+    def stream_of(
+        self,
+        scope: Mapping[str, Sequence[str] | None],
+        cursor: str | None,
+        *,
+        since: Mapping[str, str | None] | None = None,
+        progress: str | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[bytes]:
+        """The frames of one subscriber to several channels, each with its topics (None: all), in
+        id order with one cursor (docs/protocol.md §12). `since`: channels that start from their own
+        cursor (None: their oldest message) instead of `cursor`; `progress`: the Last-Event-ID of a
+        reconnect that kept its `since`. A bad name or a malformed cursor raises here, before any frame."""
+        for channel, topics in scope.items():
+            check_channel(channel)
+            for topic in topics or ():
+                check_topic(topic)
+        parsed = Cursor.parse(cursor) if cursor else None
+        starts = None if since is None else {c: Cursor.parse(at) if at else None for c, at in since.items()}
+        self.dispatcher.start()
+        return open_scope_stream(
+            self.dispatcher, scope, parsed, since=starts, progress=Cursor.parse(progress) if progress else None,
+            retry_ms=self.retry_ms, request_id=request_id,
+        )
+
+    def history_of(
+        self, scope: Mapping[str, Sequence[str] | None], after: str | None, limit: int
+    ) -> tuple[list[Message], str, Reset | None]:
+        """`history` for several channels: one page of all of them in id order, one cursor."""
+        cursor = Cursor.parse(after) if after else None
+        starts, reset = resolve_starts(self.store, 0, list(scope), cursor)
+        ranges = Ranges.of(scope, starts)
+        page = self.store.read_after_many(
+            ranges, limit, HISTORY_BYTES, through=self.store.settled_through_all(ranges.channels)
+        )
+        after_id = ranges.first
+        pruned = Scope(ranges).pruned(page, after_id, self.store.epoch)
+        if pruned is not None:
+            reset, after_id = pruned, page.pruned_through
+        if cursor is not None:
+            metrics.RESUMES.labels(reset.reason if reset is not None else "exact").inc()
+        last_id = page[-1].id if page else after_id
+        return list(page), str(Cursor(self.store.epoch, last_id)), reset
 
     def history(
         self, channel: str, topics: Sequence[str] | None, after: str | None, limit: int

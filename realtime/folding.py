@@ -63,10 +63,10 @@ def fold(engine: Engine, page: Page, max_bytes: int) -> Page:
         if message.text_stream is not None:
             message = replace(message, data_json=texts[message.channel, message.text_stream])
         if folded and spent + len(message.data_json) > max_bytes:
-            return Page(tuple(folded), True, page.pruned_through)
+            return replace(page, messages=tuple(folded), more=True)
         folded.append(message)
         spent += len(message.data_json)
-    return Page(tuple(folded), page.more, page.pruned_through)
+    return replace(page, messages=tuple(folded))
 
 
 def _texts(engine: Engine, last: dict[tuple[str, str], Message]) -> dict[tuple[str, str], str]:

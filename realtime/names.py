@@ -6,7 +6,7 @@ an `event:` line or break a frame.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import InvalidRequest
 
@@ -15,6 +15,7 @@ TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,200}")  # visible ASCII, as a header value allows
 MAX_TOPICS = 50
+MAX_CHANNELS = 100  # in one token (docs/protocol.md §12)
 
 
 def check_channel(value: Any) -> str:
@@ -43,6 +44,16 @@ def check_topics(value: Any) -> tuple[str, ...]:
         )
     topics = tuple(check_topic(topic) for topic in value)
     return tuple(dict.fromkeys(topics))
+
+
+def check_channels(value: Any) -> dict[str, tuple[str, ...]]:
+    """An object of 1-100 channel names, each to its list of 1-50 topics, returned in the given order."""
+    if not isinstance(value, Mapping) or not 1 <= len(value) <= MAX_CHANNELS:
+        raise InvalidRequest(
+            f"'channels' must be an object of 1-{MAX_CHANNELS} channel names, each with its list of topics",
+            code="invalid_channel",
+        )
+    return {check_channel(channel): check_topics(topics) for channel, topics in value.items()}
 
 
 def check_run_id(value: Any) -> str:

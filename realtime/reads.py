@@ -9,11 +9,11 @@ messages right after its cursor were pruned before it looked (docs/protocol.md
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from sqlalchemy import Engine, LargeBinary, cast, func, select, true
+from sqlalchemy import Engine, LargeBinary, and_, cast, false, func, literal, or_, select, true
 
 from common.database import as_utc
 
@@ -72,12 +72,15 @@ class Page:
 
     `more`: the read stopped at its row or byte limit, so the next read (after
     the last id) may find more. `pruned_through`: for a channel's page, the
-    channel's highest pruned id as of the same snapshot (0: never pruned).
+    channel's highest pruned id as of the same snapshot (0: never pruned); for
+    a page of several channels (`Ranges`), the highest mark of those pruned past
+    where they start, and `pruned_channels` names them.
     """
 
     messages: tuple[Message, ...] = ()
     more: bool = False
     pruned_through: int = 0
+    pruned_channels: tuple[str, ...] = ()
 
     def __iter__(self) -> Iterator[Message]:
         return iter(self.messages)
@@ -92,7 +95,64 @@ class Page:
         """Its messages up to id `through`; what follows them is not this page's to tell (more=False)."""
         if not self.messages or self.messages[-1].id <= through:
             return self
-        return Page(tuple(m for m in self.messages if m.id <= through), False, self.pruned_through)
+        return replace(self, messages=tuple(m for m in self.messages if m.id <= through), more=False)
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """What one read of several channels covers (docs/protocol.md §12): for each channel, its topics
+    (None: all) and the id after which it starts. Usually every channel starts at the stream's one
+    cursor; a channel added with `since` starts earlier until the stream passes its start."""
+
+    items: tuple[tuple[str, "tuple[str, ...] | None", int], ...]  # (channel, topics, after id), by channel
+
+    @classmethod
+    def of(cls, scope: Mapping[str, "Sequence[str] | None"], starts: Mapping[str, int]) -> Ranges:
+        return cls(tuple(
+            (channel, None if topics is None else tuple(topics), starts[channel])
+            for channel, topics in sorted(scope.items())
+        ))
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(channel for channel, _, _ in self.items)
+
+    @property
+    def first(self) -> int:
+        """The lowest start: nothing at or below it is read."""
+        return min(after for _, _, after in self.items)
+
+    def after(self, last_id: int) -> Ranges:
+        """Each channel from `last_id` on, or from its own start if later: the next page after a page."""
+        if last_id <= self.first:
+            return self
+        return Ranges(tuple((channel, topics, max(after, last_id)) for channel, topics, after in self.items))
+
+    def groups(self) -> dict[tuple["tuple[str, ...] | None", int], list[str]]:
+        """The channels by (topics, start): one SQL condition each, usually one in all."""
+        grouped: dict[tuple[tuple[str, ...] | None, int], list[str]] = {}
+        for channel, topics, after in self.items:
+            grouped.setdefault((topics, after), []).append(channel)
+        return grouped
+
+    def where(self) -> Any:
+        """The messages in these ranges, as one condition (one read for all the channels)."""
+        conditions = []
+        for (topics, after), channels in self.groups().items():
+            condition = [messages.c.channel.in_(channels), messages.c.id > after]
+            if topics is not None:
+                condition.append(messages.c.topic.in_(topics))
+            conditions.append(and_(*condition))
+        return and_(messages.c.id > self.first, or_(*conditions))
+
+    def pruned_where(self) -> Any:
+        """The prune marks past where their channel starts: messages of the range that are gone.
+        A channel read from its beginning (start 0) lost nothing it could have had."""
+        conditions = [
+            and_(pruned.c.channel.in_(channels), pruned.c.through_id > after)
+            for (_, after), channels in self.groups().items() if after > 0
+        ]
+        return or_(*conditions) if conditions else false()
 
 
 def message_from(row: Any) -> Message:
@@ -103,11 +163,13 @@ def message_from(row: Any) -> Message:
 
 
 def read_page(
-    engine: Engine, where: Sequence[Any], limit: int, max_bytes: int, *, pruned_channel: str | None = None
+    engine: Engine, where: Sequence[Any], limit: int, max_bytes: int, *, pruned_channel: str | None = None,
+    pruned_ranges: Ranges | None = None,
 ) -> Page:
     """The messages matching `where`, in id order: at most `limit`, and no more than `max_bytes`
     of data but the first. With `pruned_channel`, the page also carries that channel's prune
-    mark, read by the same statement (one snapshot, even when no row matches)."""
+    mark, read by the same statement (one snapshot, even when no row matches); with
+    `pruned_ranges`, the marks of the channels pruned past their start, and their names."""
     # Bounded in bytes as well as rows: 500 rows of the largest message would be
     # 250 MB in memory. The database sums the sizes over the page (a window over
     # at most `limit` ids, never their data) and returns the rows that start
@@ -128,26 +190,41 @@ def read_page(
         .join(sized, messages.c.id == sized.c.id)
         .where(sized.c.through - sized.c.size < max_bytes)
     )
-    if pruned_channel is None:
+    names = None
+    if pruned_channel is None and pruned_ranges is None:
         with engine.connect() as conn:
             found = conn.execute(rows.order_by(messages.c.id)).all()
         mark = 0
     else:
         # One row for the mark, joined to the page's rows (or to none: an empty page still knows).
         page = rows.subquery()
-        mark_of = select(
-            func.coalesce(select(pruned.c.through_id).where(pruned.c.channel == pruned_channel).scalar_subquery(), 0)
-            .label("pruned_through")
-        ).subquery()
+        if pruned_ranges is None:
+            marks = [func.coalesce(
+                select(pruned.c.through_id).where(pruned.c.channel == pruned_channel).scalar_subquery(), 0
+            ).label("pruned_through")]
+        else:
+            # Channel names hold no space: the pruned ones travel as one text in the same snapshot.
+            joined = (func.string_agg if engine.dialect.name == "postgresql" else func.group_concat)(
+                pruned.c.channel, literal(" ")
+            )
+            where = pruned_ranges.pruned_where()
+            marks = [
+                func.coalesce(select(func.max(pruned.c.through_id)).where(where).scalar_subquery(), 0)
+                .label("pruned_through"),
+                select(joined).where(where).scalar_subquery().label("pruned_channels"),
+            ]
+        mark_of = select(*marks).subquery()
         query = (
-            select(mark_of.c.pruned_through, page)
+            select(mark_of, page)
             .select_from(mark_of.outerjoin(page, true()))
             .order_by(page.c.id)
         )
         with engine.connect() as conn:
             found = conn.execute(query).all()
         mark = found[0].pruned_through if found else 0
+        if pruned_ranges is not None and found and found[0].pruned_channels:
+            names = tuple(sorted(found[0].pruned_channels.split(" ")))
         found = [row for row in found if row.id is not None]
     # Full in rows (more may follow), or cut short by the byte budget.
     more = bool(found) and (found[0].rows >= limit or len(found) < found[0].rows)
-    return Page(tuple(message_from(row) for row in found), more, mark)
+    return Page(tuple(message_from(row) for row in found), more, mark, names or ())

@@ -29,9 +29,10 @@ from typing import Any, Callable, Sequence
 
 from . import sse
 from .errors import RealtimeError
-from .store import MessageStore, Page
+from .store import MessageStore, Page, Ranges
 
-Key = tuple[str, "tuple[str, ...] | None", int]
+#: A page's name: (channel, topics, after id), or the Ranges of a stream of several channels.
+Key = "tuple[str, tuple[str, ...] | None, int] | Ranges"
 
 
 class ReplayBusy(RealtimeError):
@@ -101,12 +102,19 @@ class ReplayReads:
         Raises ReplayBusy when no turn to read, nor the shared read's page, came within `wait_s`
         (None: no limit); the read itself is bounded by the database's time limit.
         """
-        key = (channel, tuple(topics) if topics is not None else None, after_id)
+        return self._page((channel, tuple(topics) if topics is not None else None, after_id), (channel,), through, wait_s)
+
+    def page_of(self, ranges: Ranges, through: int, *, wait_s: float | None = None) -> ReplayPage:
+        """The same for several channels, as `MessageStore.read_after_many` reads them (docs/protocol.md §12):
+        streams of the same channels, topics and starts share it."""
+        return self._page(ranges, ranges.channels, through, wait_s)
+
+    def _page(self, key: Key, channels: tuple[str, ...], through: int, wait_s: float | None) -> ReplayPage:
         while True:
             with self._lock:
                 read = self._reads.get(key)
                 stale = read is None or read.error is not None or self._clock() >= read.expires or (
-                    read.done.is_set() and not self._covers(read, channel, through)
+                    read.done.is_set() and not self._covers(read, channels, through)
                 )
                 if stale:
                     read = self._reads[key] = _Read(threading.Event())
@@ -116,22 +124,25 @@ class ReplayReads:
                 raise ReplayBusy(f"the shared replay read did not finish within {wait_s:g} s")
             if read.error is not None:
                 raise read.error
-            if self._covers(read, channel, through):
+            if self._covers(read, channels, through):
                 return read.page.up_to(through)
             # A shared read that stopped short of this stream's history end: read again.
 
-    def _covers(self, read: _Read, channel: str, through: int) -> bool:
-        return read.through >= through or self._quiet_after(channel, read.through)
+    def _covers(self, read: _Read, channels: tuple[str, ...], through: int) -> bool:
+        return read.through >= through or all(self._quiet_after(channel, read.through) for channel in channels)
 
     def _read(self, key: Key, read: _Read, through: int, wait_s: float | None) -> None:
-        channel, topics, after_id = key
         try:
             if not self._slots.acquire(timeout=wait_s):
                 # Its sharers get this too: each sends a keep-alive, and one of them reads next.
                 raise ReplayBusy(f"no replay read turn came free within {wait_s:g} s")
             try:
                 read.through = max(through, self._horizon())
-                page = self.store.read_after(channel, topics, after_id, self.page_size, self.page_bytes, read.through)
+                if isinstance(key, Ranges):
+                    page = self.store.read_after_many(key, self.page_size, self.page_bytes, read.through)
+                else:
+                    channel, topics, after_id = key
+                    page = self.store.read_after(channel, topics, after_id, self.page_size, self.page_bytes, read.through)
                 epoch = self.store.epoch
                 read.page = ReplayPage(
                     page, tuple(sse.message_frame(f"{epoch}-{m.id}", m.topic, m.envelope_json()) for m in page)

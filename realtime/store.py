@@ -29,14 +29,14 @@ from .errors import IdempotencyKeyReused
 from .changes import ChangeFeed, Notifier, PollingChangeFeed, PostgresChangeFeed
 from .folding import fold, not_superseded, unended
 from .prune import Pruner
-from .reads import PAGE_BYTES, Message, NewMessage, Page, message_from, read_page
+from .reads import PAGE_BYTES, Message, NewMessage, Page, Ranges, message_from, read_page
 from .schema import (
     INTENT, INTENT_KEY_SQL, NOTIFY_CHANNEL, as_int4, create_schema, idempotency, intent_key, messages,
     meta, pruned,
 )
 from .visibility import LAST_DRAWN, NO_WRITERS, WriterProbe, Writers, backoff
 
-__all__ = ["Message", "MessageStore", "NewMessage", "Page", "PAGE_BYTES"]
+__all__ = ["Message", "MessageStore", "NewMessage", "Page", "PAGE_BYTES", "Ranges"]
 
 # One message, its channel's intent first: the CTE runs before the row draws its id.
 _INSERT_SQL = (
@@ -263,6 +263,23 @@ class MessageStore:
         return page
 
     @database_call
+    def read_after_many(
+        self, ranges: Ranges, limit: int, max_bytes: int = PAGE_BYTES, through: int | None = None,
+    ) -> Page:
+        """`read_after` for several channels at once, each from its own start (docs/protocol.md §12):
+        one SELECT for all of them, in id order. `page.pruned_through` and `page.pruned_channels`
+        say which channels were pruned past their start, as of the same snapshot."""
+        where = [ranges.where(), not_superseded(through)]
+        if through is not None:
+            where.append(messages.c.id <= through)
+        self._count_read("replay")
+        page = read_page(self.engine, where, limit, max_bytes, pruned_ranges=ranges)
+        if any(m.text_stream is not None for m in page):
+            self._count_read("replay")
+            page = fold(self.engine, page, max_bytes)
+        return page
+
+    @database_call
     def unended_text_streams(self, run_id: str) -> Sequence[Message]:
         """The last message of each text stream of `run_id` that has no end (folding.py `unended`)."""
         self._count_read("lookup")
@@ -318,6 +335,22 @@ class MessageStore:
         started = self.probe.clock()
         writers = self.probe.snapshot()
         while blocking := [w for w in writers if w.may_write(key)]:
+            self.probe.waiting_on(blocking, "a history read")
+            threading.Event().wait(backoff(self.probe.clock() - started))
+            writers = self.probe.newer_than(writers)
+        return drawn
+
+    @database_call
+    def settled_through_all(self, channels: Sequence[str]) -> int:
+        """`settled_through` for several channels: the transactions that may write any of them
+        are waited for, in one wait (a read of several channels, docs/protocol.md §12)."""
+        drawn = self.last_drawn()
+        if not self.is_postgres:
+            return drawn
+        keys = {intent_key(channel) for channel in channels}
+        started = self.probe.clock()
+        writers = self.probe.snapshot()
+        while blocking := [w for w in writers if w.keys is None or w.keys & keys]:
             self.probe.waiting_on(blocking, "a history read")
             threading.Event().wait(backoff(self.probe.clock() - started))
             writers = self.probe.newer_than(writers)

@@ -14,6 +14,11 @@ endpoint and `flask realtime tail`. Its four phases, in order:
 
 While the database is away, replay waits and sends keep-alives, and live
 frames wait in the dispatcher: the stream stays open and misses nothing.
+
+A stream of several channels (docs/protocol.md §12) runs the same phases over
+a `Scope` of all of them: one subscription, one replay read per page for
+every channel, one cursor. Each channel may start from its own position
+(`since`), and `reset` names the channels it concerns.
 It ends when the process shuts down (the client reconnects elsewhere with its
 cursor) or when the client stopped reading: its queue overflowed, or a write
 waited REALTIME_SEND_TIMEOUT_S (dispatch.py cuts it).
@@ -22,18 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from common.database import DatabaseUnavailable
 
 from . import metrics, sse
 from .cursor import Cursor
 from .dispatch import Clock, Dispatcher, Subscription
-from .replay import ReplayBusy
-from .store import MessageStore, Page
+from .replay import ReplayBusy, ReplayPage
+from .store import MessageStore, Page, Ranges
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +52,18 @@ class Reset:
 
     reason: str  # "history_truncated" | "unknown_cursor"
     cursor: str
+    #: On a stream of several channels, the channels it concerns: the others go on exactly.
+    channels: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"reason": self.reason, "cursor": self.cursor}
+        if self.channels is None:
+            return {"reason": self.reason, "cursor": self.cursor}
+        return {"reason": self.reason, "cursor": self.cursor, "channels": list(self.channels)}
 
     def frame(self) -> bytes:
-        return sse.reset_frame(self.reason, self.cursor)
+        if self.channels is None:
+            return sse.reset_frame(self.reason, self.cursor)
+        return sse.format_event(id=self.cursor, event="reset", data=json.dumps(self.to_json())).encode()
 
 
 def pruned_after(page: Page, after_id: int, epoch: str) -> Reset | None:
@@ -111,13 +123,136 @@ def open_stream(
         start: tuple[int, Reset | None] = (cursor.message_id, None)
     else:
         start = resolve_cursor(store, channel, cursor)
-    return event_stream(dispatcher, channel, topics, cursor, start, retry_ms=retry_ms, request_id=request_id)
+    return event_stream(dispatcher, OneChannel(channel, topics), cursor, start, retry_ms=retry_ms, request_id=request_id)
+
+
+def resolve_starts(
+    store: MessageStore,
+    position: int,
+    channels: Sequence[str],
+    cursor: Cursor | None,
+    *,
+    since: Mapping[str, Cursor | None] | None = None,
+    progress: Cursor | None = None,
+) -> tuple[dict[str, int], Reset | None]:
+    """Where each channel of a stream of several continues (docs/protocol.md §12): (after this id, by
+    channel; the reset to report or None).
+
+    Without `since`, every channel continues from `cursor`. With it, a channel it names starts from
+    its own position (None: its oldest retained message), the others from `cursor`, and `progress`
+    (the `Last-Event-ID` a reconnecting EventSource sends, its URL unchanged) moves each one on to
+    itself when later: the stream is in id order, so a client that got the frame of id N has every
+    message of every channel whose start was below N, up to N. A cursor of another database counts
+    as lower than any of this one's.
+
+    A start from another database, or ahead of every message, is `unknown_cursor`: that channel
+    starts from its oldest retained message, and the reset names it. Whether messages after a start
+    were pruned is read with each replay page (`Scope.pruned`), so this needs no lookup per channel.
+    """
+    epoch = store.epoch
+    starts: dict[str, int] = {}
+    unknown: list[str] = []
+    newest: int | None = None
+    for channel in channels:
+        at = cursor
+        if since is not None:
+            at = _later(since.get(channel, cursor), progress, epoch)
+        if at is None:
+            starts[channel] = 0
+            continue
+        if at.epoch == epoch and at.message_id > position:
+            newest = store.last_id() if newest is None else newest
+        if at.epoch != epoch or (at.message_id > position and at.message_id > (newest or 0)):
+            unknown.append(channel)
+            starts[channel] = 0
+        else:
+            starts[channel] = at.message_id
+    if not unknown:
+        return starts, None
+    return starts, Reset("unknown_cursor", str(Cursor(epoch, 0)), tuple(unknown))
+
+
+def _later(start: Cursor | None, progress: Cursor | None, epoch: str) -> Cursor | None:
+    if start is None or progress is None:
+        return start or progress
+    if start.epoch == progress.epoch:
+        return start if start.message_id >= progress.message_id else progress
+    return start if start.epoch == epoch else progress
+
+
+def open_scope_stream(
+    dispatcher: Dispatcher,
+    scope: Mapping[str, Sequence[str] | None],
+    cursor: Cursor | None,
+    *,
+    since: Mapping[str, Cursor | None] | None = None,
+    progress: Cursor | None = None,
+    retry_ms: int,
+    request_id: str | None = None,
+) -> Iterator[bytes]:
+    """`open_stream` for several channels (docs/protocol.md §12): their starts placed now, then the frames."""
+    dispatcher.prime()
+    store = dispatcher.store
+    store.epoch  # read before the first byte, as open_stream does
+    starts, reset = resolve_starts(store, dispatcher.position, list(scope), cursor, since=since, progress=progress)
+    ranges = Ranges.of(scope, starts)
+    resumed = progress or cursor or next((c for c in (since or {}).values() if c is not None), None)
+    return event_stream(
+        dispatcher, Scope(ranges), resumed, (ranges.first, reset), retry_ms=retry_ms, request_id=request_id
+    )
+
+
+class OneChannel:
+    """What a stream of one channel subscribes to and replays: the form since the first version."""
+
+    def __init__(self, channel: str, topics: Sequence[str] | None) -> None:
+        self.channel, self.topics = channel, topics
+        self.channels = (channel,)
+
+    def subscribe(self, dispatcher: Dispatcher) -> Subscription:
+        return dispatcher.subscribe(self.channel, self.topics)
+
+    def settle(self, store: MessageStore) -> None:
+        store.settled_through(self.channel)
+
+    def page(self, dispatcher: Dispatcher, after_id: int, through: int, wait_s: float) -> ReplayPage:
+        return dispatcher.replays.page(self.channel, self.topics, after_id, through, wait_s=wait_s)
+
+    def pruned(self, page: Page, after_id: int, epoch: str) -> Reset | None:
+        return pruned_after(page, after_id, epoch)
+
+
+class Scope:
+    """What a stream of several channels subscribes to and replays (docs/protocol.md §12): each
+    channel with its topics (None: all) and the id after which it starts."""
+
+    def __init__(self, ranges: Ranges) -> None:
+        self.ranges = ranges
+        self.channels = ranges.channels
+
+    def subscribe(self, dispatcher: Dispatcher) -> Subscription:
+        return dispatcher.subscribe_many({channel: topics for channel, topics, _ in self.ranges.items})
+
+    def settle(self, store: MessageStore) -> None:
+        store.settled_through_all(self.channels)
+
+    def page(self, dispatcher: Dispatcher, after_id: int, through: int, wait_s: float) -> ReplayPage:
+        return dispatcher.replays.page_of(self.ranges.after(after_id), through, wait_s=wait_s)
+
+    def pruned(self, page: Page, after_id: int, epoch: str) -> Reset | None:
+        """`history_truncated` for the channels pruned past where they start (the page's SQL says which).
+
+        Retention deletes a prefix of ids, every channel's (prune.py): no message of any channel
+        is retained at or below the highest mark, so every channel goes on from there, and the
+        channels not named lose nothing."""
+        if page.pruned_through > after_id:
+            return Reset("history_truncated", str(Cursor(epoch, page.pruned_through)), page.pruned_channels)
+        return None
 
 
 def event_stream(
     dispatcher: Dispatcher,
-    channel: str,
-    topics: Sequence[str] | None,
+    scope: OneChannel | Scope,
     cursor: Cursor | None,
     start: tuple[int, Reset | None],
     *,
@@ -127,7 +262,7 @@ def event_stream(
     store, clock = dispatcher.store, dispatcher.clock
     resume: str | None = None  # for the log line at the end; no dict held for hours per idle stream
     yield sse.retry_frame(retry_ms)
-    subscription = dispatcher.subscribe(channel, topics)
+    subscription = scope.subscribe(dispatcher)
     opened = clock()
     metrics.STREAMS_OPENED.inc()
     metrics.STREAMS_OPEN.inc()
@@ -137,7 +272,8 @@ def event_stream(
         replayed: list[bytes] = [reset.frame()] if reset is not None else []
         # Whether a prune mark past the position means lost messages: always after the first
         # page; on the first, only for a cursor (without one, the stream starts at the oldest).
-        check_prune = cursor is not None and reset is None
+        # A scope of several channels knows it per channel, from the page itself.
+        check_prune = isinstance(scope, Scope) or (cursor is not None and reset is None)
         quiet_since = clock()
         while subscription.closed_reason is None:
             try:
@@ -147,12 +283,12 @@ def event_stream(
                     if not subscription.history_settled:
                         # This process started while a transaction on the channel was in
                         # flight: its messages below history_through may still commit.
-                        store.settled_through(channel)
+                        scope.settle(store)
                         subscription.history_settled = True
-                    shared = dispatcher.replays.page(
-                        channel, topics, last_id, subscription.history_through,
+                    shared = scope.page(
+                        dispatcher, last_id, subscription.history_through,
                         # A turn to read (replay.py) is waited for until a keep-alive is due.
-                        wait_s=max(0.0, quiet_since + dispatcher.heartbeat_s - dispatcher.tick_s - clock()),
+                        max(0.0, quiet_since + dispatcher.heartbeat_s - dispatcher.tick_s - clock()),
                     )
             except (DatabaseUnavailable, ReplayBusy) as away:
                 if clock() - quiet_since >= dispatcher.heartbeat_s - dispatcher.tick_s:
@@ -164,7 +300,7 @@ def event_stream(
                     threading.Event().wait(dispatcher.tick_s)  # the database is away: do not spin
                 continue
             page = shared.page
-            pruned = pruned_after(page, last_id, epoch) if check_prune else None
+            pruned = scope.pruned(page, last_id, epoch) if check_prune else None
             if pruned is not None:
                 reset = pruned
                 replayed.append(reset.frame())
@@ -197,10 +333,10 @@ def event_stream(
             yield sse.SHUTDOWN
     finally:
         dispatcher.unsubscribe(subscription)
-        _ended(subscription, channel, clock() - opened, request_id, resume)
+        _ended(subscription, scope.channels, clock() - opened, request_id, resume)
 
 
-def _ended(subscription: Subscription, channel: str, duration: float, request_id: str | None,
+def _ended(subscription: Subscription, channels: tuple[str, ...], duration: float, request_id: str | None,
            resume: str | None) -> None:
     """The metrics and the log line of a stream that ended (a function of its own: every local
     of event_stream is held in each idle stream's generator, for hours)."""
@@ -208,7 +344,7 @@ def _ended(subscription: Subscription, channel: str, duration: float, request_id
     metrics.STREAMS_OPEN.dec()
     metrics.STREAMS_CLOSED.labels(reason).inc()
     # The channel's hash, never its name: channel names may name users or runs.
-    channel_hash = hashlib.sha256(channel.encode()).hexdigest()[:12]
+    channel_hash = hashlib.sha256(" ".join(channels).encode()).hexdigest()[:12]
     log.info(
         "stream ended: channel %s, %s, %d frames, %d bytes in %.1f s",
         channel_hash, reason, subscription.sent_frames, subscription.sent_bytes, duration,

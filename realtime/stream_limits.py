@@ -127,7 +127,10 @@ class StreamLimits:
 
 def token_key(grant: Grant) -> bytes:
     """A token's name in the counts: a hash of what its signature covers, the same for each spelling."""
-    signed = json.dumps([grant.channel, list(grant.topics), grant.expires_at])
+    if grant.several:
+        signed = json.dumps([{c: list(t) for c, t in grant.channels.items()}, grant.expires_at])
+    else:
+        signed = json.dumps([grant.channel, list(grant.topics), grant.expires_at])
     return hashlib.sha256(signed.encode()).digest()[:16]
 
 

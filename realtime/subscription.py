@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from common.greenlets import current_greenlet, interrupt
 
@@ -138,3 +138,80 @@ class Subscription:
             # gunicorn treats a reset as a client that went away: it closes
             # the connection and logs nothing above debug.
             interrupt(self.writer, ConnectionResetError(errno.ECONNRESET, f"stream cut: {reason}"))
+
+
+class SeveralChannels(Subscription):
+    """One stream's queue for several channels (docs/protocol.md §12), registered with each of them.
+
+    Frames must reach the stream in id order across its channels, and each once: the stream
+    skips an id at or below the last it sent. Within a channel the dispatcher delivers in id
+    order, but not across channels: while a transaction in flight holds channel A back after
+    id 10 (dispatch.py), B's 12 goes out at once and A's 11 comes later. So the frames offered
+    here wait in `_deferred` until the dispatcher says how far none of the stream's channels
+    is held (`release`), and go to the queue sorted by id. Its wake-up is its own `Channel`, not
+    one of its channels': the dispatcher wakes it when `release` queued something.
+    """
+
+    __slots__ = ("channels", "topics_of", "keys", "_deferred", "_deferring")
+
+    def __init__(
+        self, scope: Mapping[str, Iterable[str] | None], keys: Iterable[int], limit: int, now: float,
+        deferring: set[SeveralChannels],
+    ) -> None:
+        super().__init__(Channel(""), None, limit, now)
+        self.channels: list[Channel] = []  # the dispatcher's, set as it registers this subscription
+        self.topics_of = {c: tuple(sorted(set(t))) if t is not None else None for c, t in scope.items()}
+        self.keys = tuple(keys)  # the channels' intent keys, to ask the holds about
+        self._deferred: list[Frame] = []
+        self._deferring = deferring  # the dispatcher's set of subscriptions with deferred frames
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending) + len(self._deferred)
+
+    def offer(self, message: Message, frame: bytes, now: float) -> bool:
+        if self.closed_reason is not None:
+            return False
+        topics = self.topics_of[message.channel]
+        if topics is not None and message.topic not in topics:
+            return False
+        if self.queued >= self._limit or self._pending_bytes > self.max_pending_bytes:
+            self.close("overflow")
+            return False
+        if not self._deferred:
+            self._deferring.add(self)
+        self._deferred.append((message.id, frame))
+        return True
+
+    def release(self, through: int | None, now: float) -> bool:
+        """Queue the deferred frames up to id `through` (None: all), in id order; True if any was."""
+        if self.closed_reason is not None:
+            self._deferred.clear()
+            return False
+        self._deferred.sort(key=_frame_id)
+        if through is None:
+            ready, self._deferred = self._deferred, []
+        else:
+            cut = next((n for n, (message_id, _) in enumerate(self._deferred) if message_id > through), len(self._deferred))
+            ready, self._deferred = self._deferred[:cut], self._deferred[cut:]
+        for frame in ready:
+            self._queue(frame, now)
+        return bool(ready)
+
+    @property
+    def deferred(self) -> bool:
+        return bool(self._deferred)
+
+    def keep_alive(self, now: float) -> bool:
+        if super().keep_alive(now):
+            self.channel.wake()  # its own wake-up, which waking one of its channels does not set
+            return True
+        return False
+
+    def close(self, reason: str) -> None:
+        self._deferred.clear()
+        super().close(reason)
+
+
+def _frame_id(frame: Frame) -> int:
+    return frame[0]

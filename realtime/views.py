@@ -17,7 +17,7 @@ from common.request_input import bearer_matches, bearer_token, json_object
 
 from .errors import Forbidden, InvalidRequest, InvalidToken, MessageTooLarge, NotFound
 from .extension import Realtime
-from .names import check_channel, check_topics
+from .names import check_channel, check_channels, check_topics
 from .store import Message
 from .tokens import Grant
 
@@ -40,7 +40,9 @@ def _realtime() -> Realtime:
 
 
 def _granted_scope() -> tuple[Grant, tuple[str, ...]]:
-    """The verified token of this request, and the topics to read (optionally narrowed by `?topic=`)."""
+    """The verified token of this request, and the topics to read (optionally narrowed by `?topic=`).
+
+    For a token of several channels the second item is () and `_several_scope` says what to read."""
     token = bearer_token() or request.args.get("token")
     if not token:
         raise InvalidToken(
@@ -48,6 +50,8 @@ def _granted_scope() -> tuple[Grant, tuple[str, ...]]:
             "get one from POST /api/realtime/token"
         )
     grant = _realtime().tokens.verify(token)
+    if grant.several:
+        return grant, ()
     channel = request.args.get("channel")
     if channel is not None and channel != grant.channel:
         raise Forbidden(f"this token is for channel {grant.channel!r}, not {channel!r}")
@@ -60,9 +64,54 @@ def _granted_scope() -> tuple[Grant, tuple[str, ...]]:
     return grant, tuple(t for t in grant.topics if t in topics)
 
 
+def _several_scope(grant: Grant) -> dict[str, tuple[str, ...]]:
+    """The channels and topics to read with a token of several channels (docs/protocol.md §12):
+    all it grants, or those `?channel=` and `?topic=` (both repeatable) narrow it to."""
+    scope = dict(grant.channels)
+    channels = request.args.getlist("channel")
+    if channels:
+        outside = sorted(set(channels) - set(scope))
+        if outside:
+            raise Forbidden(f"this token does not cover channels {outside}")
+        scope = {c: t for c, t in scope.items() if c in channels}
+    topics = request.args.getlist("topic")
+    if topics:
+        outside = sorted(set(topics) - {t for granted in scope.values() for t in granted})
+        if outside:
+            raise Forbidden(f"this token does not cover topics {outside}")
+        scope = {c: kept for c, t in scope.items() if (kept := tuple(x for x in t if x in topics))}
+    return scope
+
+
+def _since(scope: dict[str, tuple[str, ...]]) -> dict[str, str | None] | None:
+    """`?since=run.3:0,run.4:<cursor>`: channels that start from their own position (docs/protocol.md §12)."""
+    value = request.args.get("since")
+    if value is None:
+        return None
+    since: dict[str, str | None] = {}
+    for item in value.split(","):
+        channel, colon, position = item.rpartition(":")
+        if not colon or not channel or not position:
+            raise InvalidRequest(
+                "'since' must be a comma-separated list of <channel>:<cursor>, or <channel>:0 for a channel's "
+                "oldest retained message", code="invalid_last_event_id",
+            )
+        if channel not in scope:
+            raise Forbidden(f"'since' names channel {channel!r}, which this stream does not carry")
+        since[channel] = None if position == "0" else position
+    return since
+
+
 @blueprint.post("/token")
 def create_token() -> dict[str, Any]:
-    body = json_object()  # a channel and a few topics: the small default limit
+    body = json_object()  # a channel and a few topics, or up to 100 of them: the small default limit
+    if "channels" in body:  # docs/protocol.md §12
+        if "channel" in body or "topics" in body:
+            raise InvalidRequest(
+                "send either 'channel' and 'topics', or 'channels' ({channel: [topics]}), not both",
+                code="invalid_channel",
+            )
+        return _realtime().grant_for_request_of(check_channels(body["channels"])).to_json()
     channel = check_channel(body.get("channel"))
     topics = check_topics(body.get("topics"))
     return _realtime().grant_for_request(channel, topics).to_json()
@@ -100,9 +149,11 @@ def history() -> Response:
     raw_limit = request.args.get("limit", "100")
     if not re.fullmatch(r"[0-9]{1,4}", raw_limit) or not 1 <= int(raw_limit) <= MAX_HISTORY_LIMIT:
         raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_HISTORY_LIMIT}", code="invalid_limit")
-    found, cursor, reset = _realtime().history(
-        grant.channel, topics, request.args.get("after") or None, int(raw_limit)
-    )
+    after = request.args.get("after") or None
+    if grant.several:
+        found, cursor, reset = _realtime().history_of(_several_scope(grant), after, int(raw_limit))
+    else:
+        found, cursor, reset = _realtime().history(grant.channel, topics, after, int(raw_limit))
     # The stored envelopes as they are, never parsed again: a body is the
     # sum of its messages, and data stored by an older version with deeper
     # nesting than the parser allows still comes out.
@@ -131,8 +182,21 @@ def subscribe() -> Response:
     try:
         # The header (sent by EventSource on reconnect) wins over the query
         # parameter (used for the first connection of a resuming client).
-        cursor = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or None
-        frames = realtime.stream(grant.channel, topics, cursor, request_id=g.get("request_id"))
+        header = request.headers.get("Last-Event-ID") or None
+        cursor = header or request.args.get("last_event_id") or None
+        if grant.several:
+            scope = _several_scope(grant)
+            since = _since(scope)
+            if since is not None:
+                # The query's cursor is where the other channels start, the header how far a
+                # reconnect got: each channel goes on from the later (docs/protocol.md §12).
+                cursor = request.args.get("last_event_id") or None
+            frames = realtime.stream_of(
+                scope, cursor, since=since, progress=header if since is not None else None,
+                request_id=g.get("request_id"),
+            )
+        else:
+            frames = realtime.stream(grant.channel, topics, cursor, request_id=g.get("request_id"))
     except BaseException:
         release()
         raise

@@ -292,7 +292,7 @@ def test_every_python_name_of_the_integrations_exists():
         assert name in defined, f"docs/protocol.md section 10 names {module}.{name}, which does not exist"
 
 
-# -- section 11: text streams; section 12: planned, and still not built ------------------------
+# -- section 11: text streams; section 12: several channels on one stream --------------------
 
 
 def _documented_text_messages() -> dict[str, set[str]]:
@@ -330,10 +330,31 @@ def test_text_stream_messages_have_the_keys_section_11_gives_them(tmp_path):
         assert folded.data["text"] == "Hello" and folded.data["seq"] == end["seq"]
 
 
-def test_several_channels_per_token_are_still_unbuilt_as_section_12_says(client):
-    assert "**Not available yet.**" in section(12)
-    response = client.post("/api/realtime/token", json={"channels": {"run.1": ["status"], "run.2": ["status"]}})
-    assert response.status_code == 400, "tokens take several channels now: rewrite docs/protocol.md section 12"
+def test_several_channels_on_one_stream_are_as_section_12_says(client, app):
+    text = section(12)
+    assert "Not available yet" not in text and "planned" not in DOC.split("## 1. Commands")[0].lower()
+    request_json, answer_json = [json_block for json_block in fenced(text, "json")][:2]
+    answer = client.post("/api/realtime/token", data=request_json, content_type="application/json")
+    assert answer.status_code == 200, answer.get_json()
+    documented = _json_loads(answer_json)
+    assert set(answer.get_json()) == set(documented) and answer.get_json()["channels"] == documented["channels"]
+    # The reset example is what a stream of several channels writes.
+    from realtime.stream import Reset
+
+    [reset_example] = [block for block in fenced(text, "text") if "event: reset" in block]
+    data = _json_loads(reset_example.split("data: ", 1)[1])
+    assert Reset(data["reason"], data["cursor"], tuple(data["channels"])).frame().decode() == reset_example
+    # `since` as documented: a malformed one is the documented error, a channel outside the token 403.
+    token = answer.get_json()["token"]
+    assert client.get("/api/realtime/subscribe", query_string={"token": token, "since": "run.9:0"}).status_code == 403
+    bad = client.get("/api/realtime/subscribe", query_string={"token": token, "since": "run.1"})
+    assert bad.get_json()["error"]["code"] == "invalid_last_event_id" and "`since`" in section(3)
+
+
+def _json_loads(text: str):
+    import json
+
+    return json.loads(text)
 
 
 # -- every pointer leads into the repository -----------------------------------------------------
