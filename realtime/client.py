@@ -136,6 +136,7 @@ class ClientSubscription:
         *,
         last_event_id: str | None = None,
         topics: Sequence[str] | None = None,
+        since: Mapping[str, str | None] | None = None,
         on_reset: Callable[[ClientReset], None] | None = None,
         backoff: Backoff = Backoff(),
         read_timeout_s: float = 60.0,
@@ -153,6 +154,11 @@ class ClientSubscription:
         self.cursor = last_event_id
         self._last_id: int | None = None  # envelope id of the last message delivered
         self.topics = list(topics) if topics else None  # narrows the token's topics (?topic=)
+        # A token of several channels: channels that start from their own cursor (None: their oldest
+        # message) instead of `last_event_id` (docs/protocol.md §12). The URL then keeps both, and
+        # Last-Event-ID says only how far these connections got.
+        self._since = ",".join(f"{c}:{at or 0}" for c, at in since.items()) if since else None
+        self._base = last_event_id
         self.on_reset = on_reset
         self.last_reset: ClientReset | None = None
         self.backoff = backoff
@@ -247,9 +253,16 @@ class ClientSubscription:
         # identity: a compressed body could inflate a thousandfold in one read, past every bound here
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "text/event-stream",
                    "Accept-Encoding": "identity"}
-        if self.cursor is not None:
+        params: dict[str, Any] = {"topic": self.topics} if self.topics else {}
+        if self._since is not None:
+            params["since"] = self._since
+            if self._base is not None:
+                params["last_event_id"] = self._base
+            if self.cursor is not None and self.cursor != self._base:
+                headers["Last-Event-ID"] = self.cursor
+        elif self.cursor is not None:
             headers["Last-Event-ID"] = self.cursor
-        return {"headers": headers, "params": {"topic": self.topics} if self.topics else None}
+        return {"headers": headers, "params": params or None}
 
     def _wait_after(self, response: httpx.Response, failures: int) -> float | None:
         """None to read the stream; else seconds to wait before the next try; or raise."""
@@ -301,16 +314,24 @@ class ClientSubscription:
 
 
 def subscribe(base_url: str, token: TokenSource, *, last_event_id: str | None = None, **options: Any) -> ClientSubscription:
-    """Subscribe to the channel and topics `token` names; see `ClientSubscription` for the options."""
+    """Subscribe to the channels and topics `token` names (one, or several on one stream: each
+    message's `.channel` says which); see `ClientSubscription` for the options."""
     return ClientSubscription(base_url, token, last_event_id=last_event_id, **options)
 
 
-def token_from(base_url: str, channel: str, topics: Sequence[str], *, timeout_s: float = 10.0) -> Callable[[], str]:
-    """A token callable that asks the server's POST /api/realtime/token (its authorization policy decides)."""
+def token_from(
+    base_url: str, channel: str | Mapping[str, Sequence[str]], topics: Sequence[str] = (), *, timeout_s: float = 10.0
+) -> Callable[[], str]:
+    """A token callable that asks the server's POST /api/realtime/token (its authorization policy decides):
+    for one channel and its topics, or for several, `token_from(url, {"run.1": ["status"], ...})`."""
     url = base_url.rstrip("/") + TOKEN_PATH
+    if isinstance(channel, Mapping):
+        asked: dict[str, Any] = {"channels": {c: list(t) for c, t in channel.items()}}
+    else:
+        asked = {"channel": channel, "topics": list(topics)}
 
     def fetch() -> str:
-        with httpx.stream("POST", url, json={"channel": channel, "topics": list(topics)}, timeout=timeout_s,
+        with httpx.stream("POST", url, json=asked, timeout=timeout_s,
                           headers={"Accept-Encoding": "identity"}) as response:
             body = _read_at_most(response, MAX_BODY_BYTES)
         if response.status_code != 200:

@@ -75,6 +75,35 @@ def test_resumes_exactly_across_cut_connections(server):
     assert received == published
 
 
+def test_several_channels_on_one_token_resume_exactly_across_cut_connections(server):
+    token = token_from(server.url, {"client.m1": ["t"], "client.m2": ["t", "u"]})
+    channels = ["client.m1", "client.m2", "client.m3"]  # m3: not in the token
+    published = [server.publish(channels[n % 3], "t", n) for n in range(6)]
+    with FaultProxy("127.0.0.1", server.port) as proxy:
+        with subscribe(f"http://127.0.0.1:{proxy.port}", token=token, backoff=FAST) as messages:
+            received = take(messages, 4)
+            for round_ in range(3):
+                proxy.cut()
+                published += [server.publish(channels[n % 3], "tu"[n % 2], [round_, n]) for n in range(6)]
+                proxy.restore()
+                received += take(messages, 3)  # m1's t, m2's t and u of the six
+        assert proxy.connections_accepted >= 4
+    wanted = [m for m in published if m["channel"] == "client.m2" or (m["channel"] == "client.m1" and m["topic"] == "t")]
+    assert [(m.id, m.channel, m.topic) for m in received] == [(m["id"], m["channel"], m["topic"]) for m in wanted]
+
+
+def test_since_adds_a_channel_from_its_beginning_and_the_others_go_on(server):
+    early = server.publish("client.s2", "t", "before")
+    token = token_from(server.url, {"client.s1": ["t"]})
+    with subscribe(server.url, token=token) as first:
+        server.publish("client.s1", "t", 1)
+        position = next(first).cursor
+    later = [server.publish(f"client.s{1 + n % 2}", "t", n)["id"] for n in range(4)]
+    both = token_from(server.url, {"client.s1": ["t"], "client.s2": ["t"]})
+    with subscribe(server.url, token=both, last_event_id=position, since={"client.s2": None}) as second:
+        assert [m.id for m in take(second, 5)] == [early["id"], *later]
+
+
 def test_cursor_lets_another_subscription_resume(server):
     ids = [server.publish("client.c", "t", n)["id"] for n in range(4)]
     token = server.token("client.c", ["t"])
