@@ -311,3 +311,45 @@ def test_a_reset_frame_of_several_channels_is_one_event():
         id="ab12cd34-7", event="reset",
         data='{"reason": "history_truncated", "cursor": "ab12cd34-7", "channels": ["run.2"]}',
     ).encode()
+
+
+def test_a_page_of_several_channels_folds_each_text_stream(app):
+    realtime = app.extensions["realtime"]
+    realtime.text_flusher.interval_s = None
+    for channel in ("t.1", "t.2"):
+        with realtime.text_stream(channel, "answer", "same-id") as out:  # one id, two channels: two texts
+            out.write(f"hello {channel}")
+            realtime.text_flusher.flush()
+            out.write("!")
+    between = realtime.publish("t.1", "status", {"done": True})
+    page = realtime.store.read_after_many(Ranges.of({"t.1": None, "t.2": ["answer"]}, {"t.1": 0, "t.2": 0}), 100)
+    assert [(m.channel, m.data.get("text")) for m in page] == [
+        ("t.1", "hello t.1!"), ("t.2", "hello t.2!"), ("t.1", None),
+    ]
+    assert page[-1].id == between.id
+
+
+def test_a_channel_held_as_a_stream_subscribes_makes_its_replay_wait_then_read_to_the_position(dispatcher):
+    dispatcher.prime()
+    writer = Writer("1/1", 1, frozenset({intent_key("a")}))
+    dispatcher._holds = Holds().adding(Writers(1, {writer.vxid: writer}), 0, 0.0)
+    dispatcher._position = 7
+    subscription = dispatcher.subscribe_many({"a": None, "b": None})
+    assert (subscription.history_through, subscription.history_settled) == (7, False)
+    single = dispatcher.subscribe("a", None)
+    assert (single.history_through, single.history_settled) == (0, True), "a stream of one channel does not wait"
+
+
+def test_the_replay_of_a_held_scope_first_waits_for_the_writers_of_its_channels(store, dispatcher, monkeypatch):  # noqa: F811
+    sent = store.append("b", "t", "1")
+    dispatcher.prime()
+    writer = Writer("1/1", 1, frozenset({intent_key("a")}))
+    dispatcher._holds = Holds().adding(Writers(1, {writer.vxid: writer}), 0, 0.0)
+    waited: list[tuple[str, ...]] = []
+    settled = store.settled_through_all
+    monkeypatch.setattr(store, "settled_through_all", lambda channels: waited.append(tuple(channels)) or settled(channels))
+    stream = open_scope_stream(dispatcher, {"a": None, "b": None}, None, retry_ms=100)
+    next(stream)
+    assert ids([next(stream)]) == [sent.id]
+    assert waited == [("a", "b")]
+    stream.close()

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from conftest import LiveServer, wait_until
-from sseclient import Comment, Frame, Publisher, events_of
+from sseclient import Comment, Frame, Publisher, events_of, read_frames
 
 pytestmark = pytest.mark.integration
 
@@ -211,3 +211,34 @@ def test_channels_added_and_removed_at_random_moments_under_publishing_load(shar
     run_pages(shared_server, subscribers, channels, per_publisher=60)
     assert sum(s.changes for s in subscribers) >= 2 * len(subscribers), "channels hardly changed"
     assert any(s.removed_at for s in subscribers) and any(len(s.received) > 2 for s in subscribers)
+
+
+@pytest.mark.postgres
+def test_a_transaction_open_on_one_channel_keeps_the_stream_in_id_order(start_server, postgres_url):
+    """On PostgreSQL a message can commit after a later one of another channel (dispatch.py holds).
+    A stream of both channels must still send them in id order: the later one waits, never goes
+    first (the earlier one would then be skipped as already passed)."""
+    from sqlalchemy.orm import Session
+
+    from conftest import app_on
+
+    server = start_server(postgres_url, workers=1, DEMO_ENABLED=True)  # one worker: one dispatcher
+    token = token_for(server, ["held.a", "held.b"])
+    timeout = httpx.Timeout(10.0, read=5.0)
+    for app in app_on(postgres_url):
+        realtime = app.extensions["realtime"]
+        with httpx.stream("GET", server.url + SUBSCRIBE, params={"token": token}, timeout=timeout) as both, \
+                httpx.stream("GET", server.url + SUBSCRIBE, params={"token": server.token("held.b", ["x"])},
+                             timeout=timeout) as b_alone:
+            items, b_items = events_of(both), events_of(b_alone)
+            first = server.publish("held.b", "x", "first")
+            assert [f.envelope["id"] for f in read_frames(items, 1)] == [first["id"]]
+            assert [f.envelope["id"] for f in read_frames(b_items, 1)] == [first["id"]]
+            with Session(realtime.engine) as session:
+                held = realtime.publish("held.a", "x", "committed late", session=session)
+                later = server.publish("held.b", "x", "committed first")
+                # The sentinel: a stream of b alone got it, so the dispatcher has passed it on.
+                assert [f.envelope["id"] for f in read_frames(b_items, 1)] == [later["id"]]
+                session.commit()
+            assert [f.envelope["id"] for f in read_frames(items, 2)] == [held.id, later["id"]]
+
