@@ -18,7 +18,7 @@ attacker left. Two caps, each counted per process:
   stays open until a write to it fails, and a token lives 60 s, after which the client asks
   for a new one, with a count of its own.
 
-A token is known here by a hash of what its signature covers (channel, topics, expiry), not
+A token is known here by a hash of what its signature covers (its channels, their topics, the expiry), not
 of its text: the signature's last character carries two bits the check ignores, so every
 token has four spellings that all verify. The token itself is never kept.
 
