@@ -246,8 +246,8 @@ def run_mode(mode: str, round_no: int, args: argparse.Namespace, database: Datab
                                     concurrency=args.concurrency, timeout=300)
         open_s = time.monotonic() - started
         print(f"  {mode}: opened {opened['ready']}/{streams} in {open_s:.1f}s {opened['errors']}", flush=True)
-        wait_for(lambda: opened["ready"] <= server.stats()["streams"] <= opened["ready"] + WARM_STREAMS, 120,
-                 interval=0.5, what="open streams")
+        settled_s = settle(server, opened["ready"])
+        print(f"  {mode}: replay reads done {settled_s:.1f} s after the last stream got `retry:`", flush=True)
         time.sleep(2.0)  # idle
         rss_after, sockets_after = rss_kib(worker), sockets_of(worker)
         open_streams = server.stats()["streams"]
@@ -283,6 +283,7 @@ def run_mode(mode: str, round_no: int, args: argparse.Namespace, database: Datab
         "streams": streams,
         "opened": opened,
         "open_s": round(open_s, 1),
+        "settle_s": round(settled_s, 1),
         "open_streams_on_server": open_streams,
         "worker_sockets": {"before": sockets_before, "after": sockets_after},
         "rss_kib": {"before": rss_before, "after": rss_after},
@@ -304,6 +305,27 @@ def run_mode(mode: str, round_no: int, args: argparse.Namespace, database: Datab
         },
         **result,
     }
+
+
+def settle(server: BenchServer, ready: int, timeout: float = 300.0) -> float:
+    """Wait until the server holds the streams and their replay reads are done; how long it took.
+
+    A client counts a stream open at its `retry:` frame, which the server sends before the
+    stream's first history read: those reads may go on long after (analysis.py's `settle`, which
+    this follows; up to WARM_STREAMS streams closed by the warm-up may still be counted).
+    """
+    started, previous = time.monotonic(), None
+
+    def steady() -> bool:
+        nonlocal previous
+        stats = server.stats()
+        done = (ready <= stats["streams"] <= ready + WARM_STREAMS and previous is not None
+                and stats["store_reads"] - previous <= 2)  # the change feed's safety poll
+        previous = stats["store_reads"]
+        return done
+
+    wait_for(steady, timeout, interval=0.5, what=f"{ready} settled streams")
+    return time.monotonic() - started
 
 
 def warm_up(server: BenchServer, clients: ChannelsClientPool, publisher: Publisher, channel: str) -> None:
@@ -330,7 +352,7 @@ def table(results: list[dict]) -> str:
         lat, once, cpu = r["latency_ms"], r["exactly_once_in_order"], r["cpu"]
         rows.append(
             f"| {r['round']} | {r['mode']} | {r['clients']} x {r['channels'] // r['clients']} "
-            f"| {r['open_streams_on_server']} ({r['worker_sockets']['after']}) | {r['open_s']} s "
+            f"| {r['open_streams_on_server']} ({r['worker_sockets']['after']}) | {r['open_s']} s + {r['settle_s']} s "
             f"| {r['rss_kib']['before'] / 1024:.1f} -> {r['rss_kib']['after'] / 1024:.1f} MiB "
             f"| {r['kib_per_connection']} / {r['kib_per_client']} KiB "
             f"| {cpu['server_worker_pct']} % | {cpu['server_us_per_delivery']} ({cpu['server_user_us_per_delivery']} "
