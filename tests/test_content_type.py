@@ -55,7 +55,10 @@ def nothing_written(app) -> bool:
 def post(client, path: str, body: bytes, content_type: str | None, **headers: str):
     if content_type is not None:
         headers["Content-Type"] = content_type
-    return client.post(path, data=body, headers={**KEY, **headers})
+    # The publish key goes where it is asked for: on the cancel endpoint a bearer token that is
+    # not the run's cancel token is refused (docs/protocol.md section 4).
+    key = {} if path.endswith("/cancel") else KEY
+    return client.post(path, data=body, headers={**key, **headers})
 
 
 @pytest.mark.parametrize("content_type", FOREIGN_TYPES.values(), ids=FOREIGN_TYPES.keys())
@@ -125,9 +128,12 @@ def test_cancel_and_start_report_accept_no_body_or_json(app, client, jobs, conte
 
 
 def test_the_demo_page_sends_json_on_its_posts():
-    """static/app.js posts through one helper, which declares JSON (the browser tests run it)."""
+    """static/app.js declares JSON on each of its POSTs (the browser tests run them): the helper
+    that posts to the demo's routes, and the Stop button's cancel with the run's cancel token."""
+    import re
+
     from conftest import ROOT
 
     source = (ROOT / "static" / "app.js").read_text()
-    assert source.count('method: "POST"') == 1
-    assert 'headers: { "Content-Type": "application/json" }' in source
+    posts = re.findall(r'method: "POST",\n\s*headers: \{ "Content-Type": "application/json"', source)
+    assert len(posts) == source.count('method: "POST"') == 2
