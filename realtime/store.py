@@ -1,6 +1,6 @@
 """The message store: every published message, in one SQL table, in id order.
 
-The only part of the package that speaks SQL (with schema.py, reads.py,
+The only part of the package that speaks SQL (with schema.py, appends.py, reads.py, folding.py,
 visibility.py and prune.py beside it). It returns frozen `Message` and `Page` values, never
 ORM rows, so the dispatcher and the views stay database-free.
 
@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import json
 import threading
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import psycopg
 from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session
 
 from common.database import Database, database_call, utcnow
-from common.postgres import per_transaction
 
 from . import metrics
 from .errors import IdempotencyKeyReused
+from .appends import insert_batch, insert_one
 from .changes import ChangeFeed, Notifier, PollingChangeFeed, PostgresChangeFeed
 from .folding import fold, not_superseded, unended
 from .prune import Pruner
@@ -38,22 +36,6 @@ from .visibility import LAST_DRAWN, NO_WRITERS, WriterProbe, Writers, backoff
 
 __all__ = ["Message", "MessageStore", "NewMessage", "Page", "PAGE_BYTES", "Ranges"]
 
-# One message, its channel's intent first: the CTE runs before the row draws its id.
-_INSERT_SQL = (
-    "WITH intent AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(%s, %s))"
-    " INSERT INTO realtime_messages (channel, topic, data, run_id, created_at)"
-    " SELECT %s, %s, %s, %s, %s FROM intent RETURNING id"
-)
-# A batch in one statement, its channels' intents first (an InitPlan, run before the first
-# row is made): the rows come out of unnest in list order (ORDER BY n), and each draws its id
-# from the sequence as it is inserted, so ids ascend in list order.
-_INSERT_MANY_SQL = (
-    f"WITH intent AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared({INTENT}, k) FROM unnest(%b::int4[]) AS k)"
-    " INSERT INTO realtime_messages (channel, topic, data, run_id, text_stream, text_seq, created_at)"
-    " SELECT c, t, d, r, s, q, %s"
-    " FROM unnest(%b::varchar[], %b::varchar[], %b::text[], %b::varchar[], %b::varchar[], %b::int4[])"
-    " WITH ORDINALITY AS m(c, t, d, r, s, q, n) WHERE (SELECT count(*) FROM intent) >= 0 ORDER BY n RETURNING id"
-)
 _INTENT = text(f"SELECT pg_advisory_xact_lock_shared({INTENT}, :key)")
 
 class MessageStore:
@@ -119,7 +101,7 @@ class MessageStore:
                 _after_commit_of(session, committed)
             return message
         if self.is_postgres and idempotency_key is None:
-            message = self._append_alone(channel, topic, data_json, run_id)
+            message = insert_one(self.engine, channel, topic, data_json, run_id, self._now())
         else:
             with self.engine.begin() as conn:
                 message = self._append(conn, channel, topic, data_json, run_id, idempotency_key)
@@ -134,7 +116,7 @@ class MessageStore:
         """Store messages in one transaction, ids in list order; all or none."""
         created_at = self._now()
         if self.is_postgres:
-            ids = self._append_batch(items, created_at)
+            ids = insert_batch(self.engine, items, created_at)
         else:
             rows = [
                 {"channel": m.channel, "topic": m.topic, "data": m.data_json, "run_id": m.run_id,
@@ -154,50 +136,6 @@ class MessageStore:
                     text_stream=m.text_stream, text_seq=m.text_seq)
             for message_id, m in zip(ids, items)
         ]
-
-    def _append_batch(self, items: Sequence[NewMessage], created_at: datetime) -> list[int]:
-        """PostgreSQL: the batch's intents, then one INSERT of the whole batch from arrays
-        (a fifth of the CPU of SQLAlchemy's executemany for 1,000 rows), one transaction."""
-        keys = sorted({as_int4(intent_key(channel)) for channel in {m.channel for m in items}})
-        columns = ([m.channel for m in items], [m.topic for m in items], [m.data_json for m in items],
-                   [m.run_id for m in items], [m.text_stream for m in items], [m.text_seq for m in items])
-        with self._driver() as (driver, set_timeout), driver.transaction():
-            if set_timeout:
-                driver.execute(set_timeout, prepare=False)
-            ids = [row[0] for row in driver.execute(_INSERT_MANY_SQL, (keys, created_at, *columns))]
-        return sorted(ids)
-
-    def _append_alone(self, channel: str, topic: str, data_json: str, run_id: str | None) -> Message:
-        """PostgreSQL, the hot path: one statement that is its own transaction, one round trip,
-        on the pool's connection without SQLAlchemy's per-statement layers (bench/publish.py)."""
-        created_at = self._now()
-        values = (INTENT, as_int4(intent_key(channel)), channel, topic, data_json, run_id, created_at)
-        with self._driver() as (driver, set_timeout):
-            driver.autocommit = True
-            if set_timeout:
-                # Behind a pooler that dropped the session's statement timeout: one simple query
-                # (values bound client-side), one implicit transaction, so SET LOCAL covers the INSERT.
-                cursor = psycopg.ClientCursor(driver)
-                cursor.execute(f"{set_timeout}; {_INSERT_SQL}", values)
-                cursor.nextset()
-                message_id = cursor.fetchone()[0]
-            else:
-                message_id = driver.execute(_INSERT_SQL, values).fetchone()[0]
-            driver.autocommit = False
-        return Message(message_id, channel, topic, data_json, run_id, created_at)
-
-    @contextmanager
-    def _driver(self) -> Iterator[tuple[Any, str | None]]:
-        """The psycopg connection of a pooled one, for the two hot paths above, and the statement
-        timeout its transactions must set themselves (None: the session has it; common/postgres.py);
-        back to the pool after, or discarded after an error: it may be mid-query."""
-        raw = self.engine.raw_connection()
-        try:
-            yield raw.driver_connection, per_transaction(raw)
-        except BaseException:
-            raw.invalidate()
-            raise
-        raw.close()
 
     def _append(
         self, conn: Connection, channel: str, topic: str, data_json: str, run_id: str | None,
