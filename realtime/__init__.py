@@ -5,9 +5,12 @@
                                                           many streams
 
 Modules, one idea each: `sse` (every frame of the wire format), `cursor`,
-`tokens`, `names`, `store` (the only SQL), `changes` (cross-process wake-up),
-`dispatch` (in-process fan-out), `stream` (one subscriber), `extension` (the
-Flask extension and Python API), `views` (HTTP), `cli` (`flask realtime ...`).
+`tokens`, `names`, `store` (the only SQL, with `schema`, `appends`, `reads`,
+`visibility`, `prune` and `folding` beside it), `changes` (cross-process
+wake-up), `dispatch` (in-process fan-out), `stream` (one subscriber),
+`text_streams` (text that grows while a job writes it, and its flusher),
+`extension` (the Flask extension and Python API), `views` (HTTP), `cli`
+(`flask realtime ...`).
 """
 from .errors import RealtimeError
 from .extension import Realtime
