@@ -164,6 +164,9 @@ class Dispatcher:
             try:
                 drawn = self.store.last_drawn()
                 writers = self.store.writers()  # looked at after `drawn`
+                # The database's epoch, read once per process, now: a stream that opens while
+                # the database stalls must not need it before its first byte (stream.py).
+                self.store.epoch  # noqa: B018
             except DatabaseUnavailable:
                 self._prime_failed_at = self._clock()
                 raise
