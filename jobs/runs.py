@@ -301,10 +301,9 @@ class RunStore:
     @database_call
     def cancel_requested(self, run_ids: Sequence[str]) -> set[str]:
         """Those of `run_ids` whose cancel was requested."""
+        query = select(runs.c.id).where(runs.c.id.in_(run_ids), runs.c.cancel_requested.is_(True))
         with self.engine.connect() as conn:
-            return set(conn.execute(
-                select(runs.c.id).where(runs.c.id.in_(run_ids), runs.c.cancel_requested.is_(True))
-            ).scalars())
+            return set(conn.execute(query).scalars())
 
     @database_call
     def cancel(self, run_id: str) -> None:

@@ -13,7 +13,7 @@ import json
 import threading
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import Connection, make_url
@@ -188,17 +188,10 @@ class MessageStore:
 
         Replay's read: a text stream comes as one message with its text so far (folding.py).
         """
-        where = [messages.c.channel == channel, messages.c.id > after_id, not_superseded(through)]
-        if through is not None:
-            where.append(messages.c.id <= through)
+        where = [messages.c.channel == channel, messages.c.id > after_id]
         if topics is not None:
             where.append(messages.c.topic.in_(topics))
-        self._count_read("replay")
-        page = read_page(self.engine, where, limit, max_bytes, pruned_channel=channel)
-        if any(m.text_stream is not None for m in page):
-            self._count_read("replay")
-            page = fold(self.engine, page, max_bytes)
-        return page
+        return self._replay_page(where, limit, max_bytes, through, pruned_channel=channel)
 
     @database_call
     def read_after_many(
@@ -207,11 +200,17 @@ class MessageStore:
         """`read_after` for several channels at once, each from its own start (docs/protocol.md §12):
         one SELECT for all of them, in id order. `page.pruned_through` and `page.pruned_channels`
         say which channels were pruned past their start, as of the same snapshot."""
-        where = [ranges.where(), not_superseded(through)]
+        return self._replay_page([ranges.where()], limit, max_bytes, through, pruned_ranges=ranges)
+
+    def _replay_page(
+        self, where: list[Any], limit: int, max_bytes: int, through: int | None, **pruned: Any
+    ) -> Page:
+        """A replay page of the rows matching `where`, up to `through`, its text streams folded."""
+        where = [*where, not_superseded(through)]
         if through is not None:
             where.append(messages.c.id <= through)
         self._count_read("replay")
-        page = read_page(self.engine, where, limit, max_bytes, pruned_ranges=ranges)
+        page = read_page(self.engine, where, limit, max_bytes, **pruned)
         if any(m.text_stream is not None for m in page):
             self._count_read("replay")
             page = fold(self.engine, page, max_bytes)

@@ -7,19 +7,14 @@ the page's one stream. The browser, page and console fixtures are tests/test_bro
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from typing import Iterator
 
-import httpx
 import pytest
 from playwright.sync_api import expect
 
 from browser_support import SUBSCRIBE_URL, screenshot
-from conftest import ROOT, free_port, wait_until
 from test_browser import browser, console, page  # noqa: F401 - fixtures
-from test_demo import make_run_command
+from test_demo import serve_make_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -51,37 +46,9 @@ def dev_server(tmp_path, monkeypatch) -> Iterator[str]:
     """`make run`'s command on a free port, with reports that last a few seconds and a job
     thread for each, so all ten run at once: what the page shows is then the page's doing."""
     monkeypatch.delenv("FLASK_DEMO_ENABLED", raising=False)  # `flask run` turns the demo on by itself
-    port = free_port()
-    env = {
-        **os.environ,
-        "SECRET_KEY": "hub-secret",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'hub.sqlite3'}",
-        "FLASK_DEMO_REPORT_STEP_S": "2.5",
-        "FLASK_JOBS_THREADS": str(REPORTS),
-    }
-    with open(tmp_path / "flask.log", "wb") as log:
-        process = subprocess.Popen(make_run_command(port), cwd=ROOT, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"flask run exited: {(tmp_path / 'flask.log').read_text()[-3000:]}")
-        try:
-            return httpx.get(url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(answers, timeout=30, what=f"flask run on port {port}")
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    yield from serve_make_run(
+        tmp_path, SECRET_KEY="hub-secret", FLASK_DEMO_REPORT_STEP_S="2.5", FLASK_JOBS_THREADS=str(REPORTS),
+    )
 
 
 def test_ten_reports_progress_together_and_a_reload_replays_them_over_one_connection(

@@ -165,12 +165,10 @@ def make_run_command(port: int) -> list[str]:
     return [sys.executable, "-m", "flask", *words[1:]]
 
 
-@pytest.fixture
-def make_run(tmp_path, monkeypatch) -> Iterator[str]:
-    """`make run`'s server (Flask's, with its SECRET_KEY from the environment), its URL."""
-    monkeypatch.delenv("FLASK_DEMO_ENABLED", raising=False)
+def serve_make_run(tmp_path, **env: str) -> Iterator[str]:
+    """`make run`'s command on a free port, with `env` beside the process's: its URL, until closed."""
     port = free_port()
-    env = {**os.environ, "SECRET_KEY": "make-run-secret", "DATABASE_URL": f"sqlite:///{tmp_path / 'run.sqlite3'}"}
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'run.sqlite3'}", **env}
     with open(tmp_path / "flask.log", "wb") as log:
         process = subprocess.Popen(make_run_command(port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -194,6 +192,13 @@ def make_run(tmp_path, monkeypatch) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@pytest.fixture
+def make_run(tmp_path, monkeypatch) -> Iterator[str]:
+    """`make run`'s server (Flask's, with its SECRET_KEY from the environment), its URL."""
+    monkeypatch.delenv("FLASK_DEMO_ENABLED", raising=False)
+    yield from serve_make_run(tmp_path, SECRET_KEY="make-run-secret")
 
 
 @pytest.mark.integration
