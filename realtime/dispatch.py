@@ -45,6 +45,7 @@ from .replay import ReplayReads
 from .schema import intent_key
 from .store import Message, MessageStore, Page
 from .subscription import Channel, Frame, SeveralChannels, Subscription
+from .ticker import Ticker
 from .visibility import backoff
 
 __all__ = ["Channel", "Clock", "Dispatcher", "Frame", "SeveralChannels", "Subscription"]
@@ -60,7 +61,7 @@ def _has_hole(rows: Page, after_id: int) -> bool:
     return bool(rows) and rows[-1].id - after_id != len(rows)
 
 
-class Dispatcher:
+class Dispatcher(Ticker):
     """Reads new rows once per process and offers each frame to the streams of its channel.
 
     `clock` (monotonic seconds) is injected so tests move time instead of
@@ -129,11 +130,7 @@ class Dispatcher:
         return {s for channel in self._channels.values() for s in channel.subscriptions}
 
     def start(self) -> None:
-        """Start the reader and the ticker once (lazily: never at import, always after a fork).
-
-        Two threads, so that keep-alives and send timeouts depend on nothing
-        but the clock: the reader may wait on a database that is away.
-        """
+        """Start the reader and the ticker (ticker.py says why two) once: lazily, after a fork."""
         with self._lock:
             if self._threads or self._stopping:
                 return
@@ -384,33 +381,6 @@ class Dispatcher:
             if not subscription.deferred:
                 self._deferring.discard(subscription)
 
-    def send_keep_alives(self) -> None:
-        """Queue `: keep-alive` for every stream that was quiet for about heartbeat_s."""
-        now = self._clock()
-        quiet_since = now - (self.heartbeat_s - self.tick_s)
-        with self._lock:
-            for channel in self._channels.values():
-                queued = [s.keep_alive(now) for s in channel.subscriptions if s.quiet_since <= quiet_since]
-                if any(queued):
-                    channel.wake()
-
-    def cut_stalled(self) -> int:
-        """End the streams blocked writing to a client for send_timeout_s; return how many.
-
-        A client that stops reading fills its socket buffers, and the stream's
-        write then waits: the queue bound cannot see it, and the stream would
-        hold its greenlet, its buffers and any reload until the client goes.
-        """
-        stalled_since = self._clock() - self.send_timeout_s
-        with self._lock:
-            stalled = {  # a set: one of several channels is in each of its channels' sets
-                s for channel in self._channels.values() for s in channel.subscriptions
-                if s.writing_since is not None and s.writing_since <= stalled_since
-            }
-        for subscription in stalled:
-            subscription.cut("send_timeout")
-        return len(stalled)
-
     def _read_forever(self) -> None:
         backoff = 0.1
         while not self._stopping:
@@ -427,12 +397,3 @@ class Dispatcher:
                 threading.Event().wait(backoff)
                 backoff = min(backoff * 2, 2.0)
         self._feed.close()
-
-    def _tick_forever(self) -> None:
-        while not self._stopping:
-            self._stopped.wait(self.tick_s)
-            try:
-                self.send_keep_alives()
-                self.cut_stalled()
-            except Exception:
-                log.exception("realtime ticker failed")
