@@ -34,8 +34,9 @@ from common import jsontext
 from .reads import Message, Page, message_from
 from .schema import messages
 
-def not_superseded(through: int | None) -> Any:
-    """The page's condition: not a text stream's message followed, in range, by another of its stream."""
+def not_superseded(through: Any) -> Any:
+    """The page's condition: not a text stream's message followed, in range (up to `through`, an id,
+    a bound parameter or None), by another of its stream."""
     later = messages.alias("later")
     condition = [
         later.c.channel == messages.c.channel,

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping, Sequence
 
-from sqlalchemy import Engine, LargeBinary, and_, cast, false, func, literal, or_, select, true
+from sqlalchemy import Engine, Integer, LargeBinary, Select, and_, bindparam, cast, false, func, literal, or_, select, true
 
 from common.database import as_utc
 
 from .schema import messages, pruned
 
 PAGE_BYTES = 4 * 1024 * 1024  # the most message data one read returns, but for its first message
+#: The columns of a page's rows, in this order (run_page reads them by position).
+PAGE_COLUMNS = ("id", "channel", "topic", "data", "run_id", "created_at", "text_stream", "text_seq")
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,19 @@ class Message:
     def envelope_json(self) -> str:
         """The envelope of docs/protocol.md §5, built around the stored data text without re-encoding it."""
         dump = json.dumps
-        created_at = self.created_at.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        created_at = _utc_text(self.created_at)
         return (
             f'{{"id": {self.id}, "channel": {dump(self.channel)}, "topic": {dump(self.topic)}, '
             f'"data": {self.data_json}, "run_id": {dump(self.run_id)}, '
             f'"created_at": {dump(created_at)}}}'
         )
+
+
+@lru_cache(maxsize=1024)
+def _utc_text(created_at: datetime) -> str:
+    """A creation time as the envelope writes it. Kept for the times seen last: the messages of
+    one batch share theirs, and the dispatcher writes an envelope for every message it delivers."""
+    return created_at.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True)
@@ -170,61 +180,79 @@ def read_page(
     of data but the first. With `pruned_channel`, the page also carries that channel's prune
     mark, read by the same statement (one snapshot, even when no row matches); with
     `pruned_ranges`, the marks of the channels pruned past their start, and their names."""
+    query = page_query(
+        where, postgres=engine.dialect.name == "postgresql", pruned_channel=pruned_channel, pruned_ranges=pruned_ranges
+    )
+    marks = "ranges" if pruned_ranges is not None else "channel" if pruned_channel is not None else None
+    return run_page(engine, query, {}, limit, max_bytes, marks=marks)
+
+
+def page_query(
+    where: Sequence[Any], *, postgres: bool, pruned_channel: Any = None, pruned_ranges: Ranges | None = None
+) -> Select:
+    """`read_page`'s statement, its limits the bound parameters `page_limit` and `page_bytes`
+    (`run_page` binds them). A statement of bound parameters only is built once and kept
+    (queries.py): building one costs more than the database takes to answer it."""
     # Bounded in bytes as well as rows: 500 rows of the largest message would be
     # 250 MB in memory. The database sums the sizes over the page (a window over
-    # at most `limit` ids, never their data) and returns the rows that start
-    # before the budget is spent, so at least one.
-    data_size = (
-        func.octet_length(messages.c.data) if engine.dialect.name == "postgresql"
-        else func.length(cast(messages.c.data, LargeBinary))
+    # at most `limit` rows; PostgreSQL reads a large value's size without
+    # detoasting it) and returns the rows that start before the budget is spent,
+    # so at least one. One pass over the page's rows: no join back to the table,
+    # which the planner answered with a scan of the whole table.
+    data_size = func.octet_length(messages.c.data) if postgres else func.length(cast(messages.c.data, LargeBinary))
+    first = (
+        select(*(messages.c[name] for name in PAGE_COLUMNS), data_size.label("size")).where(*where).order_by(messages.c.id)
+        .limit(bindparam("page_limit", type_=Integer)).subquery()
     )
-    first = select(messages.c.id, data_size.label("size")).where(*where).order_by(messages.c.id).limit(limit).subquery()
     sized = select(
-        first.c.id,
-        first.c.size,
-        func.sum(first.c.size).over(order_by=first.c.id).label("through"),
+        *(first.c[name] for name in PAGE_COLUMNS),
+        (func.sum(first.c.size).over(order_by=first.c.id) - first.c.size).label("before"),
         func.count().over().label("rows"),
     ).subquery()
     rows = (
-        select(messages, sized.c.rows)
-        .join(sized, messages.c.id == sized.c.id)
-        .where(sized.c.through - sized.c.size < max_bytes)
+        select(*(sized.c[name] for name in PAGE_COLUMNS), sized.c.rows)
+        .where(sized.c.before < bindparam("page_bytes", type_=Integer))
     )
-    names = None
     if pruned_channel is None and pruned_ranges is None:
-        with engine.connect() as conn:
-            found = conn.execute(rows.order_by(messages.c.id)).all()
-        mark = 0
+        return rows.order_by(sized.c.id)
+    # One row for the mark, joined to the page's rows (or to none: an empty page still knows).
+    page = rows.subquery()
+    if pruned_ranges is None:
+        marks = [func.coalesce(
+            select(pruned.c.through_id).where(pruned.c.channel == pruned_channel).scalar_subquery(), 0
+        ).label("pruned_through")]
     else:
-        # One row for the mark, joined to the page's rows (or to none: an empty page still knows).
-        page = rows.subquery()
-        if pruned_ranges is None:
-            marks = [func.coalesce(
-                select(pruned.c.through_id).where(pruned.c.channel == pruned_channel).scalar_subquery(), 0
-            ).label("pruned_through")]
-        else:
-            # Channel names hold no space: the pruned ones travel as one text in the same snapshot.
-            joined = (func.string_agg if engine.dialect.name == "postgresql" else func.group_concat)(
-                pruned.c.channel, literal(" ")
-            )
-            where = pruned_ranges.pruned_where()
-            marks = [
-                func.coalesce(select(func.max(pruned.c.through_id)).where(where).scalar_subquery(), 0)
-                .label("pruned_through"),
-                select(joined).where(where).scalar_subquery().label("pruned_channels"),
-            ]
-        mark_of = select(*marks).subquery()
-        query = (
-            select(mark_of, page)
-            .select_from(mark_of.outerjoin(page, true()))
-            .order_by(page.c.id)
-        )
-        with engine.connect() as conn:
-            found = conn.execute(query).all()
+        # Channel names hold no space: the pruned ones travel as one text in the same snapshot.
+        joined = (func.string_agg if postgres else func.group_concat)(pruned.c.channel, literal(" "))
+        where = pruned_ranges.pruned_where()
+        marks = [
+            func.coalesce(select(func.max(pruned.c.through_id)).where(where).scalar_subquery(), 0)
+            .label("pruned_through"),
+            select(joined).where(where).scalar_subquery().label("pruned_channels"),
+        ]
+    mark_of = select(*marks).subquery()
+    return select(mark_of, page).select_from(mark_of.outerjoin(page, true())).order_by(page.c.id)
+
+
+def run_page(
+    engine: Engine, query: Select, params: Mapping[str, Any], limit: int, max_bytes: int, *, marks: str | None
+) -> Page:
+    """The page `query` (from `page_query`) reads with `params`; `marks`: None, or the prune marks it
+    carries, "channel" (a channel's mark) or "ranges" (the highest mark and the pruned channels' names)."""
+    with engine.connect() as conn:
+        found = conn.execute(query, {**params, "page_limit": limit, "page_bytes": max_bytes}).all()
+    mark, names = 0, ()
+    if marks is not None:
         mark = found[0].pruned_through if found else 0
-        if pruned_ranges is not None and found and found[0].pruned_channels:
+        if marks == "ranges" and found and found[0].pruned_channels:
             names = tuple(sorted(found[0].pruned_channels.split(" ")))
         found = [row for row in found if row.id is not None]
     # Full in rows (more may follow), or cut short by the byte budget.
     more = bool(found) and (found[0].rows >= limit or len(found) < found[0].rows)
-    return Page(tuple(message_from(row) for row in found), more, mark, names or ())
+    # By position, PAGE_COLUMNS' order after the marks: the dispatcher reads every new row here,
+    # and a row's attributes by name cost twice as much.
+    first = {None: 0, "channel": 1, "ranges": 2}[marks]
+    return Page(tuple(
+        Message(id_, channel, topic, data, run_id, as_utc(created_at), text_stream=stream, text_seq=seq)
+        for id_, channel, topic, data, run_id, created_at, stream, seq in (row[first:first + 8] for row in found)
+    ), more, mark, names)

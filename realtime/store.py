@@ -13,7 +13,7 @@ import json
 import threading
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import Connection, make_url
@@ -21,15 +21,15 @@ from sqlalchemy.orm import Session
 
 from common.database import Database, database_call, utcnow
 
-from . import metrics
+from . import metrics, queries
 from .errors import IdempotencyKeyReused
 from .appends import insert_batch, insert_one
 from .changes import ChangeFeed, Notifier, PollingChangeFeed, PostgresChangeFeed
 from .folding import fold, not_superseded, unended
 from .prune import Pruner
-from .reads import PAGE_BYTES, Message, NewMessage, Page, Ranges, message_from, read_page
+from .reads import PAGE_BYTES, Message, NewMessage, Page, Ranges, message_from, read_page, run_page
 from .schema import (
-    INTENT, INTENT_KEY_SQL, NOTIFY_CHANNEL, as_int4, create_schema, idempotency, intent_key, messages,
+    INTENT, NOTIFY_CHANNEL, as_int4, create_schema, idempotency, intent_key, messages,
     meta, pruned,
 )
 from .visibility import LAST_DRAWN, NO_WRITERS, WriterProbe, Writers, backoff
@@ -188,10 +188,10 @@ class MessageStore:
 
         Replay's read: a text stream comes as one message with its text so far (folding.py).
         """
-        where = [messages.c.channel == channel, messages.c.id > after_id]
-        if topics is not None:
-            where.append(messages.c.topic.in_(topics))
-        return self._replay_page(where, limit, max_bytes, through, pruned_channel=channel)
+        query = queries.channel_page(self.is_postgres, topics is not None, through is not None)
+        params = {"channel": channel, "after_id": after_id, "topics": list(topics or ()), "through": through}
+        self._count_read("replay")
+        return self._folded(run_page(self.engine, query, params, limit, max_bytes, marks="channel"), max_bytes)
 
     @database_call
     def read_after_many(
@@ -200,17 +200,14 @@ class MessageStore:
         """`read_after` for several channels at once, each from its own start (docs/protocol.md §12):
         one SELECT for all of them, in id order. `page.pruned_through` and `page.pruned_channels`
         say which channels were pruned past their start, as of the same snapshot."""
-        return self._replay_page([ranges.where()], limit, max_bytes, through, pruned_ranges=ranges)
-
-    def _replay_page(
-        self, where: list[Any], limit: int, max_bytes: int, through: int | None, **pruned: Any
-    ) -> Page:
-        """A replay page of the rows matching `where`, up to `through`, its text streams folded."""
-        where = [*where, not_superseded(through)]
+        where = [ranges.where(), not_superseded(through)]
         if through is not None:
             where.append(messages.c.id <= through)
         self._count_read("replay")
-        page = read_page(self.engine, where, limit, max_bytes, **pruned)
+        return self._folded(read_page(self.engine, where, limit, max_bytes, pruned_ranges=ranges), max_bytes)
+
+    def _folded(self, page: Page, max_bytes: int) -> Page:
+        """A replay page with its text streams folded (folding.py)."""
         if any(m.text_stream is not None for m in page):
             self._count_read("replay")
             page = fold(self.engine, page, max_bytes)
@@ -228,13 +225,10 @@ class MessageStore:
         keys: Sequence[int] | None = None,
     ) -> Page:
         """The same for every channel (the dispatcher's read), or for the channels of these intent keys."""
-        where = [messages.c.id > after_id]
-        if through is not None:
-            where.append(messages.c.id <= through)
-        if keys is not None:
-            where.append(text(f"{INTENT_KEY_SQL} = ANY(:keys)").bindparams(keys=[as_int4(k) for k in keys]))
+        query = queries.new_rows(self.is_postgres, through is not None, keys is not None)
+        params = {"after_id": after_id, "through": through, "keys": [as_int4(k) for k in keys or ()]}
         self._count_read("dispatcher")
-        return read_page(self.engine, where, limit, max_bytes)
+        return run_page(self.engine, query, params, limit, max_bytes, marks=None)
 
     def _count_read(self, kind: str) -> None:
         """A SELECT of messages: for tests (`reads`) and for operators (/metrics, by kind)."""
