@@ -217,6 +217,7 @@ def live(server: BenchServer, db: Database, pool: TextClientPool, args: argparse
 
     latencies: list[float] = []
     from_due: list[float] = []  # from when the token was due (the LLM produced it): a late writer shows here
+    by_second: dict[int, list[float]] = {}  # latencies by the second of the run they were written in
     mismatches, gaps, frames, received_bytes = [], 0, 0, 0
     for index, record in zip(pool.order(n), records):
         times, lengths = written[index]
@@ -233,6 +234,7 @@ def live(server: BenchServer, db: Database, pool: TextClientPool, args: argparse
             j = bisect.bisect_left(got_lengths, offset)
             if j < len(stamps):
                 latencies.append(stamps[j] - called)
+                by_second.setdefault(int(called - start), []).append(stamps[j] - called)
                 from_due.append(stamps[j] - (start + phase + k / args.rate))
     latencies.sort()
     from_due.sort()
@@ -247,6 +249,7 @@ def live(server: BenchServer, db: Database, pool: TextClientPool, args: argparse
         "mode": mode, "generations": n, "seconds": args.seconds, "rate": args.rate, "tokens": written_tokens,
         "p50_ms": percentile(latencies, 0.5) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
         "max_ms": latencies[-1] * 1000, "matched": len(latencies),
+        "p99_ms_by_second": [round(percentile(sorted(v), 0.99) * 1000, 1) for _, v in sorted(by_second.items())],
         "from_due_p50_ms": percentile(from_due, 0.5) * 1000, "from_due_p99_ms": percentile(from_due, 0.99) * 1000,
         "mismatches": len(mismatches), "mismatched": mismatches[:10], "gaps": gaps,
         "ended": sum(r["ended"] for r in ended),
@@ -468,8 +471,8 @@ def main() -> None:
             print(f"{mode} N={n}: p50 {result['p50_ms']:.1f} p99 {result['p99_ms']:.1f} max {result['max_ms']:.1f} ms, "
                   f"mismatches {result['mismatches']}, rows/gen-s {result['rows_per_gen_s']:.1f}, "
                   f"CPU µs/token {', '.join(f'{k} {v:.1f}' for k, v in result['cpu_us_per_token'].items())}, "
-                  f"busy {result['machine_busy'] * 100:.0f}%, writers late p99 {result['writer_late_p99_ms']:.1f} ms",
-                  flush=True)
+                  f"busy {result['machine_busy'] * 100:.0f}%, writers late p99 {result['writer_late_p99_ms']:.1f} ms, "
+                  f"p99 by second {result['p99_ms_by_second']}", flush=True)
         pool.stop()
         pool = None
         if "reload" in phases:
