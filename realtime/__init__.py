@@ -6,7 +6,7 @@
 
 Modules, one idea each: `sse` (every frame of the wire format), `cursor`,
 `tokens`, `names`, `store` (the only SQL, with `schema`, `appends`, `reads`,
-`visibility`, `prune` and `folding` beside it), `changes` (cross-process
+`queries`, `visibility`, `prune` and `folding` beside it), `changes` (cross-process
 wake-up), `dispatch` (in-process fan-out, with `ticker`: keep-alives and send
 timeouts), `stream` (one subscriber),
 `text_streams` (text that grows while a job writes it, and its flusher),

@@ -200,8 +200,9 @@ def page_query(
     # so at least one. One pass over the page's rows: no join back to the table,
     # which the planner answered with a scan of the whole table.
     data_size = func.octet_length(messages.c.data) if postgres else func.length(cast(messages.c.data, LargeBinary))
+    columns = [messages.c[name] for name in PAGE_COLUMNS]
     first = (
-        select(*(messages.c[name] for name in PAGE_COLUMNS), data_size.label("size")).where(*where).order_by(messages.c.id)
+        select(*columns, data_size.label("size")).where(*where).order_by(messages.c.id)
         .limit(bindparam("page_limit", type_=Integer)).subquery()
     )
     sized = select(
