@@ -18,8 +18,10 @@ Two steps, both here:
    continues with the next live delta.
 2. `fold` rebuilds each remaining text message's text from the stream's
    messages of the same attempt (from its last seq 0 on, one SELECT for the
-   page), applying the client's own rule: a seq already applied is ignored (a
-   flush stored twice after a commit whose answer was lost).
+   page), applying the client's own rule: only the next seq is appended, so a
+   seq already applied (a flush stored twice after a commit whose answer was
+   lost) and one that is no next seq (a writer that outlived its attempt) are
+   ignored.
 """
 from __future__ import annotations
 
@@ -104,8 +106,10 @@ class _Attempt:
         self.end = {key: first[key] for key in ("status", "error") if key in first}
 
     def apply(self, data: dict[str, Any]) -> None:
-        if data["seq"] <= self.seq:
-            return  # stored twice
+        if data["seq"] != self.seq + 1:
+            # Stored twice (a repeat), or no next seq: a stale writer's late delta after the
+            # next attempt's start. The client ignores both (realtime.js nextTextState).
+            return
         self.seq = data["seq"]
         self.pieces.append(data.get("delta", ""))
         self.end = {key: data[key] for key in ("status", "error") if key in data}

@@ -152,6 +152,40 @@ def test_a_retried_attempt_restarts_at_seq_0_and_only_it_is_shown(realtime):
     assert failed_end == [{"text_stream": "same", "seq": 2, "delta": "", "status": "failed", "error": "RuntimeError"}]
 
 
+def test_a_stale_writers_late_delta_after_the_next_attempt_folds_as_the_client_shows_it(realtime):
+    """A writer cut off from the database (its run's lease lapsed and another worker retried the
+    step) stores its queued text once it is back, after the new attempt's start. The client
+    ignores a delta whose seq is not the next one, and a replay's fold must agree: not append
+    it, nor take the stale end for the running attempt's."""
+    from realtime.text_streams import TextStream
+
+    stale = TextFlusher(realtime.store.append_many, interval_s=None)
+    old = TextStream(stale, CHANNEL, "answer", "same").__enter__()
+    for piece in ("one ", "two ", "three "):
+        old.write(piece)
+        stale.flush()  # seqs 0-3, one delta per flush
+    old.write("four ")  # queued: the database is away for this writer
+    with realtime.text_stream(CHANNEL, "answer", "same") as out:  # the retry, on another worker
+        out.write("new")
+        flush(realtime)  # seqs 0, 1
+        stale.flush()  # the old writer is back: its late delta, seq 4
+        out.write(" attempt")
+        flush(realtime)  # seq 2
+        client = Client()
+        for message in live(realtime):
+            client.apply(message)
+        assert client.texts["same"] == {"text": "new attempt", "seq": 2, "status": "streaming"}
+        [folded] = replay(realtime)
+        assert folded.data == {"text_stream": "same", "seq": 2, "text": "new attempt"}
+    client = Client()
+    for message in live(realtime):
+        client.apply(message)
+    assert client.texts["same"] == {"text": "new attempt", "seq": 3, "status": "completed"}
+    [folded] = replay(realtime)
+    assert folded.data == {"text_stream": "same", "seq": 3, "text": "new attempt", "status": "completed"}
+    old.__exit__(None, None, None)
+
+
 class Stop(Exception):
     pass
 
