@@ -101,6 +101,7 @@ class Realtime:
         self.text_max_bytes = int(config["REALTIME_TEXT_MAX_BYTES"])
         self.text_flusher = TextFlusher(
             lambda items: self.store.append_many(items, on_commit=self.dispatcher.notify_appended),
+            newer_starts=self.store.newer_text_starts,
             interval_s=None if config["REALTIME_TEXT_FLUSH_MS"] is None else float(config["REALTIME_TEXT_FLUSH_MS"]) / 1000,
         )
         self.tokens = TokenIssuer(config["SECRET_KEY"], ttl_s=float(config["REALTIME_TOKEN_TTL_S"]))

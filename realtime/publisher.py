@@ -105,7 +105,7 @@ class Publisher:
             if self._text_flusher is None:
                 self._text_flusher = TextFlusher(
                     lambda items: self.store.append_many(items, on_commit=self._committed),
-                    interval_s=self.text_flush_s,
+                    newer_starts=self.store.newer_text_starts, interval_s=self.text_flush_s,
                 )
         return TextStream(
             self._text_flusher, *check_text_stream(channel, topic, id, run_id), run_id=run_id,

@@ -1,4 +1,4 @@
-"""The store's two hottest reads, each statement built once and kept.
+"""The store's hottest reads, each statement built once and kept.
 
 Building a page's statement with SQLAlchemy (its subqueries, its window and
 the fold's condition) costs about a millisecond of CPU, several times what
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from sqlalchemy import BigInteger, Select, bindparam, text
+from sqlalchemy import BigInteger, Select, bindparam, select, text
 
 from .folding import not_superseded
 from .reads import page_query
@@ -44,3 +44,14 @@ def new_rows(postgres: bool, through: bool, keys: bool) -> Select:
     if keys:
         where.append(text(f"{INTENT_KEY_SQL} = ANY(:keys)"))
     return page_query(where, postgres=postgres)
+
+
+@lru_cache(maxsize=None)
+def text_starts() -> Select:
+    """The attempts of text streams on `:channels` that started after id `:after`: a flush's
+    question whether a newer attempt of one of its streams began (`MessageStore.newer_text_starts`)."""
+    return select(messages.c.channel, messages.c.text_stream, messages.c.id).where(
+        messages.c.text_seq == 0,
+        messages.c.channel.in_(bindparam("channels", expanding=True)),
+        messages.c.id > bindparam("after", type_=BigInteger),
+    )

@@ -63,6 +63,11 @@ messages = Table(
         "ix_realtime_messages_text_stream", "channel", "text_stream", "id",
         postgresql_where=text("text_stream IS NOT NULL"), sqlite_where=text("text_stream IS NOT NULL"),
     ),
+    # Each attempt's start: a flush asks whether a newer attempt of its streams began (text_streams.py).
+    Index(
+        "ix_realtime_messages_text_starts", "channel", "text_stream", "id",
+        postgresql_where=text("text_seq = 0"), sqlite_where=text("text_seq = 0"),
+    ),
     sqlite_autoincrement=True,
 )
 

@@ -214,6 +214,21 @@ class MessageStore:
         return page
 
     @database_call
+    def newer_text_starts(self, streams: Sequence[tuple[str, str, int]]) -> set[tuple[str, str]]:
+        """Of these text streams, each (channel, stream id, the id of its writer's attempt's start),
+        those a newer attempt of has started since: their writer outlived its attempt (text_streams.py)."""
+        if not streams:
+            return set()
+        self._count_read("lookup")
+        params = {"channels": sorted({channel for channel, _, _ in streams}), "after": min(s for _, _, s in streams)}
+        with self.engine.connect() as conn:
+            newer = conn.execute(queries.text_starts(), params).all()
+        latest: dict[tuple[str, str], int] = {}
+        for channel, sid, start in newer:
+            latest[channel, sid] = max(start, latest.get((channel, sid), 0))
+        return {(channel, sid) for channel, sid, start in streams if latest.get((channel, sid), 0) > start}
+
+    @database_call
     def unended_text_streams(self, run_id: str) -> Sequence[Message]:
         """The last message of each text stream of `run_id` that has no end (folding.py `unended`)."""
         self._count_read("lookup")

@@ -63,6 +63,15 @@ class TextStreamClosed(RuntimeError):
     """A write to a text stream that is not open (not entered yet, or ended)."""
 
 
+class TextStreamSuperseded(TextStreamClosed):
+    """A newer attempt of the stream (same channel and id) started: this writer outlived its attempt.
+
+    E.g. a job's step that lost its lease while cut off from the database, and was retried
+    by another worker. Nothing this writer writes is stored any more (the flusher found the
+    newer start), so its text never mixes into the attempt that is running.
+    """
+
+
 @dataclass(frozen=True)
 class _Start:
     """The start of an attempt: `{"seq": 0, "text": ""}`."""
@@ -100,9 +109,12 @@ class TextStream:
         self._queue: deque[str | _Start | _End] = deque()  # the writer appends, the flusher pops
         self._size = 0  # bytes of text written in this attempt
         self._state = "new"  # new -> open -> ended (the writer's view)
-        # The flusher's side: the last seq it numbered, and what it numbered but could not store yet.
+        # The flusher's side: the last seq it numbered, what it numbered but could not store yet,
+        # and the id of this attempt's stored start (None until stored).
         self._seq = 0
         self._unsent: list[NewMessage] = []
+        self._start_id: int | None = None
+        self._superseded = False  # set by the flusher: a newer attempt started (TextStreamSuperseded)
         self._end_stored = native_lock()  # released by the flusher once the end is stored
         self._end_stored.acquire()
 
@@ -113,6 +125,8 @@ class TextStream:
 
     def write(self, piece: str) -> None:
         """Append `piece` to the text; returns at once (stored by the next flush)."""
+        if self._superseded:
+            raise TextStreamSuperseded(f"a newer attempt of text stream {self.id!r} started; this one stores nothing more")
         if self._state != "open":
             raise TextStreamClosed(f"text stream {self.id!r} is {'not open' if self._state == 'new' else 'ended'}")
         if self._interrupt is not None:
@@ -220,11 +234,18 @@ class TextFlusher:
     end_timeout_s = 10.0
 
     def __init__(
-        self, append_many: Callable[[Sequence[NewMessage]], list[Message]], *, interval_s: float | None = 0.05
+        self,
+        append_many: Callable[[Sequence[NewMessage]], list[Message]],
+        *,
+        newer_starts: Callable[[Sequence[tuple[str, str, int]]], set[tuple[str, str]]] = lambda streams: set(),
+        interval_s: float | None = 0.05,
     ) -> None:
-        """`interval_s` None: no thread; `flush()` stores, called by the caller (and by each end),
-        as eager mode runs jobs inline: tests then see every flush."""
+        """`append_many` stores messages (`MessageStore.append_many`); `newer_starts` tells which
+        streams a newer attempt of has started (`MessageStore.newer_text_starts`). `interval_s`
+        None: no thread; `flush()` stores, called by the caller (and by each end), as eager mode
+        runs jobs inline: tests then see every flush."""
         self._append_many = append_many
+        self._newer_starts = newer_starts
         self.interval_s = interval_s
         self._streams: dict[int, TextStream] = {}  # open streams, by id(); only the flusher removes
         self._hub = gevent_hub()  # made where the app is made: the hub the flusher greenlet belongs to
@@ -291,7 +312,13 @@ class TextFlusher:
 
     def _store(self, chunk: list[tuple[TextStream, list[NewMessage], bool]]) -> int:
         try:
-            self._append_many([message for _, messages, _ in chunk for message in messages])
+            # A stream whose writer outlived its attempt stores nothing more. Asked before the
+            # INSERT, not in it: a newer start committed between the two (a millisecond) is not
+            # seen, and its client then ignores the stale deltas unless a seq happens to follow.
+            newer = self._newer_starts([(s.channel, s.id, s._start_id) for s, _, _ in chunk if s._start_id is not None])
+            if newer:
+                chunk = self._drop_superseded(chunk, newer)
+            stored = self._append_many([message for _, messages, _ in chunk for message in messages]) if chunk else []
         except Exception as exc:
             # Kept, numbered, for the next flush: nothing written is lost, and a row stored by a
             # commit whose answer was lost comes again with the same seq, which readers ignore.
@@ -304,13 +331,38 @@ class TextFlusher:
             log.info("text streams: storing again after %.1f s", time.monotonic() - self._failing_since)
             self._failing_since = None
         metrics.TEXT_FLUSHES.inc()
+        position = 0
         for stream, messages, ended in chunk:
             stream._unsent = []
+            for message in stored[position:position + len(messages)]:  # in list order
+                if message.text_seq == 0:
+                    stream._start_id = message.id
+            position += len(messages)
             if ended:
-                self._streams.pop(id(stream), None)
-                metrics.TEXT_STREAMS_OPEN.dec()
-                stream._end_stored.release()
-        return sum(len(messages) for _, messages, _ in chunk)
+                self._forget(stream)
+        return position
+
+    def _drop_superseded(
+        self, chunk: list[tuple[TextStream, list[NewMessage], bool]], newer: set[tuple[str, str]]
+    ) -> list[tuple[TextStream, list[NewMessage], bool]]:
+        kept = []
+        for batch in chunk:
+            stream = batch[0]
+            if (stream.channel, stream.id) not in newer:
+                kept.append(batch)
+                continue
+            log.warning("text streams: a newer attempt of stream %r started; its earlier writer stores nothing more",
+                        stream.id)
+            stream._superseded = True
+            stream._unsent = []
+            self._forget(stream)
+        return kept
+
+    def _forget(self, stream: TextStream) -> None:
+        """The stream stores nothing more: ended and stored, or superseded. Its `end` returns."""
+        self._streams.pop(id(stream), None)
+        metrics.TEXT_STREAMS_OPEN.dec()
+        stream._end_stored.release()
 
     def close(self) -> None:
         """Stop the thread and store what is queued (a process that exits keeps what was written)."""

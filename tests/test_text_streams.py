@@ -186,6 +186,55 @@ def test_a_stale_writers_late_delta_after_the_next_attempt_folds_as_the_client_s
     old.__exit__(None, None, None)
 
 
+def test_a_writer_that_outlived_its_attempt_stores_nothing_after_the_newer_start(realtime):
+    """The same writer cut off from the database, its queued delta's seq exactly the one the new
+    attempt's client expects next (the case the client rule cannot tell apart): the flusher
+    finds the newer start and stores nothing more of the old writer, whose next write raises."""
+    from realtime.text_streams import TextStream, TextStreamSuperseded
+
+    stale = TextFlusher(realtime.store.append_many, newer_starts=realtime.store.newer_text_starts, interval_s=None)
+    old = TextStream(stale, CHANNEL, "answer", "same").__enter__()
+    old.write("one ")
+    stale.flush()  # seqs 0, 1
+    old.write("two ")  # queued: would be seq 2
+    with realtime.text_stream(CHANNEL, "answer", "same") as out:  # the retry, on another worker
+        out.write("new")
+        flush(realtime)  # seqs 0, 1: the old writer's seq 2 would follow
+        before = realtime.store.last_id()
+        assert stale.flush() == 0
+        assert realtime.store.last_id() == before
+        with pytest.raises(TextStreamSuperseded):
+            old.write("three ")
+        old.__exit__(TextStreamSuperseded, TextStreamSuperseded("x"), None)  # returns at once, stores no end
+        assert realtime.store.last_id() == before
+        out.write(" attempt")
+    client = Client()
+    for message in live(realtime):
+        client.apply(message)
+    assert client.texts["same"] == {"text": "new attempt", "seq": 3, "status": "completed"}
+    [folded] = replay(realtime)
+    assert folded.data == {"text_stream": "same", "seq": 3, "text": "new attempt", "status": "completed"}
+
+
+def test_a_newer_attempt_of_one_stream_leaves_the_others_of_the_flush_alone(realtime):
+    from realtime.text_streams import TextStream
+
+    stale = TextFlusher(realtime.store.append_many, newer_starts=realtime.store.newer_text_starts, interval_s=None)
+    streams = {sid: TextStream(stale, CHANNEL, "answer", sid).__enter__() for sid in ("a", "b", "c")}
+    stale.flush()
+    with realtime.text_stream(CHANNEL, "answer", "b") as out:
+        out.write("B again")
+    for sid, stream in streams.items():
+        stream.write(sid * 3)
+    stale.flush()
+    for stream in streams.values():
+        stream.__exit__(None, None, None)
+    client = Client()
+    for message in live(realtime):
+        client.apply(message)
+    assert {sid: state["text"] for sid, state in client.texts.items()} == {"a": "aaa", "b": "B again", "c": "ccc"}
+
+
 class Stop(Exception):
     pass
 
