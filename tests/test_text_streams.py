@@ -51,6 +51,15 @@ def replay(realtime, after: int = 0, *, limit: int = 500, topics=None):
         after = page[-1].id
 
 
+def seen(realtime, sid: str) -> tuple[dict, dict]:
+    """Text stream `sid` as a live client shows it (every message applied) and as a replay folds it."""
+    client = Client()
+    for message in live(realtime):
+        client.apply(message)
+    [folded] = replay(realtime)
+    return client.texts[sid], folded.data
+
+
 class Client:
     """The one client rule of §11, as realtime.js applies it."""
 
@@ -142,12 +151,10 @@ def test_a_retried_attempt_restarts_at_seq_0_and_only_it_is_shown(realtime):
     with realtime.text_stream(CHANNEL, "answer", "same") as out:
         out.write("second")
         flush(realtime)
-    client = Client()
-    for message in live(realtime):
-        client.apply(message)
-    assert client.texts["same"] == {"text": "second", "seq": 2, "status": "completed"}
-    [folded] = replay(realtime)
-    assert folded.data == {"text_stream": "same", "seq": 2, "text": "second", "status": "completed"}
+    assert seen(realtime, "same") == (
+        {"text": "second", "seq": 2, "status": "completed"},
+        {"text_stream": "same", "seq": 2, "text": "second", "status": "completed"},
+    )
     failed_end = [m.data for m in live(realtime) if m.data.get("status") == "failed"]
     assert failed_end == [{"text_stream": "same", "seq": 2, "delta": "", "status": "failed", "error": "RuntimeError"}]
 
@@ -171,18 +178,14 @@ def test_a_stale_writers_late_delta_after_the_next_attempt_folds_as_the_client_s
         stale.flush()  # the old writer is back: its late delta, seq 4
         out.write(" attempt")
         flush(realtime)  # seq 2
-        client = Client()
-        for message in live(realtime):
-            client.apply(message)
-        assert client.texts["same"] == {"text": "new attempt", "seq": 2, "status": "streaming"}
-        [folded] = replay(realtime)
-        assert folded.data == {"text_stream": "same", "seq": 2, "text": "new attempt"}
-    client = Client()
-    for message in live(realtime):
-        client.apply(message)
-    assert client.texts["same"] == {"text": "new attempt", "seq": 3, "status": "completed"}
-    [folded] = replay(realtime)
-    assert folded.data == {"text_stream": "same", "seq": 3, "text": "new attempt", "status": "completed"}
+        assert seen(realtime, "same") == (
+            {"text": "new attempt", "seq": 2, "status": "streaming"},
+            {"text_stream": "same", "seq": 2, "text": "new attempt"},
+        )
+    assert seen(realtime, "same") == (
+        {"text": "new attempt", "seq": 3, "status": "completed"},
+        {"text_stream": "same", "seq": 3, "text": "new attempt", "status": "completed"},
+    )
     old.__exit__(None, None, None)
 
 
@@ -208,12 +211,10 @@ def test_a_writer_that_outlived_its_attempt_stores_nothing_after_the_newer_start
         old.__exit__(TextStreamSuperseded, TextStreamSuperseded("x"), None)  # returns at once, stores no end
         assert realtime.store.last_id() == before
         out.write(" attempt")
-    client = Client()
-    for message in live(realtime):
-        client.apply(message)
-    assert client.texts["same"] == {"text": "new attempt", "seq": 3, "status": "completed"}
-    [folded] = replay(realtime)
-    assert folded.data == {"text_stream": "same", "seq": 3, "text": "new attempt", "status": "completed"}
+    assert seen(realtime, "same") == (
+        {"text": "new attempt", "seq": 3, "status": "completed"},
+        {"text_stream": "same", "seq": 3, "text": "new attempt", "status": "completed"},
+    )
 
 
 def test_a_newer_attempt_of_one_stream_leaves_the_others_of_the_flush_alone(realtime):
@@ -305,12 +306,10 @@ def test_a_failed_flush_keeps_its_pieces_and_a_stored_repeat_is_folded_once(real
     # The end's flush (4) stores seqs 1 and 2 again, then "c" and the end.
     stored = [m.data for m in live(realtime)]
     assert [d["seq"] for d in stored] == [0, 1, 2, 1, 2, 3, 4]
-    client = Client()
-    for message in live(realtime):
-        client.apply(message)
-    assert client.texts["blips"] == {"text": "abc", "seq": 4, "status": "completed"}
-    [folded] = replay(realtime)
-    assert folded.data == {"text_stream": "blips", "seq": 4, "text": "abc", "status": "completed"}
+    assert seen(realtime, "blips") == (
+        {"text": "abc", "seq": 4, "status": "completed"},
+        {"text_stream": "blips", "seq": 4, "text": "abc", "status": "completed"},
+    )
 
 
 def test_a_writer_that_died_leaves_a_stream_its_run_ends_as_interrupted(realtime):
