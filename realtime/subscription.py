@@ -152,7 +152,7 @@ class SeveralChannels(Subscription):
     one of its channels': the dispatcher wakes it when `release` queued something.
     """
 
-    __slots__ = ("channels", "topics_of", "keys", "_deferred", "_deferring")
+    __slots__ = ("channels", "topics_of", "keys", "_deferred", "_deferred_bytes", "_deferring")
 
     def __init__(
         self, scope: Mapping[str, Iterable[str] | None], keys: Iterable[int], limit: int, now: float,
@@ -163,6 +163,7 @@ class SeveralChannels(Subscription):
         self.topics_of = {c: tuple(sorted(set(t))) if t is not None else None for c, t in scope.items()}
         self.keys = tuple(keys)  # the channels' intent keys, to ask the holds about
         self._deferred: list[Frame] = []
+        self._deferred_bytes = 0
         self._deferring = deferring  # the dispatcher's set of subscriptions with deferred frames
 
     @property
@@ -175,18 +176,21 @@ class SeveralChannels(Subscription):
         topics = self.topics_of[message.channel]
         if topics is not None and message.topic not in topics:
             return False
-        if self.queued >= self._limit or self._pending_bytes > self.max_pending_bytes:
+        # Frames waiting for a held channel count toward both bounds, as queued ones do.
+        if self.queued >= self._limit or self._pending_bytes + self._deferred_bytes > self.max_pending_bytes:
             self.close("overflow")
             return False
         if not self._deferred:
             self._deferring.add(self)
         self._deferred.append((message.id, frame))
+        self._deferred_bytes += len(frame)
         return True
 
     def release(self, through: int | None, now: float) -> bool:
         """Queue the deferred frames up to id `through` (None: all), in id order; True if any was."""
         if self.closed_reason is not None:
             self._deferred.clear()
+            self._deferred_bytes = 0
             return False
         self._deferred.sort(key=_frame_id)
         if through is None:
@@ -196,6 +200,7 @@ class SeveralChannels(Subscription):
             ready, self._deferred = self._deferred[:cut], self._deferred[cut:]
         for frame in ready:
             self._queue(frame, now)
+            self._deferred_bytes -= len(frame[1])
         return bool(ready)
 
     @property
@@ -210,6 +215,7 @@ class SeveralChannels(Subscription):
 
     def close(self, reason: str) -> None:
         self._deferred.clear()
+        self._deferred_bytes = 0
         super().close(reason)
 
 

@@ -269,8 +269,8 @@ def test_a_pruned_channel_is_reset_by_name_and_the_others_lose_nothing(store, di
 # -- the dispatcher: one subscription, several channels, in id order --------------------------
 
 
-def message(n: int, channel: str) -> Message:
-    return Message(n, channel, "t", "{}", None, datetime.now(timezone.utc))
+def message(n: int, channel: str, data_json: str = "{}") -> Message:
+    return Message(n, channel, "t", data_json, None, datetime.now(timezone.utc))
 
 
 def test_one_subscription_is_registered_with_each_channel_and_leaves_all(dispatcher):
@@ -294,6 +294,21 @@ def test_a_held_channel_holds_the_others_back_until_its_message_comes(dispatcher
     dispatcher._holds = Holds()
     dispatcher._deliver([message(11, "a")])
     assert [i for i, _ in subscription.take()] == [11, 12]
+
+
+def test_frames_held_back_for_a_held_channel_are_bounded_in_bytes_too(dispatcher):
+    """A client of several channels that stops reading while one of them is held must not grow
+    the worker past the byte bound any more than a stream of one channel may."""
+    subscription = dispatcher.subscribe_many({"a": None, "b": None})
+    writer = Writer("1/1", 1, frozenset({intent_key("a")}))
+    dispatcher._holds = Holds().adding(Writers(1, {writer.vxid: writer}), 0, 0.0)
+    big = "x" * (1024 * 1024)
+    for n in range(1, 11):
+        dispatcher._deliver([message(n, "b", json.dumps(big))])
+        if subscription.closed_reason is not None:
+            break
+    assert subscription.closed_reason == "overflow"
+    assert n < 10 and subscription.queued == 0
 
 
 def test_ranges_move_on_after_a_page_but_not_below_a_channels_start():
