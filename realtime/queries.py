@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from sqlalchemy import BigInteger, Select, bindparam, select, text
+from sqlalchemy import BigInteger, Select, String, any_, bindparam, select, text
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from .folding import not_superseded
 from .reads import page_query
@@ -47,11 +48,15 @@ def new_rows(postgres: bool, through: bool, keys: bool) -> Select:
 
 
 @lru_cache(maxsize=None)
-def text_starts() -> Select:
+def text_starts(postgres: bool) -> Select:
     """The attempts of text streams on `:channels` that started after id `:after`: a flush's
-    question whether a newer attempt of one of its streams began (`MessageStore.newer_text_starts`)."""
+    question whether a newer attempt of one of its streams began (`MessageStore.newer_text_starts`).
+    On PostgreSQL the channels are one array parameter: the same statement for any number of them
+    (an IN list of 500 cost 3 ms of the writer's CPU per flush to render and send)."""
+    if postgres:
+        channels = messages.c.channel == any_(bindparam("channels", type_=ARRAY(String)))
+    else:
+        channels = messages.c.channel.in_(bindparam("channels", expanding=True))
     return select(messages.c.channel, messages.c.text_stream, messages.c.id).where(
-        messages.c.text_seq == 0,
-        messages.c.channel.in_(bindparam("channels", expanding=True)),
-        messages.c.id > bindparam("after", type_=BigInteger),
+        messages.c.text_seq == 0, channels, messages.c.id > bindparam("after", type_=BigInteger),
     )

@@ -222,7 +222,7 @@ class MessageStore:
         self._count_read("lookup")
         params = {"channels": sorted({channel for channel, _, _ in streams}), "after": min(s for _, _, s in streams)}
         with self.engine.connect() as conn:
-            newer = conn.execute(queries.text_starts(), params).all()
+            newer = conn.execute(queries.text_starts(self.is_postgres), params).all()
         latest: dict[tuple[str, str], int] = {}
         for channel, sid, start in newer:
             latest[channel, sid] = max(start, latest.get((channel, sid), 0))
