@@ -36,7 +36,6 @@ import argparse
 import http.client
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -61,22 +60,13 @@ WARM_STREAMS = 10
 class ChannelsClientPool(ClientPool):
     """`count` channels_load.py processes; stream i of an `open_paths` goes to process i % count."""
 
-    def __init__(self, count: int) -> None:
-        self.procs = [
-            subprocess.Popen([sys.executable, str(HERE / "channels_load.py")], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, cwd=ROOT)
-            for _ in range(count)
-        ]
-        self._buffers = [b""] * count
+    script = "channels_load.py"
 
     def open_paths(self, server: BenchServer, paths: list[str], concurrency: int, timeout: float) -> dict:
         count = len(self.procs)
         commands = [{"cmd": "open_paths", "host": server.host, "port": server.port, "paths": paths[p::count],
                      "concurrency": concurrency, "timeout": timeout} for p in range(count)]
-        replies = self.call(commands, timeout + 15)
-        total = {key: sum(r[key] for r in replies) for key in ("ready", "failed", "pending")}
-        total["errors"] = sorted({e for r in replies for e in r["errors"]})[:5]
-        return total
+        return self.opened(self.call(commands, timeout + 15))
 
     def order(self, n: int) -> list[int]:
         """The index in `paths` of each stream of `records()`, for an `open_paths` of n paths."""

@@ -28,15 +28,16 @@ class BenchTimeout(Exception):
 # -- the subscriber processes ------------------------------------------------------
 
 
-class ClientPool:
-    """`count` load.py processes, each answering one JSON line per command."""
+class Processes:
+    """`count` processes of one bench script, each answering one JSON line per command (load.py's
+    protocol): the pools of run.py (load.py), channels.py (channels_load.py) and texts.py (text_load.py)."""
+
+    script = "load.py"
 
     def __init__(self, count: int) -> None:
         self.procs = [
-            subprocess.Popen(
-                [sys.executable, str(HERE / "load.py")],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
-            )
+            subprocess.Popen([sys.executable, str(HERE / self.script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             cwd=ROOT)
             for _ in range(count)
         ]
         self._buffers = [b""] * count
@@ -60,14 +61,50 @@ class ClientPool:
             while b"\n" not in self._buffers[i]:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-                    raise BenchTimeout(f"load client {proc.pid} did not answer {command['cmd']!r} in {timeout:.0f}s")
+                    raise BenchTimeout(f"{self.script} {proc.pid} did not answer {command['cmd']!r} in {timeout:.0f}s")
                 chunk = os.read(proc.stdout.fileno(), 65536)
                 if not chunk:
-                    raise RuntimeError(f"load client {proc.pid} exited")
+                    raise RuntimeError(f"{self.script} {proc.pid} exited")
                 self._buffers[i] += chunk
             line, _, self._buffers[i] = self._buffers[i].partition(b"\n")
             replies.append(json.loads(line))
         return replies
+
+    def dumped(self, cmd: str, timeout: float) -> list:
+        """What `cmd` (a dump command) pickles, process after process: one record per stream."""
+        records = []
+        with tempfile.TemporaryDirectory(prefix="rt_bench_") as tmp:
+            paths = [f"{tmp}/{i}.pickle" for i in range(len(self.procs))]
+            self.call([{"cmd": cmd, "path": p} for p in paths], timeout=timeout)
+            for path in paths:
+                with open(path, "rb") as f:
+                    records.extend(pickle.load(f))
+        return records
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write(b'{"cmd": "exit"}\n')
+                    proc.stdin.flush()
+                except OSError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def opened(self, replies: list[dict]) -> dict:
+        """The answers of an `open`, summed: ready, failed and pending streams, the first errors."""
+        total = {key: sum(r[key] for r in replies if r) for key in ("ready", "failed", "pending")}
+        total["errors"] = sorted({e for r in replies if r for e in r["errors"]})[:5]
+        return total
+
+
+class ClientPool(Processes):
+    """`count` load.py processes, each holding many streams in one epoll loop."""
 
     def broadcast(self, command: dict, timeout: float) -> list[dict]:
         return self.call([command] * len(self.procs), timeout)
@@ -90,33 +127,38 @@ class ClientPool:
              "count": share, "concurrency": concurrency, "timeout": timeout} if share else None
             for share in shares
         ]
-        replies = [r for r in self.call(commands, timeout + 15) if r]
-        total = {key: sum(r[key] for r in replies) for key in ("ready", "failed", "pending")}
-        total["errors"] = sorted({e for r in replies for e in r["errors"]})[:5]
-        return total
+        return self.opened(self.call(commands, timeout + 15))
 
     def records(self) -> list[tuple]:
         """Every stream's (ids, receive times, heartbeats, other frames, closed, error)."""
-        records = []
-        with tempfile.TemporaryDirectory(prefix="rt_bench_") as tmp:
-            paths = [f"{tmp}/{i}.pickle" for i in range(len(self.procs))]
-            self.call([{"cmd": "dump", "path": p} for p in paths], timeout=60)
-            for path in paths:
-                with open(path, "rb") as f:
-                    records.extend(pickle.load(f))
-        return records
+        return self.dumped("dump", timeout=60)
 
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    proc.stdin.write(b'{"cmd": "exit"}\n')
-                    proc.stdin.flush()
-                except OSError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+
+
+class TextClientPool(Processes):
+    """`count` text_load.py processes (texts.py); stream i of an `open` goes to process i % count."""
+
+    script = "text_load.py"
+
+    def open(self, host: str, port: int, paths: list[str], timeout: float, concurrency: int = 100) -> dict:
+        """Stream i on paths[i]; the streams in the order of `records()` are those of `paths`,
+        process by process: see `order`."""
+        count = len(self.procs)
+        commands = [{"cmd": "open", "host": host, "port": port, "paths": paths[i::count],
+                     "concurrency": concurrency, "timeout": timeout} if paths[i::count] else None
+                    for i in range(count)]
+        return self.opened(self.call(commands, timeout + 15))
+
+    def order(self, n: int) -> list[int]:
+        """The index in `paths` of each stream of `records()`, for an `open` of n paths."""
+        count = len(self.procs)
+        return [i for p in range(count) for i in range(p, n, count)]
+
+    def wait_ended(self, timeout: float) -> list[dict]:
+        return self.call([{"cmd": "wait_ended", "timeout": timeout}] * len(self.procs), timeout + 15)
+
+    def records(self) -> list[dict]:
+        return self.dumped("dump_texts", timeout=120)
+
+    def close_streams(self) -> None:
+        self.call([{"cmd": "close"}] * len(self.procs), timeout=60)

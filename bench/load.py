@@ -68,6 +68,28 @@ class Opening:
         return streams
 
 
+def dechunk(text: bytes, raw: bytes) -> tuple[bytes, bytes, bool]:
+    """Chunked transfer coding ("<hex size>\\r\\n<bytes>\\r\\n", ended by size 0): `text` with the
+    whole chunks of `raw` appended, what is left of `raw`, and whether the body ended."""
+    pos, received = 0, len(raw)
+    while pos < received:
+        nl = raw.find(b"\r\n", pos)
+        if nl < 0:
+            break
+        try:
+            size = int(raw[pos:nl], 16)
+        except ValueError:  # a chunk extension: "<hex size>;name=value"
+            size = int(raw[pos:nl].split(b";", 1)[0], 16)
+        if size == 0:
+            return text, raw[pos:], True
+        end = nl + 2 + size
+        if received < end + 2:
+            break
+        text += raw[nl + 2:end]
+        pos = end + 2
+    return text, raw[pos:], False
+
+
 class Stream:
     """One subscriber: what it received since the last `mark`, and its socket and parser state."""
 
@@ -122,28 +144,7 @@ class Stream:
 
     def feed(self, data: bytes, now: float) -> bool:
         """Body bytes received at `now`: decode the chunks, count the whole frames; True if it ended."""
-        raw = self.raw + data if self.raw else data
-        text = self.text
-        ended = False
-        # Chunked transfer coding: "<hex size>\r\n<bytes>\r\n", ended by size 0.
-        pos, received = 0, len(raw)
-        while pos < received:
-            nl = raw.find(b"\r\n", pos)
-            if nl < 0:
-                break
-            try:
-                size = int(raw[pos:nl], 16)
-            except ValueError:  # a chunk extension: "<hex size>;name=value"
-                size = int(raw[pos:nl].split(b";", 1)[0], 16)
-            if size == 0:
-                ended = True
-                break
-            end = nl + 2 + size
-            if received < end + 2:
-                break
-            text += raw[nl + 2:end]
-            pos = end + 2
-        self.raw = raw[pos:]
+        text, self.raw, ended = dechunk(self.text, self.raw + data if self.raw else data)
         # SSE frames end with a blank line; the servers only send LF.
         start, decoded = 0, len(text)
         while start < decoded:

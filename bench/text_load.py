@@ -1,7 +1,7 @@
 """The text-stream load client: many SSE subscribers in one epoll loop that rebuild each stream's text.
 
 bench/texts.py starts a few of these and drives them over stdin as bench/run.py drives load.py
-(one JSON command per line, one JSON answer per line; `TextClientPool` below). The loop, the
+(one JSON command per line, one JSON answer per line; clients.py's `TextClientPool`). The loop, the
 connecting and the commands are load.py's; what differs is the parsing. load.py reads only the
 `id:` line of each frame. Here each message's `data:` line is decoded and applied by the client
 rule of docs/protocol.md §11:
@@ -24,18 +24,11 @@ Commands, beside load.py's (`open`, `close`, `exit`):
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import select
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from array import array
 from pathlib import Path
 
-from load import LoadClient, Opening, Stream, monotonic
+from load import LoadClient, Opening, Stream, dechunk, monotonic
 
 HERE = Path(__file__).resolve().parent
 _loads = json.loads
@@ -71,24 +64,7 @@ class TextStream(Stream):
         """Body bytes received at `now`: decode the chunks, apply each whole frame; True if it ended."""
         if not self.counted:
             self.bytes += len(data)
-        raw = self.raw + data if self.raw else data
-        text = self.text
-        ended = False
-        pos, received = 0, len(raw)
-        while pos < received:  # chunked transfer coding, as load.py
-            nl = raw.find(b"\r\n", pos)
-            if nl < 0:
-                break
-            size = int(raw[pos:nl].split(b";", 1)[0], 16)
-            if size == 0:
-                ended = True
-                break
-            end = nl + 2 + size
-            if received < end + 2:
-                break
-            text += raw[nl + 2:end]
-            pos = end + 2
-        self.raw = raw[pos:]
+        text, self.raw, ended = dechunk(self.text, self.raw + data if self.raw else data)
         start, decoded = 0, len(text)
         while start < decoded:
             end = text.find(b"\n\n", start)
@@ -207,93 +183,6 @@ class TextLoadClient(LoadClient):
         with open(path, "wb") as f:
             pickle.dump(records, f, protocol=pickle.HIGHEST_PROTOCOL)
         return {"streams": len(records)}
-
-
-class TextClientPool:
-    """`count` text_load.py processes; stream i of an `open` goes to process i % count."""
-
-    def __init__(self, count: int) -> None:
-        self.procs = [
-            subprocess.Popen([sys.executable, str(HERE / "text_load.py")], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, cwd=HERE.parent)
-            for _ in range(count)
-        ]
-        self._buffers = [b""] * count
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-    def call(self, commands: list[dict | None], timeout: float) -> list[dict]:
-        for proc, command in zip(self.procs, commands):
-            if command is not None:
-                proc.stdin.write((json.dumps(command) + "\n").encode())
-                proc.stdin.flush()
-        deadline = time.monotonic() + timeout
-        replies = []
-        for i, (proc, command) in enumerate(zip(self.procs, commands)):
-            if command is None:
-                replies.append({})
-                continue
-            while b"\n" not in self._buffers[i]:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-                    raise TimeoutError(f"text client {proc.pid} did not answer {command['cmd']!r} in {timeout:.0f}s")
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    raise RuntimeError(f"text client {proc.pid} exited")
-                self._buffers[i] += chunk
-            line, _, self._buffers[i] = self._buffers[i].partition(b"\n")
-            replies.append(json.loads(line))
-        return replies
-
-    def open(self, host: str, port: int, paths: list[str], timeout: float, concurrency: int = 100) -> dict:
-        """Stream i on paths[i]; the streams in the order of `records()` are those of `paths`,
-        process by process: see `order`."""
-        count = len(self.procs)
-        commands = [{"cmd": "open", "host": host, "port": port, "paths": paths[i::count],
-                     "concurrency": concurrency, "timeout": timeout} if paths[i::count] else None
-                    for i in range(count)]
-        replies = [r for r in self.call(commands, timeout + 15) if r]
-        total = {key: sum(r[key] for r in replies) for key in ("ready", "failed", "pending")}
-        total["errors"] = sorted({e for r in replies for e in r["errors"]})[:5]
-        return total
-
-    def order(self, n: int) -> list[int]:
-        """The index in `paths` of each stream of `records()`, for an `open` of n paths."""
-        count = len(self.procs)
-        return [i for p in range(count) for i in range(p, n, count)]
-
-    def wait_ended(self, timeout: float) -> list[dict]:
-        return self.call([{"cmd": "wait_ended", "timeout": timeout}] * len(self.procs), timeout + 15)
-
-    def records(self) -> list[dict]:
-        records = []
-        with tempfile.TemporaryDirectory(prefix="rt_bench_") as tmp:
-            paths = [f"{tmp}/{i}.pickle" for i in range(len(self.procs))]
-            self.call([{"cmd": "dump_texts", "path": p} for p in paths], timeout=120)
-            for path in paths:
-                with open(path, "rb") as f:
-                    records.extend(pickle.load(f))
-        return records
-
-    def close_streams(self) -> None:
-        self.call([{"cmd": "close"}] * len(self.procs), timeout=60)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    proc.stdin.write(b'{"cmd": "exit"}\n')
-                    proc.stdin.flush()
-                except OSError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ orchestrator reads the PostgreSQL backends' CPU first).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import resource
 import sys

@@ -48,7 +48,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from server import ROOT, BenchServer, Database, cpu_seconds, machine_cpu, raise_open_files_limit, wait_for
-from text_load import TextClientPool, TextStream
+from clients import TextClientPool
+from text_load import TextStream
 from text_writers import channel_of, expected_text, token
 
 sys.path.insert(0, str(ROOT))
