@@ -50,6 +50,10 @@ COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
 DELTA_CHARS = 16 * 1024
 #: Rows in one INSERT of the flusher; more streams than this take more than one transaction.
 FLUSH_ROWS = 1000
+#: A flush asks whether a newer attempt of a stream started at most this often per stream (seconds).
+#: A writer that outlived its attempt was cut off or stalled for longer (a lease), so its first
+#: flush after that always asks; the limit only spares a question per flush in steady writing.
+NEWER_START_CHECK_S = 0.2
 
 
 class TextTooLong(ValueError):
@@ -114,6 +118,7 @@ class TextStream:
         self._seq = 0
         self._unsent: list[NewMessage] = []
         self._start_id: int | None = None
+        self._checked_at = float("-inf")  # when a flush last asked whether a newer attempt started
         self._superseded = False  # set by the flusher: a newer attempt started (TextStreamSuperseded)
         self._end_stored = native_lock()  # released by the flusher once the end is stored
         self._end_stored.acquire()
@@ -315,7 +320,11 @@ class TextFlusher:
             # A stream whose writer outlived its attempt stores nothing more. Asked before the
             # INSERT, not in it: a newer start committed between the two (a millisecond) is not
             # seen, and its client then ignores the stale deltas unless a seq happens to follow.
-            newer = self._newer_starts([(s.channel, s.id, s._start_id) for s, _, _ in chunk if s._start_id is not None])
+            now = time.monotonic()
+            asked = [s for s, _, _ in chunk if s._start_id is not None and now - s._checked_at >= NEWER_START_CHECK_S]
+            newer = self._newer_starts([(s.channel, s.id, s._start_id) for s in asked]) if asked else set()
+            for stream in asked:
+                stream._checked_at = now
             if newer:
                 chunk = self._drop_superseded(chunk, newer)
             stored = self._append_many([message for _, messages, _ in chunk for message in messages]) if chunk else []
