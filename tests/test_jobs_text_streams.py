@@ -119,6 +119,46 @@ def test_a_run_resumed_after_its_worker_died_ends_the_dead_text_stream_then_stre
     assert folded(realtime, run_id)[sid]["text"] == "half an answer"
 
 
+def test_a_worker_that_outlived_its_lease_stores_nothing_after_the_retry_started(jobs, realtime):
+    """A worker stalls mid-answer (alive, its lease lapsing), another resumes the run and retries the
+    step; then the stalled one wakes and goes on writing. Nothing it writes lands after the new
+    attempt's start, its next write raises, and the page shows the new attempt's text only."""
+    from realtime.text_streams import TextStreamSuperseded
+
+    stalled: dict = {}
+
+    @jobs.function(id="stalling", trigger="test.stalling")
+    def stalling(ctx):
+        def generate():
+            if not stalled:
+                out = ctx.text_stream(ctx.channel, "answer").__enter__()
+                out.write("first ")
+                realtime.text_flusher.flush()
+                stalled["out"] = out
+                raise Crash()  # the worker stops here, its text stream still open in its flusher
+            with ctx.text_stream(ctx.channel, "answer") as out:
+                out.write("second")
+                realtime.text_flusher.flush()
+                stalled["out"].write("late ")  # the stalled worker wakes up
+                realtime.text_flusher.flush()
+                with pytest.raises(TextStreamSuperseded):
+                    stalled["out"].write("later")
+                out.write(" attempt")
+
+        ctx.step.run("generate", generate)
+
+    with pytest.raises(Crash):
+        jobs.send("test.stalling", {})
+    run_id = _only_run(jobs)
+    jobs.runs.now.advance(jobs.lease_s)
+    assert jobs.drain() == 1
+    sid = f"{run_id}:generate/text:1"
+    assert folded(realtime, run_id)[sid] == {"text_stream": sid, "seq": 3, "text": "second attempt", "status": "completed"}
+    stored = live(realtime, run_id)
+    restart = max(i for i, d in enumerate(stored) if d["seq"] == 0)  # the retry's start
+    assert [d.get("delta") for d in stored[restart:]] == [None, "second", " attempt", ""]
+
+
 def _only_run(jobs) -> str:
     from sqlalchemy import select
 
