@@ -89,6 +89,15 @@ def post_worker_init(worker):
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
+    # One connection accepted per turn of the event loop, as gunicorn does with several
+    # workers; with one it lets gevent take up to 100 (BaseServer.max_accept, "lower values
+    # give higher priority to already established connections"). A reconnect storm then
+    # parsed 100 requests between two looks at a publish's database reply: publishes
+    # meanwhile had p99 132-150 ms on one worker, 12-19 ms with this (bench/README.md, storm).
+    from gevent.server import StreamServer
+
+    StreamServer.max_accept = 1
+
     # Everything loaded so far lives as long as the worker: move it out of
     # the collector's sight, so full collections under load (thousands of
     # streams) do not rescan it.
