@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -92,6 +93,9 @@ class ReplayReads:
         self._clock = clock
         self._lock = threading.Lock()
         self._reads: dict[Key, _Read] = {}
+        # The finished reads in the order they finished, which is the order they expire in (one
+        # ttl_s after): forgetting the expired ones looks at those only, not at every read kept.
+        self._finished: deque[tuple[Key, _Read]] = deque()
         self._slots = self.semaphore_class(concurrency)
 
     def page(
@@ -153,12 +157,16 @@ class ReplayReads:
             read.error = exc
             raise
         finally:
-            read.expires = self._clock() + self.ttl_s
+            with self._lock:
+                read.expires = self._clock() + self.ttl_s
+                self._finished.append((key, read))
             read.done.set()
             self._forget_expired()
 
     def _forget_expired(self) -> None:
         now = self._clock()
         with self._lock:
-            for key in [k for k, r in self._reads.items() if r.expires <= now]:
-                del self._reads[key]
+            while self._finished and self._finished[0][1].expires <= now:
+                key, read = self._finished.popleft()
+                if self._reads.get(key) is read:  # not already replaced by a newer read of the page
+                    del self._reads[key]

@@ -78,6 +78,22 @@ def test_a_stream_gets_only_its_history_and_a_page_expires():
     assert len(store.reads) == 3
 
 
+def test_pages_of_a_storm_of_distinct_channels_are_forgotten_once_expired():
+    """10,000 streams of 10,000 channels each read a page of their own: the pages are kept for
+    their ttl, then forgotten, a read at a time, and a page read again is kept while it lives."""
+    store, clock = Store(), Clock()
+    replays = ReplayReads(store, lambda: 10, page_size=500, page_bytes=1 << 20, clock=clock, ttl_s=1.0)
+    for n in range(10_000):
+        replays.page(f"c{n}", None, 0, 10)
+        clock.now += 0.001  # a storm: a thousand reads a second
+    assert 900 <= len(replays._reads) <= 1001, "only the last second's pages are kept"
+    replays.page("c9999", None, 0, 10)  # still fresh: shared, not read again
+    assert len(store.reads) == 10_000
+    clock.now += 1.0
+    replays.page("c9999", None, 0, 10)  # expired: read again, and kept
+    assert len(store.reads) == 10_001 and list(replays._reads) == [("c9999", None, 0)]
+
+
 def test_a_stream_whose_history_ends_past_a_shared_read_reads_again():
     store, horizon = Store(), [5]
     replays = ReplayReads(store, lambda: horizon[0], page_size=500, page_bytes=1 << 20, clock=Clock())
