@@ -12,7 +12,7 @@ from itsdangerous import URLSafeSerializer
 from json_errors import MESSAGES, SUBSCRIBE, assert_json_error
 from realtime import sse
 from realtime.cursor import Cursor
-from realtime.dispatch import Dispatcher, SeveralChannels
+from realtime.dispatch import SeveralChannels
 from realtime.errors import InvalidRequest, InvalidToken
 from realtime.holds import Holds
 from realtime.schema import intent_key
@@ -20,7 +20,8 @@ from realtime.store import Message, Ranges
 from realtime.stream import open_scope_stream
 from realtime.tokens import MAX_TOKEN_CHARS, TokenIssuer
 from realtime.visibility import Writer, Writers
-from test_dispatch import Clock, Feed, store  # noqa: F401 - the shared fixture
+from test_dispatch import store  # noqa: F401 - the shared fixtures
+from test_stream import clock, dispatcher  # noqa: F401
 
 # -- tokens ------------------------------------------------------------------------------------
 
@@ -147,18 +148,6 @@ def test_subscribe_refuses_a_bad_since_before_the_stream(realtime, client):
 
 
 # -- one stream, without HTTP -------------------------------------------------------------------
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def dispatcher(store, clock):  # noqa: F811
-    dispatcher = Dispatcher(store, Feed(), heartbeat_s=0.2, buffer_size=50, clock=clock)
-    yield dispatcher
-    dispatcher.stop()
 
 
 def frames_of(writes: list[bytes]) -> list[tuple[str, dict]]:
