@@ -75,6 +75,27 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
 
 
+class Tally:
+    """Streams' message ids against what each should have got: every one once, in id order."""
+
+    def __init__(self) -> None:
+        self.complete = self.missing = self.duplicates = self.out_of_order = self.unexpected = 0
+
+    def check(self, got: list[int], want: list[int]) -> None:
+        if got == want:
+            self.complete += 1
+            return
+        seen = set(got)
+        self.missing += len(set(want) - seen)
+        self.duplicates += len(got) - len(seen)
+        self.unexpected += len(seen - set(want))
+        self.out_of_order += sum(1 for a, b in zip(got, got[1:]) if b < a)
+
+    def counts(self) -> dict:
+        return {"complete": self.complete, "missing": self.missing, "duplicates": self.duplicates,
+                "out_of_order": self.out_of_order, "unexpected": self.unexpected}
+
+
 def analyse(records: list[tuple], sends: list[tuple[int, float, float]],
             channel_of: dict[int, str] | None = None) -> dict:
     """Latency of every (subscriber, message) and the exactly-once-in-order check.
@@ -91,7 +112,7 @@ def analyse(records: list[tuple], sends: list[tuple[int, float, float]],
     latencies: list[float] = []
     first_receive: dict[int, float] = {}  # per message: when its first and last subscriber got it
     last_receive_of: dict[int, float] = {}
-    complete = missing = duplicates = out_of_order = unexpected = 0
+    tally = Tally()
     closed = heartbeats = others = 0
     errors: set[str] = set()
     last_receive = 0.0
@@ -109,14 +130,7 @@ def analyse(records: list[tuple], sends: list[tuple[int, float, float]],
             want = expected
         else:  # a stream that got nothing fails: its channel is unknown, its want cannot be empty
             want = by_channel.get(channel_of.get(got[0]), []) if got else [-1]
-        if got == want:
-            complete += 1
-        else:
-            seen = set(got)
-            missing += len(set(want) - seen)
-            duplicates += len(got) - len(seen)
-            unexpected += len(seen - set(want))
-            out_of_order += sum(1 for a, b in zip(got, got[1:]) if b < a)
+        tally.check(got, want)
         for message_id, t in zip(got, times):
             t0 = sent_at.get(message_id)
             if t0 is not None:
@@ -155,11 +169,7 @@ def analyse(records: list[tuple], sends: list[tuple[int, float, float]],
         "deliveries_per_s": round(deliveries / (last_receive - first_send)) if deliveries else 0,
         "exactly_once_in_order": {
             "subscribers": len(records),
-            "complete": complete,
-            "missing": missing,
-            "duplicates": duplicates,
-            "out_of_order": out_of_order,
-            "unexpected": unexpected,
+            **tally.counts(),
             "closed_streams": closed,
             "other_frames": others,
             "heartbeats": heartbeats,

@@ -43,7 +43,7 @@ from array import array
 from datetime import datetime, timezone
 from pathlib import Path
 
-from analysis import CpuWindow, percentile
+from analysis import CpuWindow, Tally, percentile
 from clients import ClientPool
 from server import ROOT, BenchServer, Database, raise_open_files_limit, rss_kib, wait_for
 
@@ -167,7 +167,8 @@ def check(records: list[tuple], order: list[int], watched: list[list[str]],
     latencies: list[float] = []
     first_send = min((t0 for _, t0, _ in sends), default=0.0)
     by_bucket: dict[int, list[float]] = {}  # latencies by when the message was published, 5 s apart
-    complete = missing = duplicates = out_of_order = unexpected = closed = others = 0
+    tally = Tally()
+    closed = others = 0
     errors: set[str] = set()
     for (ids_bytes, times_bytes, _beats, other, was_closed, error), index in zip(records, order):
         ids, times = array("q"), array("d")
@@ -179,14 +180,7 @@ def check(records: list[tuple], order: list[int], watched: list[list[str]],
         closed += bool(was_closed)
         if error:
             errors.add(error)
-        if got == want:
-            complete += 1
-        else:
-            seen = set(got)
-            missing += len(set(want) - seen)
-            duplicates += len(got) - len(seen)
-            unexpected += len(seen - set(want))
-            out_of_order += sum(1 for a, b in zip(got, got[1:]) if b < a)
+        tally.check(got, want)
         for m, t in zip(got, times):
             if m in sent_at:
                 latencies.append(t - sent_at[m])
@@ -199,8 +193,7 @@ def check(records: list[tuple], order: list[int], watched: list[list[str]],
                        "p99": ms(percentile(latencies, 0.99)), "max": ms(latencies[-1]) if latencies else None},
         "p99_ms_by_publish_time": {f"{5 * b}-{5 * b + 5} s": ms(percentile(sorted(v), 0.99))
                                    for b, v in sorted(by_bucket.items())},
-        "exactly_once_in_order": {"streams": len(records), "complete": complete, "missing": missing,
-                                  "duplicates": duplicates, "out_of_order": out_of_order, "unexpected": unexpected,
+        "exactly_once_in_order": {"streams": len(records), **tally.counts(),
                                   "closed_streams": closed, "other_frames": others, "errors": sorted(errors)[:5]},
     }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 
-from load import LoadClient, Opening, Stream, monotonic
+from load import LoadClient, Opening, Stream, monotonic, opened, stream_request
 
 
 class PathStream(Stream):
@@ -28,23 +28,14 @@ class ChannelsLoadClient(LoadClient):
         new = []
         for path in paths:
             s = PathStream(opening)
-            s.own_request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+            s.own_request = stream_request(host, port, path)
             new.append(s)
         opening.queue.extend(new)
         opening.unsettled += len(new)
         self.openings.append(opening)
         self.streams.extend(new)
         self.start_streams()
-
-        def answer() -> dict:
-            return {
-                "ready": sum(s.ready and not s.closed for s in new),
-                "failed": sum(s.closed for s in new),
-                "pending": sum(not s.ready and not s.closed for s in new),
-                "errors": sorted({s.error for s in new if s.error})[:5],
-            }
-
-        self.pending = (lambda: opening.unsettled == 0, answer, monotonic() + timeout)
+        self.pending = (lambda: opening.unsettled == 0, lambda: opened(new), monotonic() + timeout)
 
     def connect(self, s: PathStream, opening: Opening) -> None:
         super().connect(s, opening)

@@ -68,6 +68,21 @@ class Opening:
         return streams
 
 
+def stream_request(host: str, port: int, path: str) -> bytes:
+    """The GET that opens an event stream."""
+    return f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+
+
+def opened(new: list) -> dict:
+    """The answer to an `open`: its streams ready, failed and still pending, the first errors."""
+    return {
+        "ready": sum(s.ready and not s.closed for s in new),
+        "failed": sum(s.closed for s in new),
+        "pending": sum(not s.ready and not s.closed for s in new),
+        "errors": sorted({s.error for s in new if s.error})[:5],
+    }
+
+
 def dechunk(text: bytes, raw: bytes) -> tuple[bytes, bytes, bool]:
     """Chunked transfer coding ("<hex size>\\r\\n<bytes>\\r\\n", ended by size 0): `text` with the
     whole chunks of `raw` appended, what is left of `raw`, and whether the body ended."""
@@ -360,7 +375,7 @@ class LoadClient:
         os.write(sys.stdout.fileno(), (json.dumps(answer) + "\n").encode())
 
     def open(self, host: str, port: int, path: str, count: int, concurrency: int, timeout: float) -> None:
-        request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+        request = stream_request(host, port, path)
         try:
             family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         except OSError as exc:  # every stream fails, as it would have when connecting
@@ -375,16 +390,7 @@ class LoadClient:
             self.start_streams()
         self.streams.extend(new)
 
-        def answer() -> dict:
-            errors = sorted({s.error for s in new if s.error})
-            return {
-                "ready": sum(s.ready and not s.closed for s in new),
-                "failed": sum(s.closed for s in new),
-                "pending": sum(not s.ready and not s.closed for s in new),
-                "errors": errors[:5],
-            }
-
-        self.pending = (lambda: opening is None or opening.unsettled == 0, answer, monotonic() + timeout)
+        self.pending = (lambda: opening is None or opening.unsettled == 0, lambda: opened(new), monotonic() + timeout)
 
     def mark(self) -> dict:
         for s in self.streams:

@@ -28,7 +28,7 @@ import pickle
 from array import array
 from pathlib import Path
 
-from load import LoadClient, Opening, Stream, dechunk, monotonic
+from load import LoadClient, Opening, Stream, dechunk, monotonic, opened, stream_request
 
 HERE = Path(__file__).resolve().parent
 _loads = json.loads
@@ -138,22 +138,12 @@ class TextLoadClient(LoadClient):
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         new: list[Stream] = []
         for path in paths:
-            request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
-            opening = TextOpening(family, address, request, concurrency)
+            opening = TextOpening(family, address, stream_request(host, port, path), concurrency)
             new.extend(opening.add(1))
             self.openings.append(opening)
         self.concurrency = concurrency  # load.py caps it per Opening; here one per path: over all of them
         self.streams.extend(new)
-
-        def answer() -> dict:
-            return {
-                "ready": sum(s.ready and not s.closed for s in new),
-                "failed": sum(s.closed for s in new),
-                "pending": sum(not s.ready and not s.closed for s in new),
-                "errors": sorted({s.error for s in new if s.error})[:5],
-            }
-
-        self.pending = (lambda: all(s.ready or s.closed for s in new), answer, monotonic() + timeout)
+        self.pending = (lambda: all(s.ready or s.closed for s in new), lambda: opened(new), monotonic() + timeout)
 
     def start_streams(self) -> None:
         """Connect queued streams while fewer than the concurrency are connecting, over all openings."""
