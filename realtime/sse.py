@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any, Sequence
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -75,14 +76,17 @@ def message_frame(cursor: str, topic: str, envelope_json: str) -> bytes:
     return f"id: {_single_line('id', cursor)}\nevent: {_single_line('event', topic)}\ndata: {envelope_json}\n\n".encode()
 
 
-def reset_frame(reason: str, cursor: str) -> bytes:
+def reset_frame(reason: str, cursor: str, channels: Sequence[str] | None = None) -> bytes:
     """The cursor could not be honoured exactly; the stream goes on from `cursor`.
 
     The reset carries that position as its own id, so a client that drops
-    right after it resumes from there, not from the cursor that failed.
+    right after it resumes from there, not from the cursor that failed. On a
+    stream of several channels, `channels` names those it concerns (§12).
     """
-    data = json.dumps({"reason": reason, "cursor": cursor})
-    return format_event(id=cursor, event="reset", data=data).encode()
+    fields: dict[str, Any] = {"reason": reason, "cursor": cursor}
+    if channels is not None:
+        fields["channels"] = list(channels)
+    return format_event(id=cursor, event="reset", data=json.dumps(fields)).encode()
 
 
 #: Sent on a quiet stream, so proxies and clients can tell idle from dead.

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -61,9 +60,7 @@ class Reset:
         return {"reason": self.reason, "cursor": self.cursor, "channels": list(self.channels)}
 
     def frame(self) -> bytes:
-        if self.channels is None:
-            return sse.reset_frame(self.reason, self.cursor)
-        return sse.format_event(id=self.cursor, event="reset", data=json.dumps(self.to_json())).encode()
+        return sse.reset_frame(self.reason, self.cursor, self.channels)
 
 
 def pruned_after(page: Page, after_id: int, epoch: str) -> Reset | None:
@@ -207,6 +204,7 @@ class OneChannel:
     Held by every idle stream for hours: two slots, nothing more."""
 
     __slots__ = ("channel", "topics")
+    prunes_known_per_channel = False  # the first page's prune mark means lost messages only after a cursor
 
     def __init__(self, channel: str, topics: Sequence[str] | None) -> None:
         self.channel, self.topics = channel, topics
@@ -231,6 +229,8 @@ class OneChannel:
 class Scope:
     """What a stream of several channels subscribes to and replays (docs/protocol.md §12): each
     channel with its topics (None: all) and the id after which it starts."""
+
+    prunes_known_per_channel = True  # each page says which channels were pruned past their start
 
     def __init__(self, ranges: Ranges) -> None:
         self.ranges = ranges
@@ -278,8 +278,7 @@ def event_stream(
         replayed: list[bytes] = [reset.frame()] if reset is not None else []
         # Whether a prune mark past the position means lost messages: always after the first
         # page; on the first, only for a cursor (without one, the stream starts at the oldest).
-        # A scope of several channels knows it per channel, from the page itself.
-        check_prune = isinstance(scope, Scope) or (cursor is not None and reset is None)
+        check_prune = scope.prunes_known_per_channel or (cursor is not None and reset is None)
         quiet_since = clock()
         while subscription.closed_reason is None:
             try:
