@@ -223,12 +223,8 @@ class Dispatcher(Ticker):
 
     def unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
-            if isinstance(subscription, SeveralChannels):
-                channels = subscription.channels
-                self._deferring.discard(subscription)
-            else:
-                channels = [subscription.channel]
-            for channel in channels:
+            self._deferring.discard(subscription)
+            for channel in subscription.channels:
                 channel.subscriptions.discard(subscription)
                 if not channel.subscriptions and self._channels.get(channel.name) is channel:
                     del self._channels[channel.name]

@@ -84,6 +84,11 @@ class Subscription:
         """Frames waiting for the stream to take them."""
         return len(self._pending)
 
+    @property
+    def channels(self) -> list[Channel]:
+        """The channels it is registered with (SeveralChannels: each of its own)."""
+        return [self.channel]
+
     def offer(self, message: Message, frame: bytes, now: float) -> bool:
         """Queue the frame if the stream wants it; True when it was queued (the caller wakes the channel)."""
         if self.closed_reason is not None:
