@@ -266,7 +266,6 @@ class MessageStore:
         with self.engine.connect() as conn:
             return conn.execute(LAST_DRAWN).scalar_one()
 
-    @database_call
     def settled_through(self, channel: str) -> int:
         """An id through which every message of `channel` is visible or never will be.
 
@@ -274,17 +273,7 @@ class MessageStore:
         the channel have ended; transactions on other channels are not waited
         for. Bounded by the call's time limit (then DatabaseUnavailable).
         """
-        drawn = self.last_drawn()
-        if not self.is_postgres:
-            return drawn
-        key = intent_key(channel)
-        started = self.probe.clock()
-        writers = self.probe.snapshot()
-        while blocking := [w for w in writers if w.may_write(key)]:
-            self.probe.waiting_on(blocking, "a history read")
-            threading.Event().wait(backoff(self.probe.clock() - started))
-            writers = self.probe.newer_than(writers)
-        return drawn
+        return self.settled_through_all((channel,))
 
     @database_call
     def settled_through_all(self, channels: Sequence[str]) -> int:
@@ -293,10 +282,10 @@ class MessageStore:
         drawn = self.last_drawn()
         if not self.is_postgres:
             return drawn
-        keys = {intent_key(channel) for channel in channels}
+        keys = [intent_key(channel) for channel in channels]
         started = self.probe.clock()
         writers = self.probe.snapshot()
-        while blocking := [w for w in writers if w.keys is None or w.keys & keys]:
+        while blocking := [w for w in writers if any(map(w.may_write, keys))]:
             self.probe.waiting_on(blocking, "a history read")
             threading.Event().wait(backoff(self.probe.clock() - started))
             writers = self.probe.newer_than(writers)
